@@ -54,7 +54,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     import pandas as pd
 
     df = pd.DataFrame(rows, columns=columns)
-    typer.echo(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    typer.echo(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
 
 
 @app.command("eval")
@@ -85,7 +85,8 @@ def eval_cmd(
     rows = run_eval(model=model, task=task, task_spec=task_spec, k=k, seed=seed, n_test=n_test, balanced=balanced,
                     separator=separator, max_len=max_len, batch_size=batch_size, data_dir=data_dir, dtype=dtype,
                     device=device, out=out)
-    print_table(rows, ["task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline"])
+    print_table(rows, ["task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts",
+                      "icl_pred_counts"])
     if out is not None:
         typer.echo(f"wrote {out / 'results.json'}")
 
@@ -96,3 +97,121 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+dual_app = typer.Typer(no_args_is_help=True, help="The dual form between attention and gradient descent.")
+app.add_typer(dual_app, name="dual")
+
+
+@dual_app.command("verify")
+@user_errors
+def dual_verify(
+    model: str = typer.Option("smollm2-135m"),
+    task: str = typer.Option("sst2"),
+    k: int = typer.Option(8),
+    seed: int = typer.Option(1),
+    layers: str = typer.Option("all", help="'all' or a comma list"),
+    dtype: str = typer.Option("float64", help="float64 (tolerance 1e-5) or float32 (1e-3)"),
+    data_dir: Path = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json", help="print the per-head rows as JSON"),
+    out: Path = typer.Option(None, help="write dual_verify.json and dual_verify.png here"),
+):
+    """Check ICL = (W_ZSL + ΔW_ICL) q on every layer and head of a real model, and measure the softmax gap."""
+    import json
+
+    import torch
+
+    from iclgd import dual
+    from iclgd.io import atomic_write_json, ensure_dir, library_versions
+    from iclgd.models import load_model
+
+    if dtype not in ("float64", "float32"):
+        raise IclgdError(f"--dtype {dtype!r}: expected float64 or float32")
+    if out is not None:
+        ensure_dir(out)
+    lm = load_model(model)
+    torch_dtype = getattr(torch, dtype)
+    lm.model.to(torch_dtype)
+    chosen = dual.parse_layers(layers, lm.n_layers)
+    ids, span, meta = dual.icl_prompt(lm, task, k, seed, data_dir)
+    t0 = time.time()
+    rows = dual.verify_layers(lm, ids, span, chosen)
+    table = dual.per_layer(rows)
+    tol = dual.TOLERANCE[torch_dtype]
+    ok = all(r["identity_rel_err"] <= tol for r in rows)
+    summary = {"identity_max": max(r["identity_rel_err"] for r in rows), "tolerance": tol, "within_tolerance": ok,
+               "recon_max": max(r["recon_rel_err"] for r in rows),
+               "median_softmax_cos_over_layers": float(__import__("numpy").median([r["softmax_cos"] for r in table])),
+               "median_softmax_relerr_over_layers": float(__import__("numpy").median([r["softmax_relerr"] for r in table])),
+               "median_dW_ratio_over_layers": float(__import__("numpy").median([r["dW/WZSL"] for r in table]))}
+    if json_out:
+        typer.echo(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    else:
+        print_table(table, ["layer", "identity_max", "recon_max", "dW/WZSL", "softmax_relerr", "softmax_cos"])
+        typer.echo(f"{model} {task} k_true={meta['k_true']} tokens={meta['n_tokens']} {dtype}: identity max "
+                   f"{summary['identity_max']:.2e} (tolerance {tol:g}: {'OK' if ok else 'FAILED'}); median over layers: "
+                   f"softmax cos {summary['median_softmax_cos_over_layers']:.4f}, rel. error "
+                   f"{summary['median_softmax_relerr_over_layers']:.4g}, ‖ΔW_ICL‖/‖W_ZSL‖ "
+                   f"{summary['median_dW_ratio_over_layers']:.4g}")
+    if out is not None:
+        atomic_write_json(out / "dual_verify.json", {
+            "kind": "iclgd.dual.verify", "config": {"model": model, "model_source": lm.source, "dtype": dtype,
+                                                    "layers": chosen, **{k_: v for k_, v in meta.items() if k_ != "files"}},
+            "data_sha256": meta["files"], "versions": library_versions(), "summary": summary,
+            "per_layer": table, "rows": rows, "timing": {"wall_s": round(time.time() - t0, 2)}})
+        dual.plot_verify(table, out / "dual_verify.png", f"{model} · {task} · k={meta['k_true']} · {dtype}")
+        typer.echo(f"wrote {out / 'dual_verify.json'} and {out / 'dual_verify.png'}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@dual_app.command("compare-updates")
+@user_errors
+def dual_compare_updates(
+    before: str = typer.Option(..., help="model (name or folder) before finetuning"),
+    after: str = typer.Option(..., help="model folder after K/V finetuning, or a state-dict file (.pt/.safetensors)"),
+    task: str = typer.Option("sst2"),
+    k: int = typer.Option(8),
+    seed: int = typer.Option(1),
+    data_dir: Path = typer.Option(None),
+    out: Path = typer.Option(None),
+):
+    """Compare ΔW_FT = W_ZSL(after) − W_ZSL(before) with ΔW_ICL, per layer (LMOps issue #22)."""
+    from iclgd import dual
+    from iclgd.io import atomic_write_json, library_versions
+    from iclgd.models import load_model
+
+    lm_b = load_model(before)
+    lm_a = load_after(before, after)
+    ids, span, meta = dual.icl_prompt(lm_b, task, k, seed, data_dir)
+    rows = dual.compare_updates(lm_b, lm_a, ids, span)
+    import pandas as pd
+
+    table = pd.DataFrame(rows).groupby("layer")[["cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q"]].median()
+    typer.echo(table.reset_index().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    if out is not None:
+        atomic_write_json(Path(out) / "dual_updates.json", {
+            "kind": "iclgd.dual.compare_updates", "config": {"before": before, "after": after, **meta},
+            "versions": library_versions(), "rows": rows})
+
+
+def load_after(before: str, after: str):
+    """A model folder, or a state dict applied on top of ``before``."""
+    from iclgd.models import load_model
+
+    p = Path(after)
+    if p.is_dir() or not p.exists():
+        return load_model(after)
+    import torch
+
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    lm = load_model(before)
+    missing, unexpected = lm.model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise IclgdError(f"--after {p}: state dict has keys the model lacks, e.g. {unexpected[0]}")
+    return lm

@@ -42,4 +42,5 @@ def run_eval(model: str, task: str, task_spec: Path | None = None, k: int = 32, 
             "results": results,
             "timing": {"finished_unix": round(time.time()), "wall_s": round(time.time() - t0, 1)},
         })
-    return [{k: r[k] for k in ("task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline")} for r in results]
+    return [{k: r[k] for k in ("task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts",
+                               "icl_pred_counts")} for r in results]

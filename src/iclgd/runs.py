@@ -194,5 +194,8 @@ def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = 
         "acc_zsl": float((pred_zsl == labels).mean()),
         "acc_icl": float((pred_icl == labels).mean()),
         "majority_baseline": float(np.bincount(labels).max() / len(labels)),
+        # a model that always answers one label sits at the majority baseline: the counts show it
+        "zsl_pred_counts": np.bincount(pred_zsl, minlength=len(spec.label_words)).tolist(),
+        "icl_pred_counts": np.bincount(pred_icl, minlength=len(spec.label_words)).tolist(),
         "records": records,
     }
