@@ -91,6 +91,51 @@ def eval_cmd(
         typer.echo(f"wrote {out / 'results.json'}")
 
 
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    model: str = typer.Option("smollm2-135m"),
+    task: str = typer.Option("sst2", help="task name, comma list, or 'all'"),
+    task_spec: Path = typer.Option(None),
+    k: int = typer.Option(32),
+    seeds: str = typer.Option("1", help="comma list: mean and 95% bootstrap CI over seeds"),
+    n_test: int = typer.Option(None),
+    lr: float = typer.Option(None, help="FT learning rate (default: the paper's per-task rate)"),
+    lr_search: bool = typer.Option(False, help="pick the rate from a grid on held-out train examples"),
+    ft_params: str = typer.Option("kv", help="kv (the paper) or all (full-model control)"),
+    ft_mode: str = typer.Option("gd", help="gd or lcgd (layer-causal GD, Deutch et al. 2024)"),
+    position: str = typer.Option("last", help="last prompt token, or label-token (the official code)"),
+    untrained: bool = typer.Option(False, help="also run the untrained-model control"),
+    kendall_n: int = typer.Option(100),
+    balanced: bool = typer.Option(False),
+    separator: str = typer.Option("\n"),
+    max_len: int = typer.Option(2048),
+    batch_size: int = typer.Option(8),
+    data_dir: Path = typer.Option(None),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(None),
+):
+    """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
+    from iclgd.compare import CompareConfig, run_compare
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise IclgdError(f"--seeds {seeds!r}: expected a comma list of integers, e.g. 1,2,3") from None
+    cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
+                        kendall_n=kendall_n, balanced=balanced, separator=separator, max_len=max_len,
+                        batch_size=batch_size)
+    rows = run_compare(model, task, seed_list, cfg, n_test=n_test, untrained=untrained, data_dir=data_dir, out=out,
+                       dtype=dtype, device=device, task_spec=task_spec)
+    import pandas as pd
+
+    typer.echo(f"prediction position: {position}; FT: {ft_params} params, {ft_mode}")
+    typer.echo(pd.DataFrame(rows).to_string(index=False))
+    if out is not None:
+        typer.echo(f"wrote results.json, records.jsonl and per-layer plots under {out}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

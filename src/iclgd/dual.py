@@ -162,30 +162,37 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, dim=-1) -> torch.Tensor:
 # ----------------------------------------------------------------------------- real models
 
 
-def project_heads(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor) -> HeadKV:
-    """Keys/values of every position and the query of the last one, from the attention's input ``x`` (T, d).
-
-    Uses the adapter table's projections and, for rotary models, the model's own rotary module.
+def qkv_all(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
+    input ``x`` (T, d_model), as the layer computes them: adapter-table projections with their biases and,
+    for rotary models, the model's own rotary module. Queries are *not* multiplied by the score scale,
+    which is returned separately (1/√d_head, or 1 for GPT-Neo).
     """
     p = lm.projections(layer)
     H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
     T = x.shape[0]
+    x = x.to(p.Wq.dtype)
 
-    def lin(W, b, rows):
-        return rows @ W.T + (b if b is not None else 0)
+    def lin(W, b):
+        return x @ W.T + (b if b is not None else 0)
 
-    q = lin(p.Wq, p.bq, x[-1:]).view(1, H, hd).transpose(0, 1)  # (H, 1, hd)
-    k = lin(p.Wk, p.bk, x).view(T, Hkv, hd).transpose(0, 1)  # (Hkv, T, hd)
-    v = lin(p.Wv, p.bv, x).view(T, Hkv, hd).transpose(0, 1)
+    q = lin(p.Wq, p.bq).view(T, H, hd).transpose(0, 1)
+    k = lin(p.Wk, p.bk).view(T, Hkv, hd).transpose(0, 1)
+    v = lin(p.Wv, p.bv).view(T, Hkv, hd).transpose(0, 1)
     if lm.layout.rotary:
-        rot = _rotary_module(lm)
-        cos, sin = rot(x[None], position_ids[None])  # (1, T, rot_dim)
+        cos, sin = _rotary_module(lm)(x[None], position_ids[None].to(x.device))  # (1, T, rot_dim)
         apply = sys.modules[type(lm.attention(layer)).__module__].apply_rotary_pos_emb
-        q, _ = apply(q[None], q[None], cos[:, -1:], sin[:, -1:])
+        q, _ = apply(q[None], q[None], cos, sin)
         k, _ = apply(k[None], k[None], cos, sin)
         q, k = q[0], k[0]
-    scale = hd ** -0.5 if lm.layout.scaled else 1.0
-    return HeadKV(k, v, q[:, 0], scale)
+    return q, k, v, (hd ** -0.5 if lm.layout.scaled else 1.0)
+
+
+def project_heads(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor) -> HeadKV:
+    """Keys/values of every position and the query of the last one, from the attention's input ``x`` (T, d)."""
+    q, k, v, scale = qkv_all(lm, layer, x, position_ids)
+    return HeadKV(k, v, q[:, -1], scale)
 
 
 def _rotary_module(lm: LoadedModel):
@@ -225,6 +232,7 @@ def capture_layer_io(lm: LoadedModel, input_ids: list[int]) -> tuple[list[torch.
     return [ins[i] for i in range(lm.n_layers)], [heads[i] for i in range(lm.n_layers)]
 
 
+@torch.no_grad()
 def verify_layers(lm: LoadedModel, input_ids: list[int], demo_span: tuple[int, int],
                   layers: list[int] | None = None) -> list[dict]:
     """Per layer and head: the identity (6)-(7) error, ‖ΔW_ICL‖/‖W_ZSL‖, and the softmax gap.
@@ -276,6 +284,7 @@ def per_layer(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- ΔW_ICL vs ΔW_FT
 
 
+@torch.no_grad()
 def compare_updates(before: LoadedModel, after: LoadedModel, input_ids: list[int], demo_span: tuple[int, int]
                     ) -> list[dict]:
     """ΔW_FT = W_ZSL(after) − W_ZSL(before) on the query tokens vs ΔW_ICL of the model before FT.

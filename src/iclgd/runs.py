@@ -101,13 +101,20 @@ def _cache_for(prefix_kv, n_rows: int):
 
 
 def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_prefix: bool = True,
-                  progress: bool | str = False, example_ids: list[int] | None = None) -> np.ndarray:
+                  progress: bool | str = False, example_ids: list[int] | None = None,
+                  observer: "Observer | None" = None) -> np.ndarray:
     """Mean log-probability of every option's tokens after each prompt, shape (n_examples, n_options).
 
     With ``reuse_prefix`` the prefix is encoded once and its KV cache expanded over each batch of
     (example, option) rows; without, every row re-encodes prefix + query + option (the reference).
     Rows are right-padded, so padding never precedes a real token and positions need no correction.
+    With an ``observer`` (:class:`iclgd.capture.Observer`), the same forward passes also record, per
+    example, what the ICL-vs-FT metrics need at the prediction position.
     """
+    from iclgd.capture import Recorder
+
+    if observer is not None and not reuse_prefix:
+        raise ValueError("captures are taken on the prefix-reuse path only")
     model = lm.model
     dev = next(model.parameters()).device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_id
@@ -116,10 +123,17 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     out = np.full((len(prompts.query_ids), C), np.nan)
     # When every option is one token, one row per example scores them all from the last query position.
     single = all(len(o) == 1 for o in prompts.option_ids)
+    if observer is not None and observer.position == "label-token":
+        single = False  # the label-token position lies inside option 0's row
     # longest first: batches of similar length waste little on padding
     order = sorted(examples, key=lambda i: -len(prompts.query_ids[i]))
     P = len(prompts.prefix_ids)
-    prefix_kv = encode_prefix(lm, prompts.prefix_ids) if reuse_prefix else None
+    if observer is not None:
+        with Recorder(lm) as rec:
+            prefix_kv = encode_prefix(lm, prompts.prefix_ids)
+            observer.set_prefix(rec, P)
+    else:
+        prefix_kv = encode_prefix(lm, prompts.prefix_ids) if reuse_prefix else None
     base, head = model.base_model, model.get_output_embeddings()
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress,
                leave=False)
@@ -141,8 +155,11 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             ids, mask = ids.to(dev), mask.to(dev)
             if reuse_prefix:
                 full_mask = torch.cat([torch.ones(len(rows), P, dtype=torch.long, device=dev), mask], dim=1)
-                hidden = base(input_ids=ids, attention_mask=full_mask, cache=_cache_for(prefix_kv, len(rows)),
-                              use_cache=True).last_hidden_state
+                with Recorder(lm, detach=True) if observer is not None else _null() as rec:
+                    hidden = base(input_ids=ids, attention_mask=full_mask, cache=_cache_for(prefix_kv, len(rows)),
+                                  use_cache=True).last_hidden_state
+                    if observer is not None:
+                        _observe(observer, rec, prompts, meta, P)
             else:
                 hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             # the unembedding only where a label token is predicted (hidden at t predicts token t+1)
@@ -154,6 +171,26 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             bar.update(len(batch))
     bar.close()
     return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
+    """Hand each example's first row to the observer, at its prediction position."""
+    seen = set()
+    for r, (i, opts) in enumerate(meta):
+        if i in seen:
+            continue
+        seen.add(i)
+        nq = len(prompts.query_ids[i])
+        pos = nq - 1 if observer.position == "last" else nq  # label-token: option 0's first token
+        observer.take(rec, i, r, pos, nq, P)
 
 
 # ----------------------------------------------------------------------------- ZSL / ICL evaluation

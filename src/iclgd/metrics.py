@@ -1,0 +1,135 @@
+"""The paper's four metrics and their baselines, as pure functions on arrays (no model in sight).
+
+Sources: Dai et al. (2022) Section 5 and the official code (microsoft/LMOps ``understand_icl``), as
+summarised in ``shared/docs/paper-notes.md``; SimAM_Δ and the layer-causal/untrained controls from Deutch
+et al. (NAACL 2024). The same functions serve the language-model pipeline, the synthetic testbed and
+the tests' hand-built cases.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+
+def _unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.where(n == 0, 1.0, n)
+
+
+def cosine(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Cosine similarity along ``axis`` (0 where a vector is zero)."""
+    return np.sum(_unit(a, axis) * _unit(b, axis), axis=axis)
+
+
+# ----------------------------------------------------------------------------- Rec2FTP
+
+
+def rec2ftp(zsl_correct, ft_correct, icl_correct) -> tuple[float, int]:
+    """Recall to finetuning predictions.
+
+    Rec2FTP = #{ZSL wrong ∧ FT right ∧ ICL right} / #{ZSL wrong ∧ FT right}, over all test examples
+    (official code: multiplied by 100; here a fraction). Returns (value, denominator); the value is NaN
+    when the denominator is 0 (FT fixed no ZSL error).
+    """
+    z, f, i = (np.asarray(x, dtype=bool) for x in (zsl_correct, ft_correct, icl_correct))
+    fixed_by_ft = ~z & f
+    den = int(fixed_by_ft.sum())
+    return (float((fixed_by_ft & i).sum() / den) if den else float("nan")), den
+
+
+# ----------------------------------------------------------------------------- SimAOU
+
+
+def simaou_per_layer(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray:
+    """Similarity of attention output updates, per layer.
+
+    Inputs (n_examples, n_layers, d): attention outputs after the output projection at the prediction
+    position. Per layer each vector is L2-normalised; ΔICL = ĥ_ICL − ĥ_ZSL, ΔFT = ĥ_FT − ĥ_ZSL;
+    cos(ΔICL, ΔFT) per example, then the mean over examples -> (n_layers,). The paper's SimAOU is the
+    mean of this over layers.
+    """
+    z, i, f = _unit(h_zsl), _unit(h_icl), _unit(h_ft)
+    return cosine(i - z, f - z).mean(axis=0)
+
+
+def simaou_uniform_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The official random baseline: cos(ΔICL, u) with u ~ uniform[0, 1)^d, per layer."""
+    rng = np.random.default_rng(seed)
+    d_icl = _unit(h_icl) - _unit(h_zsl)
+    return cosine(d_icl, rng.random(d_icl.shape)).mean(axis=0)
+
+
+def simaou_gaussian_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A random-direction FT control: cos(ΔICL, ΔFT_rand) with ΔFT_rand ~ N(0, I), per layer (≈ 0)."""
+    rng = np.random.default_rng(seed)
+    d_icl = _unit(h_icl) - _unit(h_zsl)
+    return cosine(d_icl, rng.standard_normal(d_icl.shape)).mean(axis=0)
+
+
+# ----------------------------------------------------------------------------- SimAM
+
+
+def simam_per_layer(scores_a: list[np.ndarray], scores_b: list[np.ndarray]) -> np.ndarray:
+    """Similarity of attention maps, per layer.
+
+    Each list item is one example's raw pre-softmax scores (n_layers, n_heads, T_query) of the
+    prediction position over the test input's own tokens. Cosine per head, mean over heads, then mean
+    over examples -> (n_layers,). (The official code left-pads rows with zeros to the longest; zeros
+    do not change a cosine.) SimAM = simam(ICL, FT); "ZSL SimAM" = simam(ICL, ZSL).
+    """
+    per_ex = [cosine(a, b).mean(axis=-1) for a, b in zip(scores_a, scores_b)]
+    return np.mean(per_ex, axis=0)
+
+
+def simam_delta_per_layer(scores_zsl, scores_icl, scores_ft) -> np.ndarray:
+    """SimAM_Δ (Deutch et al. 2024): cos(ICL − ZSL, FT − ZSL) of the raw scores, per head, mean heads, examples."""
+    per_ex = [cosine(i - z, f - z).mean(axis=-1) for z, i, f in zip(scores_zsl, scores_icl, scores_ft)]
+    return np.mean(per_ex, axis=0)
+
+
+# ----------------------------------------------------------------------------- Kendall
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sum_per_span(x: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Sum the last axis over each [start, end) span (token level -> example level)."""
+    return np.stack([x[..., a:b].sum(-1) for a, b in spans], axis=-1)
+
+
+def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
+    """Kendall rank correlation between ICL and FT attention to training tokens, per layer.
+
+    Each item is one example's (n_layers, n_tokens) weights: ICL = softmax over demonstration tokens
+    of the prediction position's scores summed over heads (BOS and separators dropped); FT = softmax
+    over training tokens of q_test · q_train_i. ``scipy.stats.kendalltau`` per example per layer, mean
+    over examples -> (n_layers,).
+    """
+    taus = [[stats.kendalltau(a[l], b[l]).statistic for l in range(a.shape[0])] for a, b in zip(icl_attn, ft_attn)]
+    return np.nanmean(np.asarray(taus, dtype=float), axis=0)
+
+
+def kendall_random_baseline(icl_attn: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """τ(ICL, a uniform random vector of the same length), per layer (≈ 0)."""
+    rng = np.random.default_rng(seed)
+    return kendall_per_layer(icl_attn, [rng.random(a.shape) for a in icl_attn])
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+
+def bootstrap_ci(values, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap CI of the mean. One value: its CI is (v, v). NaNs are dropped."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    if v.size == 1:
+        return float(v[0]), float(v[0]), float(v[0])
+    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          random_state=np.random.default_rng(seed))
+    return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)

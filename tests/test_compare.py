@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from iclgd import metrics as M
+from iclgd.capture import Observer, Recorder
+from iclgd.cli import app
+from iclgd.compare import CompareConfig, compare_seed
+from iclgd.dual import qkv_all
+from iclgd.models import load_model
+from iclgd.runs import build_prompts, score_options
+from iclgd.tasks import TASKS, load_task, sample_demos
+
+
+@pytest.fixture(scope="module")
+def sst2(data_dir):
+    return load_task(TASKS["sst2"], data_dir, n_test=10)
+
+
+@pytest.mark.parametrize("name,position", [("tiny-random-llama", "last"), ("tiny-random-gpt2", "label-token"),
+                                           ("tiny-random-opt", "last")])
+def test_captures_from_cached_batches_equal_a_plain_forward(name, position, sst2):
+    """The observer reads the batched, prefix-cached pass; recompute from one uncached forward of the full prompt."""
+    lm = load_model(name)
+    p = build_prompts(lm, TASKS["sst2"], sample_demos(sst2.demo_pool, 3, 1), sst2.eval_rows[:4])
+    demo_pos = [i for a, b in p.demo_spans for i in range(a, b)]
+    obs = Observer(lm, demo_pos, position)
+    score_options(lm, p, batch_size=3, observer=obs)
+    for j in range(4):
+        q_ids = p.query_ids[j] + (p.option_ids[0][:1] if position == "label-token" else [])
+        ids = p.prefix_ids + q_ids
+        with Recorder(lm) as rec, torch.no_grad():
+            lm.model(input_ids=torch.tensor([ids]))
+        P, pos = len(p.prefix_ids), len(ids) - 1
+        for l in range(lm.n_layers):
+            with torch.no_grad():
+                q, k, _, scale = qkv_all(lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(len(ids)))
+            H, Hkv = q.shape[0], k.shape[0]
+            kk = k.repeat_interleave(H // Hkv, 0)
+            s_query = torch.einsum("hd,htd->ht", q[:, pos], kk[:, P: P + len(p.query_ids[j])]) * scale
+            s_demo = (torch.einsum("hd,htd->ht", q[:, pos], kk[:, demo_pos]) * scale).sum(0)
+            o = obs.obs[j]
+            np.testing.assert_allclose(o.s_query[l], s_query.double().numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(o.s_demo[l], s_demo.double().numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(o.h[l], rec.acts[f"attn_out.{l}"][0, pos].double().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_compare_seed_on_tiny_model_is_consistent(sst2):
+    lm = load_model("tiny-random-gpt2")
+    r, records, phases = compare_seed(lm, sst2, CompareConfig(k=3, lr=0.05), seed=1, progress=False)
+    L = lm.n_layers
+    assert r["n"] == 10 and r["k_true"] == 3 and len(r["ft_losses"]) == 3
+    for key in (("simaou",), ("simam", "icl_ft"), ("simam", "delta"), ("kendall", "token_qq")):
+        v = r
+        for k in key:
+            v = v[k]
+        assert len(v["per_layer"]) == L and -1 <= v["overall"] <= 1
+    z = np.array([x["zsl_pred"] == x["label"] for x in records])
+    f = np.array([x["ft_pred"] == x["label"] for x in records])
+    i = np.array([x["icl_pred"] == x["label"] for x in records])
+    value, den = M.rec2ftp(z, f, i)
+    assert r["rec2ftp"]["denominator"] == den
+    assert (np.isnan(value) and np.isnan(r["rec2ftp"]["value"])) or value == r["rec2ftp"]["value"]
+    assert r["acc"]["ft"] == f.mean() and set(phases) >= {"zsl", "icl", "ft", "ft_zsl", "metrics"}
+    # the model is restored after FT: the same seed again gives the same numbers
+    r2, _, _ = compare_seed(lm, sst2, CompareConfig(k=3, lr=0.05), seed=1, progress=False)
+    assert json.dumps(r, sort_keys=True) == json.dumps(r2, sort_keys=True)
+
+
+def test_lcgd_full_and_lr_search(sst2):
+    lm = load_model("tiny-random-llama")
+    r, _, _ = compare_seed(lm, sst2, CompareConfig(k=2, ft_mode="lcgd", ft_params="all", lr=0.01), 2, progress=False)
+    assert r["acc"]["ft"] >= 0
+    r, _, _ = compare_seed(lm, sst2, CompareConfig(k=2, lr_search=True, lr_grid=(1e-3, 1e-1), lr_holdout=6), 2,
+                           progress=False)
+    assert [g["lr"] for g in r["lr_search"]["grid"]] == [1e-3, 1e-1] and r["lr"] in (1e-3, 1e-1)
+    assert r["lr_search"]["holdout_n"] == 6
+
+
+def test_compare_cli_writes_results_deterministically(tmp_path):
+    args = ["compare", "--model", "tiny-random-llama", "--task", "cb", "--k", "2", "--n-test", "6", "--seeds", "1,2",
+            "--untrained"]
+    runner = CliRunner()
+    a = runner.invoke(app, args + ["--out", str(tmp_path / "a")])
+    b = runner.invoke(app, args + ["--out", str(tmp_path / "b")])
+    assert a.exit_code == 0, a.output
+    assert "Rec2FTP" in a.output and "[untrained]" in a.output
+    da = json.loads((tmp_path / "a" / "results.json").read_text())
+    db = json.loads((tmp_path / "b" / "results.json").read_text())
+    da.pop("timing"), db.pop("timing")
+    assert json.dumps(da, sort_keys=True) == json.dumps(db, sort_keys=True)
+    assert da["aggregate"]["acc_icl"]["n_seeds"] == 2 and len(da["seeds"]) == 2 and da["untrained"]["seeds"]
+    lo, hi = da["aggregate"]["simaou"]["ci95"]
+    assert lo <= da["aggregate"]["simaou"]["mean"] <= hi
+    recs = (tmp_path / "a" / "records.jsonl").read_text().splitlines()
+    assert len(recs) == 12 and {"zsl_pred", "icl_pred", "ft_pred"} <= set(json.loads(recs[0]))
+    for png in ("simaou_layers.png", "simam_layers.png", "kendall_layers.png"):
+        assert (tmp_path / "a" / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--position", "middle"], "--position"), (["--ft-params", "q"], "--ft-params"), (["--seeds", "x"], "--seeds"),
+])
+def test_compare_bad_options(args, message):
+    res = CliRunner().invoke(app, ["compare", "--model", "tiny-random-gpt2", *args])
+    assert res.exit_code == 2 and message in res.output
