@@ -136,6 +136,93 @@ def compare_cmd(
         typer.echo(f"wrote results.json, records.jsonl and per-layer plots under {out}")
 
 
+@app.command("pretrain")
+@user_errors
+def pretrain_cmd(
+    corpus: str = typer.Option("tinyshakespeare", help="tinyshakespeare, austen, kjv, a text file, or hf:DATASET"),
+    attention: str = typer.Option("vanilla", help="vanilla or momentum"),
+    eta: float = typer.Option(0.9),
+    learnable_eta: bool = typer.Option(False),
+    config: str = typer.Option("small", help="tiny or small"),
+    steps: int = typer.Option(150),
+    seed: int = typer.Option(1),
+    data_dir: Path = typer.Option(None),
+    out: Path = typer.Option(..., help="run folder (resumes if it holds a checkpoint)"),
+):
+    """Train a small Llama-style LM from scratch, with vanilla or momentum attention."""
+    from iclgd.train import TrainConfig, pretrain
+
+    r = pretrain(TrainConfig(corpus=corpus, attention=attention, eta=eta, learnable_eta=learnable_eta, size=config,
+                             steps=steps, seed=seed), out, data_dir)
+    typer.echo(f"final train loss {r['final_train_loss']:.4f}; log in {out / 'log.csv'}")
+
+
+momentum_app = typer.Typer(no_args_is_help=True, help="Momentum attention: training study and zero-training probe.")
+app.add_typer(momentum_app, name="momentum")
+
+
+@momentum_app.command("compare")
+@user_errors
+def momentum_compare(
+    corpus: str = typer.Option("tinyshakespeare"),
+    seeds: str = typer.Option("1,2,3"),
+    eta: float = typer.Option(0.9),
+    learnable_eta: bool = typer.Option(False),
+    config: str = typer.Option("small"),
+    steps: int = typer.Option(150),
+    lengths: str = typer.Option("128,256,512"),
+    data_dir: Path = typer.Option(None),
+    out: Path = typer.Option(...),
+):
+    """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
+    from iclgd.momentum_study import compare_attention
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        length_list = tuple(int(x) for x in lengths.split(",") if x.strip())
+    except ValueError:
+        raise IclgdError("--seeds/--lengths: expected comma lists of integers") from None
+    doc = compare_attention(corpus, seed_list, eta, out, size=config, steps=steps, lengths=length_list,
+                            learnable_eta=learnable_eta, data_dir=data_dir)
+    rows = []
+    for key, v in doc["summary"].items():
+        f = lambda t: f"{t[0]:.4g} [{t[1]:.4g}, {t[2]:.4g}]"  # noqa: E731
+        rows.append({"metric": key, "vanilla": f(v["vanilla"]), "momentum": f(v["momentum"]),
+                     "momentum - vanilla (paired)": f(v["paired_diff_momentum_minus_vanilla"])})
+    import pandas as pd
+
+    typer.echo(f"{len(seed_list)} seeds, mean [95% bootstrap CI]")
+    typer.echo(pd.DataFrame(rows).to_string(index=False))
+    typer.echo(f"wrote {out / 'results.json'} and {out / 'val_curves.png'}")
+
+
+@momentum_app.command("apply")
+@user_errors
+def momentum_apply(
+    model: str = typer.Option("smollm2-135m"),
+    eta: float = typer.Option(0.9),
+    corpus: str = typer.Option("austen"),
+    task: str = typer.Option("all"),
+    n_test: int = typer.Option(50),
+    k: int = typer.Option(8),
+    data_dir: Path = typer.Option(None),
+    out: Path = typer.Option(None),
+):
+    """Add the EMA to a pretrained model without training: perplexity and ICL accuracy vs vanilla."""
+    from iclgd.momentum_study import apply_pretrained
+
+    doc = apply_pretrained(model, eta, corpus, task, n_test, k, data_dir=data_dir, out=out)
+    import pandas as pd
+
+    r = doc["results"]
+    rows = [{"metric": f"ppl@{L}", "vanilla": r["vanilla"]["ppl"][L], "momentum": r["momentum"]["ppl"][L]}
+            for L in r["vanilla"]["ppl"]]
+    rows += [{"metric": f"ICL acc {t}", "vanilla": r["vanilla"]["icl"][t], "momentum": r["momentum"]["icl"][t]}
+             for t in r["vanilla"]["icl"]]
+    typer.echo(f"{model}, eta {eta}, no training; perplexity on {corpus} test; ICL k={k}, n={n_test}")
+    typer.echo(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+
+
 def main() -> None:  # pragma: no cover
     app()
 
