@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/iclgd eval --model smollm2-135m --task sst2 --n-test 200 --out runs/demo
+	$(BIN)/iclgd reproduce --model smollm2-135m --preset demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -252,6 +252,57 @@ def synthetic_cmd(
         typer.echo(f"wrote {out / 'results.json'}, loss.png, sensitivities.png")
 
 
+@app.command("reproduce")
+@user_errors
+def reproduce_cmd(
+    model: str = typer.Option("smollm2-135m"),
+    tasks: str = typer.Option("all", help="comma list or 'all'"),
+    seeds: str = typer.Option("1"),
+    n_test: int = typer.Option(200),
+    k: int = typer.Option(32),
+    untrained: bool = typer.Option(True, help="the untrained-model control units"),
+    dual: bool = typer.Option(True),
+    synthetic: bool = typer.Option(True),
+    momentum: bool = typer.Option(False, help="also train vanilla vs momentum LMs (minutes per seed)"),
+    preset: str = typer.Option(None, help="'demo': sst2 and cb, 100 test examples, one seed (<= 15 min on 2 cores)"),
+    shard: str = typer.Option(None, help="i/n: run every n-th unit from i (job arrays)"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 (GPU) ..."),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    data_dir: Path = typer.Option(None),
+    out: Path = typer.Option(Path("runs/repro")),
+):
+    """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
+    from iclgd.sweep import PRESETS, SweepConfig, reproduce
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise IclgdError(f"--seeds {seeds!r}: expected a comma list of integers") from None
+    cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
+                      n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
+                      dtype=dtype, device=device)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise IclgdError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        for key, v in PRESETS[preset].items():
+            setattr(cfg, key, v)
+        cfg.preset = preset
+    r = reproduce(cfg, out, data_dir, shard)
+    typer.echo(f"{r['ran']} units run, {r['skipped']} already finished (shard: {r['this_shard']} of {r['units']}); "
+               f"report: {r['report']}")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(out: Path = typer.Argument(..., help="a reproduce folder")):
+    """Regenerate report.md, results.csv and plots from a reproduce folder's results files alone."""
+    from iclgd.report import write_report
+
+    if not (out / "sweep.json").is_file():
+        raise IclgdError(f"{out}: not a reproduce folder (no sweep.json)")
+    typer.echo(f"wrote {write_report(out)}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
