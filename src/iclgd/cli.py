@@ -50,6 +50,17 @@ def user_errors(fn):
     return wrapper
 
 
+def int_list(value: str, option: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3], or a one-line error naming the option."""
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise IclgdError(f"{option} {value!r}: expected a comma list of integers, e.g. 1,2,3") from None
+    if not out:
+        raise IclgdError(f"{option} {value!r}: expected a comma list of integers, e.g. 1,2,3")
+    return out
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     import pandas as pd
 
@@ -119,10 +130,7 @@ def compare_cmd(
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
     from iclgd.compare import CompareConfig, run_compare
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise IclgdError(f"--seeds {seeds!r}: expected a comma list of integers, e.g. 1,2,3") from None
+    seed_list = int_list(seeds, "--seeds")
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
                         kendall_n=kendall_n, balanced=balanced, separator=separator, max_len=max_len,
                         batch_size=batch_size)
@@ -177,11 +185,7 @@ def momentum_compare(
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
     from iclgd.momentum_study import compare_attention
 
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        length_list = tuple(int(x) for x in lengths.split(",") if x.strip())
-    except ValueError:
-        raise IclgdError("--seeds/--lengths: expected comma lists of integers") from None
+    seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
     doc = compare_attention(corpus, seed_list, eta, out, size=config, steps=steps, lengths=length_list,
                             learnable_eta=learnable_eta, data_dir=data_dir)
     rows = []
@@ -274,10 +278,7 @@ def reproduce_cmd(
     """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
     from iclgd.sweep import PRESETS, SweepConfig, reproduce
 
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        raise IclgdError(f"--seeds {seeds!r}: expected a comma list of integers") from None
+    seed_list = int_list(seeds, "--seeds")
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
                       dtype=dtype, device=device)
@@ -303,12 +304,6 @@ def report_cmd(out: Path = typer.Argument(..., help="a reproduce folder")):
     typer.echo(f"wrote {write_report(out)}")
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 dual_app = typer.Typer(no_args_is_help=True, help="The dual form between attention and gradient descent.")
@@ -427,3 +422,11 @@ def load_after(before: str, after: str):
     if unexpected:
         raise IclgdError(f"--after {p}: state dict has keys the model lacks, e.g. {unexpected[0]}")
     return lm
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
