@@ -86,7 +86,7 @@ def test_compare_cli_writes_results_deterministically(tmp_path):
     runner = CliRunner()
     a = runner.invoke(app, args + ["--out", str(tmp_path / "a")])
     b = runner.invoke(app, args + ["--out", str(tmp_path / "b")])
-    assert a.exit_code == 0, a.output
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
     assert "Rec2FTP" in a.output and "[untrained]" in a.output
     da = json.loads((tmp_path / "a" / "results.json").read_text())
     db = json.loads((tmp_path / "b" / "results.json").read_text())

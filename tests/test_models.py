@@ -19,7 +19,6 @@ def test_projections_reproduce_the_modules_own_qkv(name, tiny):
     attention output before o_proj equals v of that token, so o(v) must equal the module output.
     """
     lm = tiny(name)
-    x = torch.randn(1, 1, lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd)
     captured = {}
     attn = lm.attention(0)
 

@@ -4,10 +4,8 @@ zero-training probe of adding the EMA to a pretrained model. Reports whatever co
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from iclgd import metrics as M

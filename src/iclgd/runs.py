@@ -10,6 +10,7 @@ the prefix ``[BOS]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from tqdm.auto import tqdm
 from iclgd.errors import IclgdError
 from iclgd.models import LoadedModel
 from iclgd.tasks import TaskData, TaskSpec, sample_demos
+
+if TYPE_CHECKING:
+    from iclgd.capture import Observer
 
 DEFAULT_SEPARATOR = "\n"  # the paper's fairseq code ends each demonstration with </s>; see README
 
