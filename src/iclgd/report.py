@@ -167,11 +167,11 @@ def write_report(out) -> Path:
         d.mkdir(exist_ok=True)
         plot_compare(rs, d, f"{cfg['model']} · {t}", us or None)
     if acc_rows:
-        lines += ["## Accuracy (%): ZSL, FT, ICL", "", pd.DataFrame(acc_rows).to_markdown(index=False), "",
+        lines += ["## Accuracy (%): ZSL, FT, ICL", "", pd.DataFrame(acc_rows).to_markdown(index=False, disable_numparse=True), "",
                   "Mean over seeds, with a 95% bootstrap CI where there are several. Accuracy at the majority "
                   "baseline with all predictions in one class is a model that ignores the input.", ""]
         lines += ["## The paper's metrics, each beside its controls", "",
-                  pd.DataFrame(met_rows).to_markdown(index=False), "",
+                  pd.DataFrame(met_rows).to_markdown(index=False, disable_numparse=True), "",
                   "Random: SimAOU against a uniform[0,1) vector (the official baseline), Kendall against a "
                   "uniform random ranking. Untrained: the same pipeline on the model with attention and MLP "
                   "weights re-initialised (Deutch et al. 2024). A metric no higher than its untrained control "
