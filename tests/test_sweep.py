@@ -60,3 +60,13 @@ def test_shards_partition_the_units():
     shards = [units[i::3] for i in range(3)]
     assert sorted(u.id for s in shards for u in s) == sorted(u.id for u in units)
     assert len({u.id for u in units}) == len(units) == 1 + 2 * 2 * 2 + 1
+
+
+def test_accelerate_launch_ranks_become_shards(monkeypatch):
+    from iclgd.sweep import parse_shard
+
+    assert parse_shard(None) == (0, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parse_shard(None) == (2, 4)
+    assert parse_shard("1/3") == (1, 3)  # an explicit --shard wins

@@ -272,6 +272,7 @@ def reproduce_cmd(
     shard: str = typer.Option(None, help="i/n: run every n-th unit from i (job arrays)"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 (GPU) ..."),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    device_map: str = typer.Option(None, help="'auto': spread a large model over the GPUs (HF Accelerate)"),
     data_dir: Path = typer.Option(None),
     out: Path = typer.Option(Path("runs/repro")),
 ):
@@ -281,7 +282,7 @@ def reproduce_cmd(
     seed_list = int_list(seeds, "--seeds")
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
-                      dtype=dtype, device=device)
+                      dtype=dtype, device=device, device_map=device_map)
     if preset is not None:
         if preset not in PRESETS:
             raise IclgdError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")

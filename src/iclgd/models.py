@@ -286,9 +286,12 @@ def smollm2_folder() -> Path:
     return out
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None
-               ) -> LoadedModel:
-    """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id."""
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
+               device_map: str | None = None) -> LoadedModel:
+    """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
+
+    ``device_map="auto"`` spreads a model too large for one GPU over the available devices (HF Accelerate).
+    """
     if name in tiny_configs():
         return build_tiny(name)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -314,7 +317,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     except AttributeError:
         raise IclgdError(f"--dtype {dtype!r}: unknown dtype (expected float32, float64, bfloat16 or float16)") from None
     impl = attn_implementation or ("sdpa" if layout.attention_interface else "eager")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=impl)
+    kw = {"device_map": device_map} if device_map else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=impl, **kw)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     return LoadedModel(name, model, tokenizer, layout, source)

@@ -10,6 +10,7 @@ an uninterrupted run. ``--shard i/n`` runs every n-th unit starting at i (for jo
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class SweepConfig:
     momentum_steps: int = 150
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None
     preset: str | None = None
 
 
@@ -77,8 +79,13 @@ def plan(cfg: SweepConfig) -> list[Unit]:
 
 
 def parse_shard(value: str | None) -> tuple[int, int]:
+    """``i/n``; without it, ``accelerate launch`` (or torchrun) processes take RANK/WORLD_SIZE as their shard."""
     if not value:
-        return 0, 1
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if rank is not None and world is not None:
+            value = f"{rank}/{world}"
+        else:
+            return 0, 1
     try:
         i, n = (int(x) for x in value.split("/"))
     except ValueError:
@@ -112,7 +119,10 @@ class _Models:
             from iclgd.models import load_model
 
             dtype = "float32" if variant == "dual" else self.cfg.dtype
-            lm = load_model(self.cfg.model, dtype=dtype, device=self.cfg.device)
+            device = self.cfg.device
+            if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per launched process
+                device = f"cuda:{os.environ['LOCAL_RANK']}"
+            lm = load_model(self.cfg.model, dtype=dtype, device=device, device_map=self.cfg.device_map)
             if variant == "untrained":
                 reinit_untrained(lm, seed=0)
             if variant == "dual":
