@@ -9,6 +9,7 @@ the prefix ``[BOS]``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -159,7 +160,7 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             ids, mask = ids.to(dev), mask.to(dev)
             if reuse_prefix:
                 full_mask = torch.cat([torch.ones(len(rows), P, dtype=torch.long, device=dev), mask], dim=1)
-                with Recorder(lm, detach=True) if observer is not None else _null() as rec:
+                with Recorder(lm, detach=True) if observer is not None else nullcontext() as rec:
                     hidden = base(input_ids=ids, attention_mask=full_mask, cache=_cache_for(prefix_kv, len(rows)),
                                   use_cache=True).last_hidden_state
                     if observer is not None:
@@ -175,14 +176,6 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             bar.update(len(batch))
     bar.close()
     return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:

@@ -108,8 +108,8 @@ def read_result(path: Path) -> dict | None:
 class _Models:
     """Loads each model variant once per process, lazily."""
 
-    def __init__(self, cfg: SweepConfig):
-        self.cfg, self.cache = cfg, {}
+    def __init__(self, cfg: SweepConfig, out: Path):
+        self.cfg, self.out, self.cache = cfg, out, {}
 
     def get(self, variant: str):
         if variant not in self.cache:
@@ -193,8 +193,7 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
     if old is not None and old["config"] != json.loads(json.dumps(sweep_doc["config"])):
         raise IclgdError(f"{sweep_file}: this folder holds a sweep with another configuration; use another --out")
     atomic_write_json(sweep_file, sweep_doc)
-    models = _Models(cfg)
-    models.out = out
+    models = _Models(cfg, out)
     done = skipped = 0
     for unit in tqdm(mine, desc="units", disable=not progress):
         d = out / "units" / unit.id
