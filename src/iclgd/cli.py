@@ -347,20 +347,15 @@ def dual_verify(
     table = dual.per_layer(rows)
     tol = dual.TOLERANCE[torch_dtype]
     ok = all(r["identity_rel_err"] <= tol for r in rows)
-    summary = {"identity_max": max(r["identity_rel_err"] for r in rows), "tolerance": tol, "within_tolerance": ok,
-               "recon_max": max(r["recon_rel_err"] for r in rows),
-               "median_softmax_cos_over_layers": float(__import__("numpy").median([r["softmax_cos"] for r in table])),
-               "median_softmax_relerr_over_layers": float(__import__("numpy").median([r["softmax_relerr"] for r in table])),
-               "median_dW_ratio_over_layers": float(__import__("numpy").median([r["dW/WZSL"] for r in table]))}
+    summary = {**dual.summarize(rows, table), "tolerance": tol, "within_tolerance": ok}
     if json_out:
         typer.echo(json.dumps({"summary": summary, "rows": rows}, indent=1))
     else:
         print_table(table, ["layer", "identity_max", "recon_max", "dW/WZSL", "softmax_relerr", "softmax_cos"])
         typer.echo(f"{model} {task} k_true={meta['k_true']} tokens={meta['n_tokens']} {dtype}: identity max "
                    f"{summary['identity_max']:.2e} (tolerance {tol:g}: {'OK' if ok else 'FAILED'}); median over layers: "
-                   f"softmax cos {summary['median_softmax_cos_over_layers']:.4f}, rel. error "
-                   f"{summary['median_softmax_relerr_over_layers']:.4g}, ‖ΔW_ICL‖/‖W_ZSL‖ "
-                   f"{summary['median_dW_ratio_over_layers']:.4g}")
+                   f"softmax cos {summary['median_softmax_cos']:.4f}, rel. error "
+                   f"{summary['median_softmax_relerr']:.4g}, ‖ΔW_ICL‖/‖W_ZSL‖ {summary['median_dW_ratio']:.4g}")
     if out is not None:
         atomic_write_json(out / "dual_verify.json", {
             "kind": "iclgd.dual.verify", "config": {"model": model, "model_source": lm.source, "dtype": dtype,

@@ -228,14 +228,11 @@ def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_t
     from iclgd.io import atomic_write_json, atomic_write_jsonl, ensure_dir, library_versions
     from iclgd.models import load_model
     from iclgd.report import plot_compare
-    from iclgd.tasks import load_task, parse_task_list, resolve_data_dir, resolve_task
+    from iclgd.tasks import load_tasks
 
     if not seeds:
         raise IclgdError("--seeds: expected a comma list of integers, e.g. 1,2,3")
-    names = [None] if task_spec is not None else parse_task_list(task)
-    specs = [resolve_task(n or "", str(task_spec) if task_spec else None) for n in names]
-    ddir = resolve_data_dir(data_dir)
-    datas = [load_task(s, ddir, n_test) for s in specs]
+    datas, ddir = load_tasks(task, task_spec, data_dir, n_test)
     if out is not None:
         ensure_dir(out)
     lm = load_model(model, dtype=dtype, device=device)

@@ -323,8 +323,14 @@ def compare_updates(before: LoadedModel, after: LoadedModel, input_ids: list[int
     return rows
 
 
-def summarize(rows: list[dict], keys: list[str]) -> dict:
-    return {k: float(np.median([r[k] for r in rows])) for k in keys}
+def summarize(rows: list[dict], table: list[dict]) -> dict:
+    """One verify run in numbers: worst identity and reconstruction errors over layers and heads, and
+    the medians over layers (of the per-layer medians over heads) of the softmax gap and ‖ΔW‖ ratio."""
+    return {"identity_max": max(r["identity_rel_err"] for r in rows),
+            "recon_max": max(r["recon_rel_err"] for r in rows),
+            "median_softmax_cos": float(np.median([r["softmax_cos"] for r in table])),
+            "median_softmax_relerr": float(np.median([r["softmax_relerr"] for r in table])),
+            "median_dW_ratio": float(np.median([r["dW/WZSL"] for r in table]))}
 
 
 # ----------------------------------------------------------------------------- the `iclgd dual` jobs

@@ -9,7 +9,7 @@ from pathlib import Path
 from iclgd.io import atomic_write_json, library_versions
 from iclgd.models import load_model
 from iclgd.runs import EvalConfig, evaluate
-from iclgd.tasks import load_task, parse_task_list, resolve_data_dir, resolve_task
+from iclgd.tasks import load_tasks
 
 
 def run_eval(model: str, task: str, task_spec: Path | None = None, k: int = 32, seed: int = 1,
@@ -17,10 +17,8 @@ def run_eval(model: str, task: str, task_spec: Path | None = None, k: int = 32, 
              batch_size: int = 8, data_dir: Path | None = None, dtype: str = "float32", device: str = "cpu",
              out: Path | None = None, progress: bool = True) -> list[dict]:
     """Evaluate every requested task; write ``out/results.json`` atomically; return the summary rows."""
-    names = [None] if task_spec is not None else parse_task_list(task)
-    specs = [resolve_task(n or "", str(task_spec) if task_spec else None) for n in names]
-    ddir = resolve_data_dir(data_dir)
-    datas = [load_task(s, ddir, n_test) for s in specs]  # all data errors before the model loads
+    datas, ddir = load_tasks(task, task_spec, data_dir, n_test)
+    specs = [d.spec for d in datas]
     cfg = EvalConfig(k=k, seed=seed, balanced=balanced, separator=separator, max_len=max_len, batch_size=batch_size)
     t0 = time.time()
     lm = load_model(model, dtype=dtype, device=device)

@@ -118,13 +118,13 @@ def apply_pretrained(model: str, eta: float, corpus: str = "austen", tasks: str 
     from iclgd.models import load_model
     from iclgd.momentum import check_eta, enable_momentum
     from iclgd.runs import EvalConfig, evaluate
-    from iclgd.tasks import load_task, parse_task_list, resolve_data_dir, resolve_task
+    from iclgd.tasks import load_tasks
     from iclgd.train import encode, load_corpus, perplexity
 
     check_eta(eta)
     corp = load_corpus(corpus, data_dir)
-    names = parse_task_list(tasks)
-    datas = [load_task(resolve_task(n), resolve_data_dir(data_dir), n_test) for n in names]
+    datas, _ = load_tasks(tasks, None, data_dir, n_test)
+    names = [d.spec.name for d in datas]
     res = {}
     for variant in ("vanilla", "momentum"):
         lm = load_model(model)

@@ -150,14 +150,8 @@ def run_unit(unit: Unit, models: _Models, data_dir, progress: bool) -> dict:
         ids, span, meta = dual.icl_prompt(lm, p["task"], p["k"], p["seed"], data_dir)
         rows = dual.verify_layers(lm, ids, span)
         table = dual.per_layer(rows)
-        import numpy as np
-
         return {"per_layer": table, "meta": {k: v for k, v in meta.items() if k != "files"}, "data_sha256": meta["files"],
-                "summary": {"identity_max": max(r["identity_rel_err"] for r in rows),
-                            "recon_max": max(r["recon_rel_err"] for r in rows),
-                            "median_softmax_cos": float(np.median([r["softmax_cos"] for r in table])),
-                            "median_softmax_relerr": float(np.median([r["softmax_relerr"] for r in table])),
-                            "median_dW_ratio": float(np.median([r["dW/WZSL"] for r in table]))}}
+                "summary": dual.summarize(rows, table)}
     if unit.kind == "synthetic":
         from iclgd import synthetic as S
 

@@ -292,6 +292,16 @@ def load_task(spec: TaskSpec, data_dir: Path | None, n_test: int | None = None) 
     return TaskData(spec, [ev.rows[i] for i in chosen], pool, files, deviations)
 
 
+def load_tasks(task: str, task_spec=None, data_dir=None, n_test: int | None = None
+               ) -> tuple[list[TaskData], Path | None]:
+    """Every requested task's data (a name, a comma list, 'all', or one --task-spec file), and the data
+    directory used. All data errors surface here, before any model is loaded."""
+    names = [None] if task_spec is not None else parse_task_list(task)
+    specs = [resolve_task(n or "", str(task_spec) if task_spec else None) for n in names]
+    ddir = resolve_data_dir(data_dir)
+    return [load_task(s, ddir, n_test) for s in specs], ddir
+
+
 def sample_demos(pool: list[dict], k: int, seed: int, balanced: bool = False, n_labels: int | None = None) -> list[dict]:
     """The paper's rule: shuffle the train split with the run's seed, keep the first k.
 
