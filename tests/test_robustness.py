@@ -57,6 +57,7 @@ def _cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("empty corpus", ["pretrain", "--corpus", str(blank), "--out", str(tmp / "corp2")]),
         ("sweep folder of another configuration", [*sweep[:-2], "--seeds", "2", "--out", str(rep)]),
         ("bad shard", ["reproduce", "--shard", "3/2", "--out", str(tmp / "shard")]),
+        ("unknown synthetic attention", ["synthetic", "--attention", "cosine", "--steps", "1"]),
     ]
 
 

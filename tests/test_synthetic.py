@@ -32,13 +32,126 @@ def test_hand_computed_one_step():
     assert S.gd_predict(t, 0.5).item() == pytest.approx(0.5)
 
 
+def test_softmax_attention_with_zero_query_weights_predicts_the_mean_label():
+    """Hand-computed: W_Q = 0 makes softmax attention uniform, so with W_V picking −y and P = I, ŷ = mean(y_j)."""
+    t = S.Tasks(X=torch.tensor([[[1.0], [-1.0], [0.5]]], dtype=torch.float64),
+                y=torch.tensor([[2.0, -2.0, 3.0]], dtype=torch.float64),
+                xq=torch.tensor([[0.7]], dtype=torch.float64), yq=torch.tensor([0.0], dtype=torch.float64), w=None)
+    m = S.RegressionTransformer(1, attention="softmax")
+    with torch.no_grad():
+        m.WK[:] = torch.randn(2, 2, dtype=torch.float64)  # keys do not matter when the query is zero
+        m.WV[0, 0, 1, 1] = -1.0
+        m.P[:] = torch.eye(2, dtype=torch.float64)
+    assert m(S.tokens(t), 3).item() == pytest.approx(1.0)  # (2 − 2 + 3) / 3
+
+
+def test_mlp_with_zero_weights_changes_nothing_and_with_weights_changes_the_query():
+    g = torch.Generator().manual_seed(3)
+    t = S.sample_tasks(16, 8, 4, g)
+    plain = S.gd_construction(4, 0.7, 2)
+    with_mlp = S.RegressionTransformer(4, 2, mlp_hidden=6, dtype=torch.float64)
+    with_mlp.load_state_dict({**plain.state_dict(), "W1": with_mlp.W1, "W2": with_mlp.W2})
+    E = S.tokens(t)
+    assert torch.equal(with_mlp(E, 8), plain(E, 8))
+    with torch.no_grad():
+        with_mlp.W1.normal_(generator=g)
+        with_mlp.W2.normal_(generator=g)
+    assert (with_mlp(E, 8) - plain(E, 8)).abs().max() > 1e-3
+
+
+def test_linear_attention_sign_symmetry_is_fixed_for_simam_and_kendall():
+    """(W_K, W_V) → (−W_K, −W_V) leaves every prediction unchanged but flips the raw scores; the sign-fixed maps
+    (and so SimAM/Kendall) must not move, the unsigned ones must flip."""
+    g = torch.Generator().manual_seed(5)
+    t = S.sample_tasks(64, 10, 4, g)
+    m = S.gd_construction(4, 0.9)
+    flipped = S.gd_construction(4, 0.9)
+    with torch.no_grad():
+        flipped.WK.neg_()
+        flipped.WV.neg_()
+    E = S.tokens(t)
+    assert torch.allclose(m(E, 10), flipped(E, 10), atol=1e-12)
+    a, b = S.calibration(m, t, 0.9), S.calibration(flipped, t, 0.9)
+    assert a["simam"] == pytest.approx(1.0) and a["kendall"] == pytest.approx(1.0)
+    assert b["simam"] == pytest.approx(1.0) and b["kendall"] == pytest.approx(1.0)
+    assert a["simam_raw"] == pytest.approx(1.0) and b["simam_raw"] == pytest.approx(-1.0)
+    assert b["kendall_raw"] == pytest.approx(-1.0)
+
+
 def test_short_training_beats_zero_and_approaches_gd_and_calibrates_metrics():
     r = S.run(d=5, n_ctx=10, layers=1, steps=400, seed=0, n_eval=512, progress=False, lr=1e-2)
     loss = r["loss"]
-    assert loss["trained_lsa"] < 0.6 * loss["zero"]
-    assert loss["trained_lsa"] <= 1.10 * loss["gd_1step"]  # within 10 % of one-step GD after 400 steps
+    assert loss["trained"] < 0.6 * loss["zero"]
+    assert loss["trained"] <= 1.10 * loss["gd_1step"]  # within 10 % of one-step GD after 400 steps
     assert r["trained_vs_gd"]["sensitivity_cos"] > 0.9
     cal = r["calibration"]
-    assert cal["construction"]["simaou"] >= 0.99 and cal["construction"]["rec2ftp"] == 1.0
-    assert cal["untrained"]["simaou"] < 0.5 and cal["trained"]["simaou"] > cal["untrained"]["simaou"] + 0.3
-    assert abs(cal["construction"]["simaou_random"]) < 0.1
+    for metric in ("simaou", "simam", "kendall"):
+        assert cal["construction"][metric] >= 0.99, metric
+        assert cal["untrained"][metric] < 0.5, metric
+        assert cal["trained"][metric] > cal["untrained"][metric] + 0.3, metric
+        assert abs(cal["construction"][f"{metric}_random"]) < 0.1, metric
+    assert cal["construction"]["rec2ftp"] == 1.0 and cal["untrained"]["rec2ftp"] < 0.5
+
+
+def test_softmax_and_mlp_variants_train_and_cli_writes_outputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from iclgd.cli import app
+
+    res = CliRunner().invoke(app, ["synthetic", "--dim", "4", "--n-context", "8", "--steps", "300", "--lr", "0.01",
+                                   "--n-eval", "256", "--attention", "softmax", "--mlp-hidden", "8", "--seed", "2",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "Kendall | rand" in res.output and "softmax-attention" in res.output
+    import json
+
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["config"]["attention"] == "softmax" and r["config"]["mlp_hidden"] == 8
+    assert r["loss"]["trained"] < 0.8 * r["loss"]["zero"]
+    assert set(r["calibration"]) == {"construction", "trained", "untrained"}
+    assert len(r["calibration"]["trained"]["kendall_per_layer"]) == 1
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "sensitivities.png").stat().st_size > 0
+
+
+def test_report_shows_the_synthetic_calibration_from_its_result_file(tmp_path):
+    import json
+
+    from iclgd.io import atomic_write_json
+    from iclgd.report import write_report
+
+    r = S.run(d=3, n_ctx=6, layers=1, steps=50, seed=0, n_eval=64, progress=False, lr=1e-2)
+    r.pop("_sens")
+    atomic_write_json(tmp_path / "sweep.json", {"config": {"model": "none", "tasks": [], "seeds": [0], "n_test": 0},
+                                                "units": ["synthetic-1L"]})
+    (tmp_path / "units" / "synthetic-1L").mkdir(parents=True)
+    atomic_write_json(tmp_path / "units" / "synthetic-1L" / "result.json",
+                      {"unit": {"id": "synthetic-1L", "kind": "synthetic", "params": {}}, **json.loads(json.dumps(r))})
+    text = write_report(tmp_path).read_text()
+    assert "## Calibration on a known case" in text
+    row = next(x for x in text.splitlines() if x.startswith("| construction |"))
+    assert row.count("1.000") >= 4  # Rec2FTP, SimAOU, SimAM, Kendall of the exact construction
+    header = text.splitlines()[text.splitlines().index(row) - 2]
+    n_cols = lambda line: len(line.replace("\\|", "").strip("|").split("|"))  # noqa: E731
+    assert n_cols(header) == n_cols(row) == 6  # "SimAOU | rand" is one escaped column, not two
+    csv = (tmp_path / "results.csv").read_text()
+    assert "kendall_untrained" in csv and "simam_construction" in csv
+
+
+def test_several_seeds_give_a_summary_with_cis_and_per_seed_folders(tmp_path):
+    from typer.testing import CliRunner
+
+    from iclgd.cli import app
+
+    res = CliRunner().invoke(app, ["synthetic", "--dim", "3", "--n-context", "6", "--steps", "30", "--lr", "0.01",
+                                   "--n-eval", "64", "--seeds", "1,2,3", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    import json
+
+    per_seed = [json.loads((tmp_path / f"seed-{s}" / "results.json").read_text()) for s in (1, 2, 3)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2, 3] and "seed" not in summary["config"]
+    vals = [r["calibration"]["untrained"]["simam"] for r in per_seed]
+    mean, lo, hi = summary["calibration"]["untrained"]["simam"]
+    assert mean == pytest.approx(sum(vals) / 3) and min(vals) <= lo <= mean <= hi <= max(vals)
+    assert summary["calibration"]["construction"]["kendall"] == pytest.approx([1.0, 1.0, 1.0])
+    assert (tmp_path / "calibration.png").stat().st_size > 0 and "95% bootstrap CI" in res.output

@@ -235,25 +235,39 @@ def synthetic_cmd(
     n_context: int = typer.Option(20),
     steps: int = typer.Option(2000),
     seed: int = typer.Option(1),
+    seeds: str = typer.Option(None, help="several seeds, e.g. 1,2,3: a table of means with 95% bootstrap CIs"),
     n_eval: int = typer.Option(2048),
-    lr: float = typer.Option(1e-3, help="Adam learning rate of the LSA training"),
+    lr: float = typer.Option(1e-3, help="Adam learning rate of the training"),
+    attention: str = typer.Option("linear", help="linear (LSA, has an exact GD construction) or softmax"),
+    heads: int = typer.Option(1),
+    mlp_hidden: int = typer.Option(0, help="width of an MLP after each attention layer (0: none)"),
     out: Path = typer.Option(None),
 ):
-    """In-context linear regression: trained linear self-attention vs GD, and the metrics' calibration."""
+    """In-context linear regression: a trained attention model vs GD, and the metrics' calibration."""
     import pandas as pd
 
     from iclgd import synthetic as S
 
-    r = S.run(dim, n_context, layers, steps, seed, n_eval, lr=lr)
-    typer.echo(f"losses on {n_eval} fresh tasks (mean squared error of the query prediction):")
-    typer.echo(pd.DataFrame([r["loss"]]).T.rename(columns={0: "mse"}).to_string(float_format=lambda x: f"{x:.4g}"))
-    typer.echo(f"trained vs {layers}-step GD: prediction mse {r['trained_vs_gd']['pred_mse']:.4g}, "
-               f"sensitivity cosine {r['trained_vs_gd']['sensitivity_cos']:.4f}")
-    typer.echo("calibration (SimAOU, its random baseline, Rec2FTP):")
-    typer.echo(pd.DataFrame(r["calibration"]).T.to_string(float_format=lambda x: f"{x:.4g}"))
+    runs = [S.run(dim, n_context, layers, steps, s, n_eval, lr=lr, attention=attention, heads=heads,
+                  mlp_hidden=mlp_hidden) for s in (int_list(seeds, "--seeds") if seeds else [seed])]
+    for r in runs:
+        typer.echo(f"seed {r['config']['seed']}: {r['config']['model']}; losses on {n_eval} fresh tasks "
+                   "(mean squared error of the query prediction):")
+        typer.echo(pd.DataFrame([r["loss"]]).T.rename(columns={0: "mse"}).to_string(float_format=lambda x: f"{x:.4g}"))
+        typer.echo(f"trained vs {layers}-step GD: prediction mse {r['trained_vs_gd']['pred_mse']:.4g}, "
+                   f"sensitivity cosine {r['trained_vs_gd']['sensitivity_cos']:.4f}")
+        typer.echo(f"calibration against {layers}-step GD (each metric beside its random baseline):")
+        typer.echo(pd.DataFrame(S.calibration_table(r)).to_string(index=False))
+    if len(runs) > 1:
+        typer.echo(f"over seeds {[r['config']['seed'] for r in runs]}: mean [95% bootstrap CI]")
+        typer.echo(pd.DataFrame(S.summary_table(S.summarize_seeds(runs))).to_string(index=False))
     if out is not None:
-        S.write_outputs(r, out)
-        typer.echo(f"wrote {out / 'results.json'}, loss.png, sensitivities.png")
+        if len(runs) == 1:
+            S.write_outputs(runs[0], out)
+            typer.echo(f"wrote {out / 'results.json'}, loss.png, sensitivities.png, calibration.png")
+        else:
+            S.write_seeds(runs, out)
+            typer.echo(f"wrote {out}/seed-*/, {out / 'summary.json'}, {out / 'calibration.png'}")
 
 
 @app.command("reproduce")

@@ -197,19 +197,23 @@ def write_report(out) -> Path:
     # ---- synthetic calibration
     syn = units.get("synthetic-1L")
     if syn:
-        cal = syn["calibration"]
-        lines += ["## Calibration on a known case (synthetic in-context regression, 1 LSA layer)", "",
-                  "| model | SimAOU | SimAOU random | Rec2FTP |", "|---|---|---|---|"]
-        for k, v in cal.items():
-            lines.append(f"| {k} | {v['simaou']:.3f} | {v['simaou_random']:.3f} | {100 * v['rec2ftp']:.1f}% "
-                         f"({v['rec2ftp_den']}) |")
+        from iclgd.synthetic import calibration_table
+
+        rows = calibration_table(syn)
+        md = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+        lines += ["## Calibration on a known case (synthetic in-context regression, 1 linear attention layer)", "",
+                  md(rows[0]), "|" + "---|" * len(rows[0])]
+        lines += [md(row.values()) for row in rows]
         L = syn["loss"]
-        lines += ["", f"Losses on fresh tasks: trained LSA {L['trained_lsa']:.4g}, one GD step {L['gd_1step']:.4g}, "
+        lines += ["", f"Losses on fresh tasks: trained {L['trained']:.4g}, one GD step {L['gd_1step']:.4g}, "
                       f"zero predictor {L['zero']:.4g}, OLS {L['ols']:.3g}; sensitivity cosine trained vs GD "
-                      f"{syn['trained_vs_gd']['sensitivity_cos']:.4f}. Where ICL is GD by construction SimAOU is 1; "
-                      "read the LM's numbers against that and against the untrained control.", ""]
-        for k, v in cal.items():
-            csv_rows.append({"unit": "synthetic-1L", "metric": f"simaou_{k}", "layer": "all", "value": v["simaou"]})
+                      f"{syn['trained_vs_gd']['sensitivity_cos']:.4f}. Where ICL is GD by construction every metric "
+                      "is 1; read the LM's numbers against that, against the untrained control and against "
+                      "random. SimAM and Kendall here compare maps over the demonstrations (the test input is one "
+                      "token); \"unsigned\" shows them without fixing linear attention's sign symmetry.", ""]
+        for k, v in syn["calibration"].items():
+            for metric in ("simaou", "rec2ftp", "simam", "kendall"):
+                csv_rows.append({"unit": "synthetic-1L", "metric": f"{metric}_{k}", "layer": "all", "value": v[metric]})
     # ---- dual form
     for uid, u in units.items():
         if u["unit"]["kind"] == "dual":

@@ -11,6 +11,10 @@ and the prediction is ŷ = −(last coordinate of the query token). With W_K = W
 P = I and W_V = [[−γI, 0], [0, −η]] one layer is one GD step, with learning rate η from W0 = 0, on the
 in-context loss L(W) = 1/(2N) Σ_j ‖W x_j − y_j‖² (the y coordinates carry the residuals y_j − W x_j; the
 query's carries −W x_q). K such layers are K GD steps; γ ≠ 0 gives GD++ (x ← (I − γ XXᵀ/N) x each step).
+
+Variants (``RegressionTransformer``): softmax instead of linear attention, and an MLP after each attention
+layer. They have no exact GD construction; they are trained and measured the same way, so a user sees how
+far a less idealised model is from GD and what the metrics then say.
 """
 
 from __future__ import annotations
@@ -48,39 +52,76 @@ def tokens(t: Tasks) -> torch.Tensor:
     return torch.cat([ctx, q[:, None]], dim=1)
 
 
-class LSA(nn.Module):
-    """A stack of linear self-attention layers (no softmax, no MLP), keys/values over context tokens."""
+ATTENTIONS = ("linear", "softmax")
 
-    def __init__(self, d: int, layers: int = 1, heads: int = 1, init_std: float = 0.0, seed: int = 0,
-                 dtype=torch.float64):
+
+@dataclass
+class Trace:
+    """What one forward pass leaves at the query, per layer (read by the calibration)."""
+
+    upd: list[torch.Tensor]  # per layer (B, D): the attention output added to the query token
+    scores: list[torch.Tensor]  # per layer (B, H, N): the query's raw (pre-softmax) scores over the context keys
+
+
+class RegressionTransformer(nn.Module):
+    """A stack of self-attention layers (optionally each followed by an MLP) over tokens e = (x, y).
+
+    Keys and values come from the N context tokens; every token (the query too) is updated,
+
+        e ← e + Σ_h P_h W_V^h E_ctx a_h(e),   a_h(e) = (W_K^h E_ctx)ᵀ W_Q^h e / N     (linear, "LSA")
+                                             a_h(e) = softmax((W_K^h E_ctx)ᵀ W_Q^h e)   (softmax)
+        e ← e + W_2 relu(W_1 e)                                                      (with mlp_hidden > 0)
+
+    and ŷ = −(last coordinate of the query token). The linear, MLP-free case is the LSA of von Oswald
+    et al., for which ``gd_construction`` gives the weights of exact GD.
+    """
+
+    def __init__(self, d: int, layers: int = 1, heads: int = 1, attention: str = "linear", mlp_hidden: int = 0,
+                 init_std: float = 0.0, seed: int = 0, dtype=torch.float64):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise IclgdError(f"--attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
         D = d + 1
         g = torch.Generator().manual_seed(seed)
         shape = (layers, heads, D, D)
         self.WK, self.WQ, self.WV, self.P = (nn.Parameter(torch.randn(shape, generator=g, dtype=dtype) * init_std)
                                              for _ in range(4))
-        self.d = d
+        self.W1 = nn.Parameter(torch.randn(layers, mlp_hidden, D, generator=g, dtype=dtype) * init_std)
+        self.W2 = nn.Parameter(torch.randn(layers, D, mlp_hidden, generator=g, dtype=dtype) * init_std)
+        self.d, self.attention, self.mlp_hidden = d, attention, mlp_hidden
 
     def forward(self, E: torch.Tensor, n_ctx: int, keep: bool = False):
-        """Returns ŷ (B,) and, with ``keep``, per layer the attention output at the query (B, D)."""
-        outs = []
+        """E (B, N+1, D) -> ŷ (B,); with ``keep`` also a Trace of the query's per-layer attention."""
+        trace = Trace([], [])
         for l in range(self.WK.shape[0]):
-            C = E[:, :n_ctx]
+            C = E[:, :n_ctx]  # (B, N, D) the context tokens at this layer
             k = torch.einsum("hij,bnj->bhni", self.WK[l], C)
             v = torch.einsum("hij,bnj->bhni", self.WV[l], C)
             q = torch.einsum("hij,btj->bhti", self.WQ[l], E)
-            scores = torch.einsum("bhti,bhni->bhtn", q, k) / n_ctx
-            upd = torch.einsum("hij,bhtj->bti", self.P[l], torch.einsum("bhtn,bhni->bhti", scores, v))
+            scores = torch.einsum("bhti,bhni->bhtn", q, k)  # (B, H, T, N)
+            attn = scores / n_ctx if self.attention == "linear" else scores.softmax(-1)
+            upd = torch.einsum("hij,bhtj->bti", self.P[l], torch.einsum("bhtn,bhni->bhti", attn, v))
             if keep:
-                outs.append(upd[:, -1])
+                trace.upd.append(upd[:, -1])
+                trace.scores.append(scores[:, :, -1])
             E = E + upd
+            if self.mlp_hidden:
+                E = E + torch.einsum("ij,btj->bti", self.W2[l], torch.relu(torch.einsum("ij,btj->bti", self.W1[l], E)))
         yhat = -E[:, -1, -1]
-        return (yhat, outs) if keep else yhat
+        return (yhat, trace) if keep else yhat
+
+    def label_path_sign(self) -> torch.Tensor:
+        """(layers, H): the sign of −(P W_V)[y, y] per head, i.e. of the weight with which a context label y_j
+        reaches ŷ through that head. Linear attention is invariant under (W_K, W_V) → (−W_K, −W_V), so its
+        scores are defined only up to this sign; multiplying by it makes "higher score" mean "example j's
+        label pushes ŷ up" — the sense in which GD's dual form attends to example j with weight x_jᵀx_q."""
+        c = -torch.einsum("lhij,lhj->lhi", self.P, self.WV[..., :, -1])[..., -1]
+        return torch.where(c >= 0, 1.0, -1.0).to(c.dtype)
 
 
-def gd_construction(d: int, eta: float, layers: int = 1, gamma: float = 0.0, dtype=torch.float64) -> LSA:
+def gd_construction(d: int, eta: float, layers: int = 1, gamma: float = 0.0, dtype=torch.float64) -> RegressionTransformer:
     """The LSA weights that implement ``layers`` steps of GD (GD++ when gamma ≠ 0); no training."""
-    m = LSA(d, layers, 1, dtype=dtype)
+    m = RegressionTransformer(d, layers, 1, dtype=dtype)
     D = d + 1
     sel = torch.zeros(D, D, dtype=dtype)
     sel[:d, :d] = torch.eye(d, dtype=dtype)
@@ -123,16 +164,38 @@ def line_search(loss_of, lo: float = 1e-3, hi: float = 5.0) -> float:
     return float(minimize_scalar(loss_of, bounds=(lo, hi), method="bounded", options={"xatol": 1e-5}).x)
 
 
-def train_lsa(d: int, n_ctx: int, layers: int, steps: int, seed: int, batch: int = 256, lr: float = 1e-3,
-              progress: bool = False) -> tuple[LSA, list[float]]:
-    """Adam on fresh tasks each step (seeded); float32 for speed."""
+@dataclass
+class ModelConfig:
+    """The synthetic model's architecture and its initialisation."""
+
+    layers: int = 1
+    heads: int = 1
+    attention: str = "linear"
+    mlp_hidden: int = 0
+
+    @property
+    def init_std(self) -> float:
+        return 0.02 if self.layers == 1 else 0.05
+
+    def build(self, d: int, seed: int, dtype=torch.float64) -> RegressionTransformer:
+        return RegressionTransformer(d, self.layers, self.heads, self.attention, self.mlp_hidden, self.init_std,
+                                     seed, dtype)
+
+    def name(self) -> str:
+        mlp = f" + MLP({self.mlp_hidden})" if self.mlp_hidden else ""
+        return f"{self.layers} {self.attention}-attention layer(s), {self.heads} head(s){mlp}"
+
+
+def train(d: int, n_ctx: int, arch: ModelConfig, steps: int, seed: int, batch: int = 256, lr: float = 1e-3,
+          progress: bool = False) -> tuple[RegressionTransformer, list[float]]:
+    """Adam on fresh tasks each step (seeded); float32 for speed. Starts from ``arch.build(d, seed)``."""
     from tqdm.auto import tqdm
 
-    model = LSA(d, layers, 1, init_std=0.02 if layers == 1 else 0.05, seed=seed, dtype=torch.float32)
+    model = arch.build(d, seed, dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 12345)
     losses = []
-    for _ in tqdm(range(steps), desc=f"LSA {layers}L", disable=not progress):
+    for _ in tqdm(range(steps), desc=f"synthetic {arch.layers}L {arch.attention}", disable=not progress):
         t = sample_tasks(batch, n_ctx, d, g, dtype=torch.float32)
         loss = 0.5 * ((model(tokens(t), n_ctx) - t.yq) ** 2).mean()
         opt.zero_grad()
@@ -150,19 +213,31 @@ def sensitivity(predict, t: Tasks) -> torch.Tensor:
     return g
 
 
-def calibration(model: LSA, t: Tasks, eta: float, tau: float = 1.0) -> dict:
-    """The paper's SimAOU and Rec2FTP on a case where the answer is known.
+def calibration(model: RegressionTransformer, t: Tasks, eta: float, steps: int = 1, tau: float = 1.0,
+                seed: int = 0) -> dict:
+    """The paper's four metrics on a case where the answer is known, through the LM pipeline's functions.
 
-    ICL = the model with the context; ZSL = the query alone (ŷ = 0, the query token unchanged);
-    FT = explicit GD (learning rate eta, one step) on the equivalent linear model with the same
-    examples. The "attention output" compared is the query token after the model, h = (x_q', −ŷ):
-    for FT, (x_q, −W_FT x_q). A prediction is correct when its squared error is below ``tau``.
+    ICL = the model with the context; ZSL = the query alone (no keys: ŷ = 0, the query token unchanged);
+    FT = ``steps`` steps of explicit GD (learning rate ``eta``) on the equivalent linear model y = Wx, from
+    W = 0, with the same examples. (GD on the model's own K/V is not possible here: with no context the
+    model has no keys, so the zero-shot gradient is zero.)
+
+    - Rec2FTP: a prediction is correct when its squared error is below ``tau``.
+    - SimAOU: the "attention output" is the query token after the model, h = (x_q, −ŷ); for FT (x_q, −W_FT x_q).
+    - SimAM and Kendall compare attention maps over the demonstrations. The test input here is one token,
+      so the paper's map "over the test input's own tokens" would be one number per head; instead the ICL
+      map is the query's raw scores over the N context tokens (per layer, per head, sign-fixed by
+      ``label_path_sign``) and the FT map is the attention of GD's dual form, x_jᵀx_q (the dual form with keys x_j and
+      query x_q, Eq. 3: every GD step, and hence every layer of the construction, attends with it). SimAM =
+      cosine of raw maps; Kendall = τ between the softmaxed maps (heads summed first). The ZSL model has no
+      map over demonstrations, so "ZSL SimAM" has no analogue; the random baselines take its place.
+      ``*_raw`` repeat SimAM/Kendall without the sign fix, to show what linear attention's symmetry does.
     """
     N = t.X.shape[1]
     E = tokens(t)
     with torch.no_grad():
-        y_icl, _ = model(E, N, keep=True)
-    y_ft = gd_predict(t, eta, 1)
+        y_icl, trace = model(E, N, keep=True)
+    y_ft = gd_predict(t, eta, steps)
     h_zsl = E[:, -1].clone()
     h_zsl[:, -1] = 0.0
     h_icl = h_zsl.clone()
@@ -172,16 +247,40 @@ def calibration(model: LSA, t: Tasks, eta: float, tau: float = 1.0) -> dict:
     A = lambda h: h.detach().numpy()[:, None, :]  # noqa: E731  (examples, 1 "layer", d+1)
     ok = lambda yh: ((yh - t.yq) ** 2 < tau).numpy()  # noqa: E731
     r2f, den = M.rec2ftp(ok(torch.zeros_like(t.yq)), ok(y_ft), ok(y_icl))
+
+    raw = torch.stack(trace.scores, 1)  # (B, L, H, N)
+    fixed = raw * model.label_path_sign()[None, :, :, None]
+    ft = torch.einsum("bnd,bd->bn", t.X, t.xq)[:, None, None, :].expand_as(raw)  # (B, L, H, N)
+    rng = np.random.default_rng(seed)
+    rand = rng.standard_normal(raw.shape)
+    per_ex = lambda x: list(np.asarray(x, dtype=float))  # noqa: E731  one (L, H, N) array per example
+    softmax_heads = lambda x: per_ex(M.softmax(np.asarray(x, dtype=float).sum(2)))  # noqa: E731  (L, N) each
+    simam = M.simam_per_layer(per_ex(fixed), per_ex(ft))
+    kendall = M.kendall_per_layer(softmax_heads(fixed), softmax_heads(ft))
     return {"simaou": float(M.simaou_per_layer(A(h_zsl), A(h_icl), A(h_ft))[0]),
-            "simaou_random": float(M.simaou_gaussian_baseline(A(h_zsl), A(h_icl))[0]),
-            "rec2ftp": r2f, "rec2ftp_den": den}
+            "simaou_random": float(M.simaou_gaussian_baseline(A(h_zsl), A(h_icl), seed)[0]),
+            "rec2ftp": r2f, "rec2ftp_den": den,
+            "simam": float(simam.mean()), "simam_per_layer": simam.tolist(),
+            "simam_random": float(M.simam_per_layer(per_ex(fixed), per_ex(rand)).mean()),
+            "kendall": float(kendall.mean()), "kendall_per_layer": kendall.tolist(),
+            "kendall_random": float(M.kendall_random_baseline(softmax_heads(fixed), seed).mean()),
+            "simam_raw": float(M.simam_per_layer(per_ex(raw), per_ex(ft)).mean()),
+            "kendall_raw": float(M.kendall_per_layer(softmax_heads(raw), softmax_heads(ft)).mean())}
 
 
 def run(d: int = 10, n_ctx: int = 20, layers: int = 1, steps: int = 2000, seed: int = 1, n_eval: int = 2048,
-        progress: bool = True, lr: float = 1e-3) -> dict:
-    """Train LSA, compare with GD / GD++ / OLS / ridge on fresh tasks, and calibrate the metrics."""
-    if d < 1 or n_ctx < 1 or layers < 1 or steps < 0:
-        raise IclgdError("--dim, --n-context, --layers must be ≥ 1 and --steps ≥ 0")
+        progress: bool = True, lr: float = 1e-3, attention: str = "linear", heads: int = 1,
+        mlp_hidden: int = 0) -> dict:
+    """Train the model, compare it with GD / GD++ / OLS / ridge on fresh tasks, and calibrate the metrics.
+
+    The "construction" row of the calibration is always the exact K-layer GD construction (linear, no MLP);
+    "trained" and "untrained" are the chosen architecture after training and at its initialisation.
+    """
+    if d < 1 or n_ctx < 1 or layers < 1 or steps < 0 or heads < 1 or mlp_hidden < 0 or n_eval < 2:
+        raise IclgdError("--dim, --n-context, --layers, --heads must be ≥ 1, --steps and --mlp-hidden ≥ 0, "
+                         "--n-eval ≥ 2")
+    arch = ModelConfig(layers, heads, attention, mlp_hidden)
+    arch.build(d, seed)  # validates the architecture before any work
     g = torch.Generator().manual_seed(seed)
     fit = sample_tasks(n_eval, n_ctx, d, g)  # for line searches
     ev = sample_tasks(n_eval, n_ctx, d, g)  # fresh tasks for every reported number
@@ -193,8 +292,8 @@ def run(d: int = 10, n_ctx: int = 20, layers: int = 1, steps: int = 2000, seed: 
         return mse(gd_construction(d, p[0], layers, p[1])(tokens(fit), n_ctx).detach(), fit.yq)
 
     pp = minimize(gdpp_loss, x0=[etaK, 0.0], method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-8}).x
-    trained, curve = train_lsa(d, n_ctx, layers, steps, seed, lr=lr, progress=progress)
-    untrained = LSA(d, layers, 1, init_std=0.02 if layers == 1 else 0.05, seed=seed)
+    trained, curve = train(d, n_ctx, arch, steps, seed, lr=lr, progress=progress)
+    untrained = arch.build(d, seed)  # the trained model's own initialisation
     with torch.no_grad():
         y_tr = trained(tokens(ev), n_ctx)
         y_un = untrained(tokens(ev), n_ctx)
@@ -202,26 +301,89 @@ def run(d: int = 10, n_ctx: int = 20, layers: int = 1, steps: int = 2000, seed: 
     y_pp = gd_construction(d, pp[0], layers, pp[1])(tokens(ev), n_ctx).detach()
     sens_tr = sensitivity(lambda t: trained(tokens(t), n_ctx), ev)
     sens_gd = sensitivity(lambda t: gd_construction(d, etaK, layers)(tokens(t), n_ctx), ev)  # = K GD steps
-    cons = gd_construction(d, eta1, 1)
+    cons = gd_construction(d, etaK, layers)
     return {
-        "config": {"dim": d, "n_context": n_ctx, "layers": layers, "steps": steps, "seed": seed, "n_eval": n_eval,
-                   "lr": lr},
+        "config": {"dim": d, "n_context": n_ctx, "layers": layers, "heads": heads, "attention": attention,
+                   "mlp_hidden": mlp_hidden, "steps": steps, "seed": seed, "n_eval": n_eval, "lr": lr,
+                   "model": arch.name()},
         "eta_gd1": eta1, f"eta_gd{layers}": etaK, "gdpp": {"eta": float(pp[0]), "gamma": float(pp[1])},
-        "loss": {"zero": mse(torch.zeros_like(ev.yq), ev.yq), "trained_lsa": mse(y_tr, ev.yq),
-                 "untrained_lsa": mse(y_un, ev.yq), "gd_1step": mse(y_gd1, ev.yq),
+        "loss": {"zero": mse(torch.zeros_like(ev.yq), ev.yq), "trained": mse(y_tr, ev.yq),
+                 "untrained": mse(y_un, ev.yq), "gd_1step": mse(y_gd1, ev.yq),
                  f"gd_{layers}steps": mse(y_gdK, ev.yq), f"gdpp_{layers}steps": mse(y_pp, ev.yq),
                  "ols": mse(ols_predict(ev), ev.yq), "ridge_0.1": mse(ols_predict(ev, 0.1), ev.yq)},
         "trained_vs_gd": {"pred_mse": mse(y_tr, y_gdK),
                           "sensitivity_cos": float(torch.nn.functional.cosine_similarity(sens_tr, sens_gd).mean())},
-        "calibration": {"construction": calibration(cons, ev, eta1), "trained": calibration(trained, ev, eta1),
-                        "untrained": calibration(untrained, ev, eta1)},
+        "calibration": {name: calibration(m, ev, etaK, layers, seed=seed)
+                        for name, m in (("construction", cons), ("trained", trained), ("untrained", untrained))},
         "train_curve": curve,
         "_sens": (sens_tr.detach().numpy(), sens_gd.detach().numpy()),
     }
 
 
+def calibration_table(r: dict) -> list[dict]:
+    """One row per model (construction / trained / untrained): each metric beside its random baseline."""
+    rows = []
+    for name, c in r["calibration"].items():
+        rows.append({"model": name, "Rec2FTP (den)": f"{c['rec2ftp']:.3f} ({c['rec2ftp_den']})",
+                     "SimAOU | rand": f"{c['simaou']:.3f} | {c['simaou_random']:.3f}",
+                     "SimAM | rand": f"{c['simam']:.3f} | {c['simam_random']:.3f}",
+                     "Kendall | rand": f"{c['kendall']:.3f} | {c['kendall_random']:.3f}",
+                     "SimAM, Kendall unsigned": f"{c['simam_raw']:.3f}, {c['kendall_raw']:.3f}"})
+    return rows
+
+
+METRICS = ("rec2ftp", "simaou", "simam", "kendall")
+
+
+def summarize_seeds(runs: list[dict]) -> dict:
+    """Mean and 95% bootstrap CI over seeds of every calibration metric and baseline, the losses and the
+    sensitivity cosine. With one seed the CI is the value itself."""
+    cal = {name: {key: M.bootstrap_ci([r["calibration"][name][key] for r in runs])
+                  for key in runs[0]["calibration"][name] if not key.endswith(("per_layer", "_den"))}
+           for name in runs[0]["calibration"]}
+    return {"seeds": [r["config"]["seed"] for r in runs], "calibration": cal,
+            "loss": {k: M.bootstrap_ci([r["loss"][k] for r in runs]) for k in runs[0]["loss"]},
+            "sensitivity_cos": M.bootstrap_ci([r["trained_vs_gd"]["sensitivity_cos"] for r in runs])}
+
+
+def plot_calibration(summary: dict, path, title: str) -> None:
+    """Bars per metric: construction / trained / untrained / random (the construction's random baseline),
+    with 95% CIs over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cal = summary["calibration"]
+    bars = [(name, lambda m, n=name: cal[n][m]) for name in cal]
+    bars.append(("random", lambda m: cal["construction"].get(f"{m}_random", (np.nan,) * 3)))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    w = 0.8 / len(bars)
+    for i, (name, get) in enumerate(bars):
+        vals = np.array([get(m) for m in METRICS], dtype=float)  # (metrics, 3): mean, lo, hi
+        err = np.abs(vals[:, 1:].T - vals[:, 0])
+        ax.bar(np.arange(len(METRICS)) + (i - (len(bars) - 1) / 2) * w, vals[:, 0], w, yerr=err, capsize=2,
+               label=name)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(METRICS)), ["Rec2FTP", "SimAOU", "SimAM", "Kendall"])
+    ax.set_title(f"{title} · seeds {summary['seeds']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(summary: dict) -> list[dict]:
+    """Like ``calibration_table``, with mean [95% CI] over seeds."""
+    def f(v):
+        return f"{v[0]:.3f}" if v[1] == v[2] else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    return [{"model": name, **{m: f(c[m]) for m in METRICS}, "SimAM rand": f(c["simam_random"]),
+             "Kendall rand": f(c["kendall_random"])} for name, c in summary["calibration"].items()]
+
+
 def write_outputs(r: dict, out) -> None:
-    """results.json and two PNGs: training loss vs the GD losses; trained vs GD sensitivities."""
+    """results.json and three PNGs: training loss vs the GD losses; trained vs GD sensitivities; calibration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,11 +398,11 @@ def write_outputs(r: dict, out) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     c = np.asarray(r["train_curve"])
     w = max(1, len(c) // 50)
-    ax.plot(np.convolve(c, np.ones(w) / w, mode="valid"), label="trained LSA (train loss, smoothed)")
+    ax.plot(np.convolve(c, np.ones(w) / w, mode="valid"), label="trained model (train loss, smoothed)")
     for key, style in (("gd_1step", "--"), (f"gd_{L}steps", ":"), (f"gdpp_{L}steps", "-.")):
         ax.axhline(r["loss"][key] / 2, ls=style, color="k", lw=0.8, label=f"{key} (eval)")
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("½ squared error")
-    ax.set_title(f"in-context linear regression, {L} layer(s)", fontsize=9), ax.legend(fontsize=7)
+    ax.set_title(f"in-context linear regression: {r['config']['model']}", fontsize=9), ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
@@ -249,8 +411,23 @@ def write_outputs(r: dict, out) -> None:
     ax.scatter(s_gd.flatten()[:4000], s_tr.flatten()[:4000], s=2, alpha=0.4)
     lim = float(np.abs(s_gd).max())
     ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
-    ax.set_xlabel("∂ŷ/∂x_q, GD"), ax.set_ylabel("∂ŷ/∂x_q, trained LSA")
+    ax.set_xlabel(f"∂ŷ/∂x_q, {L}-step GD"), ax.set_ylabel("∂ŷ/∂x_q, trained model")
     ax.set_title(f"sensitivities, cos {r['trained_vs_gd']['sensitivity_cos']:.4f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "sensitivities.png", dpi=110)
     plt.close(fig)
+    plot_calibration(summarize_seeds([r]), out / "calibration.png", r["config"]["model"])
+
+
+def write_seeds(runs: list[dict], out) -> dict:
+    """Several seeds: each seed's outputs in ``out/seed-S/``, then summary.json and calibration.png over seeds."""
+    from iclgd.io import atomic_write_json, ensure_dir, library_versions
+
+    out = ensure_dir(out)
+    for r in runs:
+        write_outputs(r, out / f"seed-{r['config']['seed']}")
+    summary = summarize_seeds(runs)
+    config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
+    atomic_write_json(out / "summary.json", {"config": config, **summary, "versions": library_versions()})
+    plot_calibration(summary, out / "calibration.png", config["model"])
+    return summary
