@@ -110,12 +110,17 @@ class RegressionTransformer(nn.Module):
         yhat = -E[:, -1, -1]
         return (yhat, trace) if keep else yhat
 
+    def label_path(self) -> torch.Tensor:
+        """(layers, H): −(P W_V)[y, y] per head, the weight with which a context label y_j (as carried at that
+        layer) reaches the query's prediction coordinate through that head."""
+        return -torch.einsum("lhij,lhj->lhi", self.P, self.WV[..., :, -1])[..., -1]
+
     def label_path_sign(self) -> torch.Tensor:
         """(layers, H): the sign of −(P W_V)[y, y] per head, i.e. of the weight with which a context label y_j
         reaches ŷ through that head. Linear attention is invariant under (W_K, W_V) → (−W_K, −W_V), so its
         scores are defined only up to this sign; multiplying by it makes "higher score" mean "example j's
         label pushes ŷ up" — the sense in which GD's dual form attends to example j with weight x_jᵀx_q."""
-        c = -torch.einsum("lhij,lhj->lhi", self.P, self.WV[..., :, -1])[..., -1]
+        c = self.label_path()
         return torch.where(c >= 0, 1.0, -1.0).to(c.dtype)
 
 
@@ -264,6 +269,7 @@ def calibration(model: RegressionTransformer, t: Tasks, eta: float, steps: int =
             "simam_random": float(M.simam_per_layer(per_ex(fixed), per_ex(rand)).mean()),
             "kendall": float(kendall.mean()), "kendall_per_layer": kendall.tolist(),
             "kendall_random": float(M.kendall_random_baseline(softmax_heads(fixed), seed).mean()),
+            "label_path_per_layer": model.label_path().detach().tolist(),
             "simam_raw": float(M.simam_per_layer(per_ex(raw), per_ex(ft)).mean()),
             "kendall_raw": float(M.kendall_per_layer(softmax_heads(raw), softmax_heads(ft)).mean())}
 
@@ -357,7 +363,7 @@ def plot_calibration(summary: dict, path, title: str) -> None:
     cal = summary["calibration"]
     bars = [(name, lambda m, n=name: cal[n][m]) for name in cal]
     bars.append(("random", lambda m: cal["construction"].get(f"{m}_random", (np.nan,) * 3)))
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     w = 0.8 / len(bars)
     for i, (name, get) in enumerate(bars):
         vals = np.array([get(m) for m in METRICS], dtype=float)  # (metrics, 3): mean, lo, hi
@@ -367,7 +373,8 @@ def plot_calibration(summary: dict, path, title: str) -> None:
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(range(len(METRICS)), ["Rec2FTP", "SimAOU", "SimAM", "Kendall"])
     ax.set_title(f"{title} · seeds {summary['seeds']}", fontsize=9)
-    ax.legend(fontsize=7, ncol=4)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.1)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
