@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from iclgd.cli import app
@@ -41,6 +42,19 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted_byte_for_byte(tmp_pa
     report = (cut / "report.md").read_text()
     assert "## Accuracy" in report and "## Deviations from the paper" in report and "Units finished: 5 of 5" in report
     assert (cut / "results.csv").read_text().startswith("unit,metric,layer,value")
+    # the paired control column: trained − untrained SimAOU of the same seed, from the unit files
+    import json
+
+    from iclgd.compare import scalar
+
+    unit = lambda name: json.loads((cut / "units" / name / "result.json").read_text())["result"]  # noqa: E731
+    diff = scalar(unit("compare-sst2-s1"), "simaou") - scalar(unit("compare-sst2-s1-untrained"), "simaou")
+    lines = report.splitlines()
+    h = next(i for i, x in enumerate(lines) if "SimAOU − untrained" in x)  # the metrics table's header
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    header = cells(lines[h])
+    row = cells(next(x for x in lines[h + 2:] if x.startswith("| sst2")))
+    assert float(row[header.index("SimAOU − untrained")]) == pytest.approx(diff, abs=6e-4)
 
 
 def test_report_regenerates_from_files_alone(tmp_path):
