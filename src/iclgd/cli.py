@@ -319,8 +319,6 @@ def report_cmd(out: Path = typer.Argument(..., help="a reproduce folder")):
     typer.echo(f"wrote {write_report(out)}")
 
 
-
-
 dual_app = typer.Typer(no_args_is_help=True, help="The dual form between attention and gradient descent.")
 app.add_typer(dual_app, name="dual")
 

@@ -286,7 +286,7 @@ def run(d: int = 10, n_ctx: int = 20, layers: int = 1, steps: int = 2000, seed: 
         raise IclgdError("--dim, --n-context, --layers, --heads must be ≥ 1, --steps and --mlp-hidden ≥ 0, "
                          "--n-eval ≥ 2")
     arch = ModelConfig(layers, heads, attention, mlp_hidden)
-    arch.build(d, seed)  # validates the architecture before any work
+    untrained = arch.build(d, seed)  # the trained model's own initialisation; building it validates the options
     g = torch.Generator().manual_seed(seed)
     fit = sample_tasks(n_eval, n_ctx, d, g)  # for line searches
     ev = sample_tasks(n_eval, n_ctx, d, g)  # fresh tasks for every reported number
@@ -299,7 +299,6 @@ def run(d: int = 10, n_ctx: int = 20, layers: int = 1, steps: int = 2000, seed: 
 
     pp = minimize(gdpp_loss, x0=[etaK, 0.0], method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-8}).x
     trained, curve = train(d, n_ctx, arch, steps, seed, lr=lr, progress=progress)
-    untrained = arch.build(d, seed)  # the trained model's own initialisation
     with torch.no_grad():
         y_tr = trained(tokens(ev), n_ctx)
         y_un = untrained(tokens(ev), n_ctx)
