@@ -258,15 +258,16 @@ def synthetic_cmd(
                    f"sensitivity cosine {r['trained_vs_gd']['sensitivity_cos']:.4f}")
         typer.echo(f"calibration against {layers}-step GD (each metric beside its random baseline):")
         typer.echo(pd.DataFrame(S.calibration_table(r)).to_string(index=False))
-    if len(runs) > 1:
-        typer.echo(f"over seeds {[r['config']['seed'] for r in runs]}: mean [95% bootstrap CI]")
-        typer.echo(pd.DataFrame(S.summary_table(S.summarize_seeds(runs))).to_string(index=False))
+    summary = S.summarize_seeds(runs) if len(runs) > 1 else None
+    if summary is not None:
+        typer.echo(f"over seeds {summary['seeds']}: mean [95% bootstrap CI]")
+        typer.echo(pd.DataFrame(S.summary_table(summary)).to_string(index=False))
     if out is not None:
-        if len(runs) == 1:
+        if summary is None:
             S.write_outputs(runs[0], out)
             typer.echo(f"wrote {out / 'results.json'}, loss.png, sensitivities.png, calibration.png")
         else:
-            S.write_seeds(runs, out)
+            S.write_seeds(runs, summary, out)
             typer.echo(f"wrote {out}/seed-*/, {out / 'summary.json'}, {out / 'calibration.png'}")
 
 

@@ -55,14 +55,6 @@ def tokens(t: Tasks) -> torch.Tensor:
 ATTENTIONS = ("linear", "softmax")
 
 
-@dataclass
-class Trace:
-    """What one forward pass leaves at the query, per layer (read by the calibration)."""
-
-    upd: list[torch.Tensor]  # per layer (B, D): the attention output added to the query token
-    scores: list[torch.Tensor]  # per layer (B, H, N): the query's raw (pre-softmax) scores over the context keys
-
-
 class RegressionTransformer(nn.Module):
     """A stack of self-attention layers (optionally each followed by an MLP) over tokens e = (x, y).
 
@@ -91,8 +83,9 @@ class RegressionTransformer(nn.Module):
         self.d, self.attention, self.mlp_hidden = d, attention, mlp_hidden
 
     def forward(self, E: torch.Tensor, n_ctx: int, keep: bool = False):
-        """E (B, N+1, D) -> ŷ (B,); with ``keep`` also a Trace of the query's per-layer attention."""
-        trace = Trace([], [])
+        """E (B, N+1, D) -> ŷ (B,); with ``keep`` also, per layer, the query's raw (pre-softmax) scores over
+        the context keys, (B, H, N) each."""
+        query_scores = []
         for l in range(self.WK.shape[0]):
             C = E[:, :n_ctx]  # (B, N, D) the context tokens at this layer
             k = torch.einsum("hij,bnj->bhni", self.WK[l], C)
@@ -102,13 +95,12 @@ class RegressionTransformer(nn.Module):
             attn = scores / n_ctx if self.attention == "linear" else scores.softmax(-1)
             upd = torch.einsum("hij,bhtj->bti", self.P[l], torch.einsum("bhtn,bhni->bhti", attn, v))
             if keep:
-                trace.upd.append(upd[:, -1])
-                trace.scores.append(scores[:, :, -1])
+                query_scores.append(scores[:, :, -1])
             E = E + upd
             if self.mlp_hidden:
                 E = E + torch.einsum("ij,btj->bti", self.W2[l], torch.relu(torch.einsum("ij,btj->bti", self.W1[l], E)))
         yhat = -E[:, -1, -1]
-        return (yhat, trace) if keep else yhat
+        return (yhat, query_scores) if keep else yhat
 
     def label_path(self) -> torch.Tensor:
         """(layers, H): −(P W_V)[y, y] per head, the weight with which a context label y_j (as carried at that
@@ -241,7 +233,7 @@ def calibration(model: RegressionTransformer, t: Tasks, eta: float, steps: int =
     N = t.X.shape[1]
     E = tokens(t)
     with torch.no_grad():
-        y_icl, trace = model(E, N, keep=True)
+        y_icl, query_scores = model(E, N, keep=True)
     y_ft = gd_predict(t, eta, steps)
     h_zsl = E[:, -1].clone()
     h_zsl[:, -1] = 0.0
@@ -253,7 +245,7 @@ def calibration(model: RegressionTransformer, t: Tasks, eta: float, steps: int =
     ok = lambda yh: ((yh - t.yq) ** 2 < tau).numpy()  # noqa: E731
     r2f, den = M.rec2ftp(ok(torch.zeros_like(t.yq)), ok(y_ft), ok(y_icl))
 
-    raw = torch.stack(trace.scores, 1)  # (B, L, H, N)
+    raw = torch.stack(query_scores, 1)  # (B, L, H, N)
     fixed = raw * model.label_path_sign()[None, :, :, None]
     ft = torch.einsum("bnd,bd->bn", t.X, t.xq)[:, None, None, :].expand_as(raw)  # (B, L, H, N)
     rng = np.random.default_rng(seed)
@@ -425,15 +417,14 @@ def write_outputs(r: dict, out) -> None:
     plot_calibration(summarize_seeds([r]), out / "calibration.png", r["config"]["model"])
 
 
-def write_seeds(runs: list[dict], out) -> dict:
-    """Several seeds: each seed's outputs in ``out/seed-S/``, then summary.json and calibration.png over seeds."""
+def write_seeds(runs: list[dict], summary: dict, out) -> None:
+    """Several seeds: each seed's outputs in ``out/seed-S/``, then ``summary`` (from ``summarize_seeds(runs)``)
+    as summary.json and calibration.png."""
     from iclgd.io import atomic_write_json, ensure_dir, library_versions
 
     out = ensure_dir(out)
     for r in runs:
         write_outputs(r, out / f"seed-{r['config']['seed']}")
-    summary = summarize_seeds(runs)
     config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
     atomic_write_json(out / "summary.json", {"config": config, **summary, "versions": library_versions()})
     plot_calibration(summary, out / "calibration.png", config["model"])
-    return summary
