@@ -135,6 +135,12 @@ def test_report_shows_the_synthetic_calibration_from_its_result_file(tmp_path):
     assert n_cols(header) == n_cols(row) == 6  # "SimAOU | rand" is one escaped column, not two
     csv = (tmp_path / "results.csv").read_text()
     assert "kendall_untrained" in csv and "simam_construction" in csv
+    # a unit written before SimAM/Kendall were calibrated: the report says how to recompute it, and does not crash
+    old = {**r, "calibration": {k: {m: v[m] for m in ("simaou", "simaou_random", "rec2ftp", "rec2ftp_den")}
+                                for k, v in r["calibration"].items()}}
+    atomic_write_json(tmp_path / "units" / "synthetic-1L" / "result.json",
+                      {"unit": {"id": "synthetic-1L", "kind": "synthetic", "params": {}}, **old})
+    assert "delete that folder and rerun" in write_report(tmp_path).read_text()
 
 
 def test_several_seeds_give_a_summary_with_cis_and_per_seed_folders(tmp_path):

@@ -203,7 +203,11 @@ def write_report(out) -> Path:
         lines.append("")
     # ---- synthetic calibration
     syn = units.get("synthetic-1L")
-    if syn:
+    if syn and "simam" not in syn["calibration"]["construction"]:  # written by iclgd before SimAM/Kendall were calibrated
+        lines += ["## Calibration on a known case", "", "`units/synthetic-1L/result.json` was written by an older "
+                  "iclgd (no SimAM/Kendall calibration); delete that folder and rerun `iclgd reproduce` with the same "
+                  "options to recompute it.", ""]
+    elif syn:
         from iclgd.synthetic import calibration_table
 
         rows = calibration_table(syn)
