@@ -47,3 +47,10 @@ def test_malformed_data_via_cli(tmp_path):
     res = run("eval", "--model", "tiny-random-gpt2", "--data-dir", str(tmp_path))
     assert res.exit_code == 2
     assert "dev.jsonl:2: malformed JSON line" in res.output
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    res = run("--version")
+    assert res.exit_code == 0 and res.output.strip() == f"iclgd {version('iclgd')}"

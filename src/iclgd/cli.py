@@ -18,8 +18,19 @@ from iclgd.errors import IclgdError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from iclgd import __version__
+
+        typer.echo(f"iclgd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
     """iclgd: in-context learning as implicit gradient descent, measured on real models."""
 
 
