@@ -18,9 +18,16 @@ def _results(d: Path) -> dict[str, bytes]:
     return {p.parent.name: p.read_bytes() for p in sorted((d / "units").glob("*/result.json"))}
 
 
-def test_sigkill_mid_sweep_then_resume_equals_uninterrupted_byte_for_byte(tmp_path):
-    full = CliRunner().invoke(app, ARGS + ["--out", str(tmp_path / "full")])
-    assert full.exit_code == 0, full.output
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory) -> Path:
+    """The reference: the sweep of ARGS run uninterrupted in this process."""
+    out = tmp_path_factory.mktemp("single") / "full"
+    res = CliRunner().invoke(app, ARGS + ["--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_sigkill_mid_sweep_then_resume_equals_uninterrupted_byte_for_byte(tmp_path, single_process_run):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "iclgd.cli", *ARGS, "--out", str(cut)], env=env,
@@ -31,12 +38,12 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted_byte_for_byte(tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)  # a real kill -9, mid-sweep
     proc.wait()
     n_before = len(_results(cut))
-    assert 1 <= n_before < len(_results(tmp_path / "full"))
+    assert 1 <= n_before < len(_results(single_process_run))
     assert not list(cut.rglob("*.tmp")) or all(p.name.startswith(".") for p in cut.rglob("*.tmp"))
     resumed = CliRunner().invoke(app, ARGS + ["--out", str(cut)])
     assert resumed.exit_code == 0, resumed.output
     assert f"{n_before} already finished" in resumed.output
-    assert _results(cut) == _results(tmp_path / "full")  # identical bytes, unit by unit
+    assert _results(cut) == _results(single_process_run)  # identical bytes, unit by unit
     again = CliRunner().invoke(app, ARGS + ["--out", str(cut)])
     assert "0 units run" in again.output  # finished units are never recomputed
     report = (cut / "report.md").read_text()
@@ -84,3 +91,24 @@ def test_accelerate_launch_ranks_become_shards(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert parse_shard(None) == (2, 4)
     assert parse_shard("1/3") == (1, 3)  # an explicit --shard wins
+
+
+def test_two_processes_under_accelerate_launch_equal_one_process_byte_for_byte(tmp_path, single_process_run):
+    """The README's cluster commands, run as written: 2 CPU processes, each takes RANK/WORLD_SIZE as its shard.
+
+    accelerate's own ``--cpu`` starts several processes only through MPI; ``--multi_gpu`` launches through
+    torch.distributed.run, which on a machine without GPUs starts plain CPU processes (iclgd needs no process group).
+    """
+    out = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "iclgd.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*launch, *ARGS, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [line for line in res.stdout.splitlines() if "units run" in line]
+    assert len(ranks) == 2 and {line.split("(shard: ")[1].split(" of")[0] for line in ranks} == {"3", "2"}
+    rep = subprocess.run([sys.executable, "-m", "iclgd.cli", "report", str(out)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert _results(out) == _results(single_process_run)  # every unit, byte for byte (timings live elsewhere)
+    assert "Units finished: 5 of 5" in (out / "report.md").read_text()
