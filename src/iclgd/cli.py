@@ -72,6 +72,13 @@ def int_list(value: str, option: str) -> list[int]:
     return out
 
 
+def no_start_token(bos: str | None) -> None:
+    """Captures read the start token as the zero-shot context: the commands that take them need one."""
+    if bos == "none":
+        raise IclgdError("--bos none: only `iclgd eval` runs without a start token (compare, dual verify and "
+                         "reproduce read it as the zero-shot context); give a token instead")
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     import pandas as pd
 
@@ -95,6 +102,8 @@ def eval_cmd(
     data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
+    bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary, or 'none' "
+                                       "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write results.json here"),
 ):
     """Zero-shot and in-context accuracy of a causal LM on the paper's tasks."""
@@ -106,7 +115,7 @@ def eval_cmd(
         ensure_dir(out)
     rows = run_eval(model=model, task=task, task_spec=task_spec, k=k, seed=seed, n_test=n_test, balanced=balanced,
                     separator=separator, max_len=max_len, batch_size=batch_size, data_dir=data_dir, dtype=dtype,
-                    device=device, out=out)
+                    device=device, out=out, bos=bos)
     print_table(rows, ["task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts",
                       "icl_pred_counts"])
     if out is not None:
@@ -136,17 +145,20 @@ def compare_cmd(
     data_dir: Path = typer.Option(None),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
+    bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
+                                       "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None),
 ):
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
     from iclgd.compare import CompareConfig, run_compare
 
     seed_list = int_list(seeds, "--seeds")
+    no_start_token(bos)
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
                         kendall_n=kendall_n, balanced=balanced, separator=separator, max_len=max_len,
                         batch_size=batch_size)
     rows = run_compare(model, task, seed_list, cfg, n_test=n_test, untrained=untrained, data_dir=data_dir, out=out,
-                       dtype=dtype, device=device, task_spec=task_spec)
+                       dtype=dtype, device=device, task_spec=task_spec, bos=bos)
     import pandas as pd
 
     typer.echo(f"prediction position: {position}; FT: {ft_params} params, {ft_mode}")
@@ -299,6 +311,8 @@ def reproduce_cmd(
     dtype: str = typer.Option("float32", help="float32, bfloat16 (GPU) ..."),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     device_map: str = typer.Option(None, help="'auto': spread a large model over the GPUs (HF Accelerate)"),
+    bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
+                                       "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     data_dir: Path = typer.Option(None),
     out: Path = typer.Option(Path("runs/repro")),
 ):
@@ -306,9 +320,10 @@ def reproduce_cmd(
     from iclgd.sweep import PRESETS, SweepConfig, reproduce
 
     seed_list = int_list(seeds, "--seeds")
+    no_start_token(bos)
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
-                      dtype=dtype, device=device, device_map=device_map)
+                      dtype=dtype, device=device, device_map=device_map, bos=bos)
     if preset is not None:
         if preset not in PRESETS:
             raise IclgdError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
@@ -346,6 +361,8 @@ def dual_verify(
     dtype: str = typer.Option("float64", help="float64 (tolerance 1e-5) or float32 (1e-3)"),
     data_dir: Path = typer.Option(None),
     json_out: bool = typer.Option(False, "--json", help="print the per-head rows as JSON"),
+    bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
+                                       "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write dual_verify.json and dual_verify.png here"),
 ):
     """Check ICL = (W_ZSL + ΔW_ICL) q on every layer and head of a real model, and measure the softmax gap."""
@@ -359,9 +376,10 @@ def dual_verify(
 
     if dtype not in ("float64", "float32"):
         raise IclgdError(f"--dtype {dtype!r}: expected float64 or float32")
+    no_start_token(bos)
     if out is not None:
         ensure_dir(out)
-    lm = load_model(model)
+    lm = load_model(model, bos=bos)
     torch_dtype = getattr(torch, dtype)
     lm.model.to(torch_dtype)
     chosen = dual.parse_layers(layers, lm.n_layers)

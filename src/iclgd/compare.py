@@ -220,7 +220,7 @@ def config_dict(cfg: CompareConfig) -> dict:
 
 def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_test: int | None = None,
                 untrained: bool = False, data_dir=None, out=None, dtype: str = "float32", device: str = "cpu",
-                task_spec=None, progress: bool = True) -> list[dict]:
+                task_spec=None, progress: bool = True, bos: str | None = None) -> list[dict]:
     """Every task × seed (and the untrained control); write results per task; return table rows."""
     from pathlib import Path
 
@@ -235,10 +235,10 @@ def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_t
     datas, ddir = load_tasks(task, task_spec, data_dir, n_test)
     if out is not None:
         ensure_dir(out)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, bos=bos)
     control_lm = None
     if untrained:
-        control_lm = load_model(model, dtype=dtype, device=device)
+        control_lm = load_model(model, dtype=dtype, device=device, bos=bos)
         reinit_untrained(control_lm, seed=0)
     rows = []
     for data in datas:
@@ -254,14 +254,14 @@ def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_t
         doc = {
             "kind": "iclgd.compare",
             "config": {"model": model, "model_source": lm.source, "model_type": lm.model_type, "dtype": dtype,
-                       "device": device, "task": data.spec.to_dict(), "seeds": seeds, "n_test": n_test,
+                       "device": device, "start_token": lm.start, "task": data.spec.to_dict(), "seeds": seeds, "n_test": n_test,
                        "data_dir": str(ddir) if ddir else "hf-hub", **config_dict(cfg),
                        "untrained_control": untrained,
                        "untrained_recipe": "attention and MLP weights ~ N(0, initializer_range^2), biases 0; "
                                            "embeddings, norms, unembedding kept" if untrained else None},
             "versions": library_versions(),
             "data_sha256": data.files,
-            "deviations": data.deviations,
+            "deviations": lm.start_deviations() + data.deviations,
             "seeds": results,
             "aggregate": agg,
             "untrained": {"seeds": control, "aggregate": aggregate(control)} if control else None,

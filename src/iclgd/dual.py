@@ -348,7 +348,7 @@ def icl_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None, exa
     data = load_task(spec, resolve_data_dir(data_dir), n_test=example + 1)
     p = build_prompts(lm, spec, sample_demos(data.demo_pool, k, seed), data.eval_rows[example:])
     ids = p.prefix_ids + p.query_ids[0]
-    meta = {"task": task, "k_requested": k, "k_true": p.k_true, "seed": seed, "example_idx": data.eval_rows[example].get("idx"),
+    meta = {"task": task, "start_token": lm.start, "k_requested": k, "k_true": p.k_true, "seed": seed, "example_idx": data.eval_rows[example].get("idx"),
             "n_tokens": len(ids), "demo_span": [1, len(p.prefix_ids)], "files": data.files}
     return ids, (1, len(p.prefix_ids)), meta
 

