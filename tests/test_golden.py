@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from iclgd.sweep import SweepConfig, reproduce
+from iclgd.experiments.sweep import SweepConfig, reproduce
 
 GOLDEN = Path(__file__).parent / "golden"
 

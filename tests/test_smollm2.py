@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from iclgd.runs import EvalConfig, build_prompts, evaluate, score_options
-from iclgd.tasks import TASKS, load_task, sample_demos
+from iclgd.core.tasks import TASKS, load_task, sample_demos
+from iclgd.engine.scoring import EvalConfig, build_prompts, evaluate, score_options
 
 
 @pytest.fixture(scope="module")
 def smol():
-    from iclgd.models import load_model
+    from iclgd.core.models import load_model
 
     return load_model("smollm2-135m")
 

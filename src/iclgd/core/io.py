@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from iclgd.errors import IclgdError
+from iclgd.core.errors import IclgdError
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -84,3 +84,13 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def read_result(path: Path) -> dict | None:
+    """A finished unit's result, None if absent; a damaged file is the user's to know about."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IclgdError(f"{path}: corrupted result file (not valid JSON); delete it to recompute that unit") from None

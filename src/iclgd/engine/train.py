@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from iclgd.errors import IclgdError
+from iclgd.core.errors import IclgdError
 
 # ----------------------------------------------------------------------------- corpora
 
@@ -49,8 +49,8 @@ def _read(path: Path) -> str:
 
 def load_corpus(name: str, data_dir=None) -> Corpus:
     """A corpus name from :data:`CORPORA` (read from the data directory) or a path to a text file."""
-    from iclgd.io import sha256_file
-    from iclgd.tasks import resolve_data_dir
+    from iclgd.core.io import sha256_file
+    from iclgd.core.tasks import resolve_data_dir
 
     p = Path(name)
     if name in CORPORA:
@@ -146,7 +146,7 @@ class TrainConfig:
         if self.size not in SIZES:
             raise IclgdError(f"--config {self.size!r}: expected one of {', '.join(SIZES)}")
         if self.attention == "momentum":
-            from iclgd.momentum import check_eta
+            from iclgd.engine.momentum import check_eta
 
             check_eta(self.eta)
         if self.steps < 1:
@@ -157,7 +157,7 @@ def build_model(cfg: TrainConfig, vocab_size: int):
     """A Llama-style model (RMSNorm, rotary, SwiGLU) from the size table; momentum attention if asked."""
     import transformers as T
 
-    from iclgd.models import LoadedModel, adapter_for
+    from iclgd.core.models import LoadedModel, adapter_for
 
     s = SIZES[cfg.size]
     mc = T.LlamaConfig(hidden_size=s.d_model, num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads,
@@ -168,7 +168,7 @@ def build_model(cfg: TrainConfig, vocab_size: int):
     model = T.LlamaForCausalLM(mc)
     lm = LoadedModel(f"{cfg.size}-{cfg.attention}", model, None, adapter_for("llama"), "built by iclgd.train")
     if cfg.attention == "momentum":
-        from iclgd.momentum import enable_momentum
+        from iclgd.engine.momentum import enable_momentum
 
         enable_momentum(lm, cfg.eta, cfg.learnable_eta)
     return lm
@@ -247,7 +247,7 @@ LOG_FIELDS = ["step", "lr", "train_loss", "val_loss", "val_ppl"]
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    from iclgd.io import atomic_write_text
+    from iclgd.core.io import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, LOG_FIELDS)
@@ -265,7 +265,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     """
     from tqdm.auto import tqdm
 
-    from iclgd.io import atomic_write_json, ensure_dir, library_versions
+    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
 
     cfg.check()
     out = ensure_dir(out)

@@ -6,10 +6,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from iclgd.io import atomic_write_json, library_versions
-from iclgd.models import load_model
-from iclgd.runs import EvalConfig, evaluate
-from iclgd.tasks import load_tasks
+from iclgd.core.io import atomic_write_json, library_versions
+from iclgd.core.models import load_model
+from iclgd.core.tasks import load_tasks
+from iclgd.engine.scoring import EvalConfig, evaluate
 
 
 def run_eval(model: str, task: str, task_spec: Path | None = None, k: int = 32, seed: int = 1,

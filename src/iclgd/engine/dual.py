@@ -22,15 +22,15 @@ Finetuning of K/V, Eq. (8):  (W_V + ΔW_V) X Xᵀ (W_K + ΔW_K)ᵀ q = (W_ZSL + 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from iclgd.errors import IclgdError
-from iclgd.models import LoadedModel, get_path
+from iclgd.core.errors import IclgdError
+from iclgd.core.hooks import Recorder
+from iclgd.core.models import LoadedModel, qkv, repeat_kv
 
 # ----------------------------------------------------------------------------- identity 1
 
@@ -125,8 +125,7 @@ def dual_matrices(kv: HeadKV, is_demo: torch.Tensor) -> tuple[torch.Tensor, torc
     ``is_demo`` (T,) marks X', the demonstration tokens (with their separators); the rest is X, what a
     zero-shot prompt also sees (BOS and the test input).
     """
-    k = kv.k.repeat_interleave(kv.group, dim=0)
-    v = kv.v.repeat_interleave(kv.group, dim=0)
+    k, v = repeat_kv(kv.k, kv.group, dim=0), repeat_kv(kv.v, kv.group, dim=0)
     d = is_demo.to(k.device)
     W_zsl = torch.einsum("htd,hte->hde", v[:, ~d], k[:, ~d])
     dW_icl = torch.einsum("htd,hte->hde", v[:, d], k[:, d])
@@ -141,16 +140,14 @@ def demo_mask(T: int, demo_span: tuple[int, int]) -> torch.Tensor:
 
 def relaxed_attention(kv: HeadKV) -> torch.Tensor:
     """Eq. (5) without softmax and scale: Σ_i v_i (k_iᵀ q) over all positions, per head: (H, d)."""
-    k = kv.k.repeat_interleave(kv.group, dim=0)
-    v = kv.v.repeat_interleave(kv.group, dim=0)
+    k, v = repeat_kv(kv.k, kv.group, dim=0), repeat_kv(kv.v, kv.group, dim=0)
     scores = torch.einsum("hd,htd->ht", kv.q, k)
     return torch.einsum("ht,htd->hd", scores, v)
 
 
 def softmax_attention(kv: HeadKV) -> torch.Tensor:
     """The true attention at the prediction position (the last one, which sees every token): (H, d)."""
-    k = kv.k.repeat_interleave(kv.group, dim=0)
-    v = kv.v.repeat_interleave(kv.group, dim=0)
+    k, v = repeat_kv(kv.k, kv.group, dim=0), repeat_kv(kv.v, kv.group, dim=0)
     probs = torch.softmax(torch.einsum("hd,htd->ht", kv.q, k) * kv.scale, dim=-1)
     return torch.einsum("ht,htd->hd", probs, v)
 
@@ -162,74 +159,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, dim=-1) -> torch.Tensor:
 # ----------------------------------------------------------------------------- real models
 
 
-def qkv_all(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
-    input ``x`` (T, d_model), as the layer computes them: adapter-table projections with their biases and,
-    for rotary models, the model's own rotary module. Queries are *not* multiplied by the score scale,
-    which is returned separately (1/√d_head, or 1 for GPT-Neo).
-    """
-    p = lm.projections(layer)
-    H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-    T = x.shape[0]
-    x = x.to(p.Wq.dtype)
-
-    def lin(W, b):
-        return x @ W.T + (b if b is not None else 0)
-
-    q = lin(p.Wq, p.bq).view(T, H, hd).transpose(0, 1)
-    k = lin(p.Wk, p.bk).view(T, Hkv, hd).transpose(0, 1)
-    v = lin(p.Wv, p.bv).view(T, Hkv, hd).transpose(0, 1)
-    if lm.layout.rotary:
-        cos, sin = _rotary_module(lm)(x[None], position_ids[None].to(x.device))  # (1, T, rot_dim)
-        apply = sys.modules[type(lm.attention(layer)).__module__].apply_rotary_pos_emb
-        q, _ = apply(q[None], q[None], cos, sin)
-        k, _ = apply(k[None], k[None], cos, sin)
-        q, k = q[0], k[0]
-    return q, k, v, (hd ** -0.5 if lm.layout.scaled else 1.0)
-
-
 def project_heads(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor) -> HeadKV:
     """Keys/values of every position and the query of the last one, from the attention's input ``x`` (T, d)."""
-    q, k, v, scale = qkv_all(lm, layer, x, position_ids)
+    q, k, v, scale = qkv(lm, layer, x, position_ids)
     return HeadKV(k, v, q[:, -1], scale)
-
-
-def _rotary_module(lm: LoadedModel):
-    for path in ("model.rotary_emb", "gpt_neox.rotary_emb"):
-        try:
-            return get_path(lm.model, path)
-        except AttributeError:
-            continue
-    raise IclgdError(f"model type {lm.model_type!r}: rotary embedding module not found")
 
 
 def capture_layer_io(lm: LoadedModel, input_ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One forward pass; per layer the attention input (after its norm) and the per-head attention
     output before the output projection (the true softmax attention). Shapes (T, d_model), (T, H·d_head).
 
-    Hooks only (TransformerLens-style): ``attn_in.{layer}`` is a forward hook on the input norm,
-    ``attn_heads.{layer}`` a pre-hook on the output projection.
+    Hook points ``attn_in`` and ``attn_heads`` (:mod:`iclgd.core.hooks`).
     """
-    ins, heads, handles = {}, {}, []
-    for i in range(lm.n_layers):
-        def norm_hook(module, args, output, i=i):
-            ins[i] = output[0].detach()
-
-        def o_hook(module, args, kwargs, i=i):
-            heads[i] = (args[0] if args else kwargs["hidden_states"] if "hidden_states" in kwargs else
-                        next(iter(kwargs.values())))[0].detach()
-
-        handles.append(lm.attention_norm(i).register_forward_hook(norm_hook))
-        handles.append(get_path(lm.attention(i), lm.layout.o).register_forward_pre_hook(o_hook, with_kwargs=True))
     dev = next(lm.model.parameters()).device
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=torch.tensor([input_ids], device=dev))
-    finally:
-        for h in handles:
-            h.remove()
-    return [ins[i] for i in range(lm.n_layers)], [heads[i] for i in range(lm.n_layers)]
+    with torch.no_grad(), Recorder(lm, points=("attn_in", "attn_heads")) as rec:
+        lm.model(input_ids=torch.tensor([input_ids], device=dev))
+    return ([rec.acts[f"attn_in.{i}"][0] for i in range(lm.n_layers)],
+            [rec.acts[f"attn_heads.{i}"][0] for i in range(lm.n_layers)])
 
 
 @torch.no_grad()
@@ -331,60 +277,3 @@ def summarize(rows: list[dict], table: list[dict]) -> dict:
             "median_softmax_cos": float(np.median([r["softmax_cos"] for r in table])),
             "median_softmax_relerr": float(np.median([r["softmax_relerr"] for r in table])),
             "median_dW_ratio": float(np.median([r["dW/WZSL"] for r in table]))}
-
-
-# ----------------------------------------------------------------------------- the `iclgd dual` jobs
-
-TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
-
-
-def icl_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None, example: int = 0
-               ) -> tuple[list[int], tuple[int, int], dict]:
-    """A real ICL prompt: k demonstrations (seeded) and the ``example``-th test input of the task."""
-    from iclgd.runs import build_prompts
-    from iclgd.tasks import load_task, resolve_data_dir, resolve_task, sample_demos
-
-    spec = resolve_task(task)
-    data = load_task(spec, resolve_data_dir(data_dir), n_test=example + 1)
-    p = build_prompts(lm, spec, sample_demos(data.demo_pool, k, seed), data.eval_rows[example:])
-    ids = p.prefix_ids + p.query_ids[0]
-    meta = {"task": task, "k_requested": k, "k_true": p.k_true, "seed": seed, "example_idx": data.eval_rows[example].get("idx"),
-            "n_tokens": len(ids), "demo_span": [1, len(p.prefix_ids)], "files": data.files}
-    return ids, (1, len(p.prefix_ids)), meta
-
-
-def parse_layers(value: str, n_layers: int) -> list[int]:
-    if value == "all":
-        return list(range(n_layers))
-    try:
-        layers = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise IclgdError(f"--layers {value!r}: expected 'all' or a comma list of layer numbers") from None
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad or not layers:
-        raise IclgdError(f"--layers {value!r}: layers must lie in 0..{n_layers - 1}")
-    return layers
-
-
-def plot_verify(layer_rows: list[dict], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = [r["layer"] for r in layer_rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    a1.plot(layers, [1 - r["softmax_cos"] for r in layer_rows], "o-", label="1 − cos(softmax, relaxed)")
-    a1.plot(layers, [r["softmax_relerr"] for r in layer_rows], "s-", label="rel. error (softmax vs relaxed)")
-    a1.set_yscale("log"), a1.set_xlabel("layer"), a1.set_title("gap: softmax attention vs its linear relaxation")
-    a1.legend(fontsize=8)
-    a2.plot(layers, [r["dW/WZSL"] for r in layer_rows], "o-", color="C2")
-    a2.set_yscale("log"), a2.set_xlabel("layer"), a2.set_title("‖ΔW_ICL‖ / ‖W_ZSL‖ (median over heads)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    import os
-
-    os.replace(tmp, path)

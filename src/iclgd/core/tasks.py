@@ -1,8 +1,10 @@
 """The six classification tasks of Dai et al. as declarative data, and their loading.
 
 A :class:`TaskSpec` says everything the evaluation engine needs to know about a task (template,
-label words, which data files hold demonstrations and test examples); the engine never special-cases
-a task. Data come from a data directory of JSON Lines files (see ``../shared/data/README.md``), or,
+label words, which data files hold demonstrations and test examples, the paper's finetuning rate,
+what to do when a split is missing, how it deviates from the paper); the engine never special-cases
+a task. The built-in tasks are JSON files in ``task_specs/``, read by the same :func:`load_task_spec`
+as a user's ``--task-spec`` file: adding a task is adding a file. Data come from a data directory of JSON Lines files (see ``../shared/data/README.md``), or,
 for users online, from the Hugging Face hub through ``datasets``.
 """
 
@@ -16,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iclgd.errors import IclgdError
+from iclgd.core.errors import IclgdError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class TaskSpec:
     eval_cap: int = 2000  # ... and keeps its first 2,000 examples
     hub: HubSource | None = None
     deviations: tuple[str, ...] = ()
+    lr: float | None = None  # the paper's K/V finetuning rate for this task (None: iclgd's default)
+    # when the data directory lacks the demo split: demonstrations come from the evaluation split past
+    # its first ``eval_cap`` shuffled rows, recorded as this deviation (None: a missing split is an error)
+    demo_fallback: str | None = None
+    notes: tuple[str, ...] = ()  # how the local data relate to the paper's, for the report
 
     def format_input(self, row: dict) -> str:
         return self.template.format(**{ph: row[key] for ph, key in self.fields.items()})
@@ -58,56 +65,8 @@ class TaskSpec:
         return self.format_input(row) + self.format_answer(row["label"])
 
     def to_dict(self) -> dict:
-        return asdict(self)
-
-
-_SINGLE = {"text": "text"}
-
-TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec(
-        "sst2", "Sentence: {sentence} Label:", ("Negative", "Positive"), {"sentence": "text"},
-        demo_file="sst2/glue_train.jsonl", eval_file="sst2/dev.jsonl",
-        hub=HubSource("glue", "sst2", "train", "validation", {"text": "sentence", "label": "label"}),
-    ),
-    "sst5": TaskSpec(
-        "sst5", "Sentence: {text} Label:", ("terrible", "bad", "neutral", "good", "great"), _SINGLE,
-        demo_file="sst5/train.jsonl", eval_file="sst5/dev.jsonl",
-        hub=HubSource("SetFit/sst5", None, "train", "validation", {"text": "text", "label": "label"}),
-    ),
-    "mr": TaskSpec(
-        "mr", "Review: {text} Sentiment:", ("Negative", "Positive"), _SINGLE,
-        demo_file="mr/hf_split/train.jsonl", eval_file="mr/hf_split/validation.jsonl",
-        hub=HubSource("rotten_tomatoes", None, "train", "validation", {"text": "text", "label": "label"}),
-    ),
-    "subj": TaskSpec(
-        "subj", "Input: {text} Type:", ("objective", "subjective"), _SINGLE,
-        demo_file="subj/train.jsonl", eval_file="subj/test.jsonl",
-        hub=HubSource("SetFit/subj", None, "train", "test", {"text": "text", "label": "label"}),
-        deviations=("subj: the local 8,000/2,000 split has SetFit/subj's sizes but not its membership",),
-    ),
-    "agnews": TaskSpec(
-        "agnews",
-        "Classify the news articles into the categories of World, Sports, Business, and Technology. "
-        "Article: {text} Answer:",
-        ("World", "Sports", "Business", "Technology"), _SINGLE,
-        demo_file="agnews/train.jsonl", eval_file="agnews/test.jsonl",
-        hub=HubSource("ag_news", None, "train", "test", {"text": "text", "label": "label"}),
-    ),
-    "cb": TaskSpec(
-        "cb", "{premise} Question: {hypothesis}. True, False, or Neither? Answer:", ("True", "False", "Neither"),
-        {"premise": "premise", "hypothesis": "hypothesis"},
-        demo_file="cb/train.jsonl", eval_file="cb/dev.jsonl",
-        hub=HubSource("super_glue", "cb", "train", "validation",
-                      {"premise": "premise", "hypothesis": "hypothesis", "label": "label"}),
-    ),
-}
-
-# AG News without a local train split: demonstrations come from a fixed part of the test set that is
-# disjoint from the evaluated 2,000 (recorded as a deviation). Used only when agnews/train.jsonl is absent.
-AGNEWS_FALLBACK_NOTE = (
-    "agnews: no train split in the data directory; demonstrations drawn from test rows outside the "
-    "evaluated ones (shuffled test positions 2000..)"
-)
+        """What defines the task's prompts and data (recorded in results files)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("lr", "demo_fallback", "notes")}
 
 
 def resolve_task(name: str, spec_file: str | None = None) -> TaskSpec:
@@ -127,10 +86,12 @@ def parse_task_list(value: str) -> list[str]:
     return names
 
 
-def load_task_spec(path: str | Path) -> TaskSpec:
-    """A user task: a JSON file with name, template, label_words, fields, demo_file, eval_file.
+def load_task_spec(path: str | Path, builtin: bool = False) -> TaskSpec:
+    """A task from a JSON file: name, template, label_words, demo_file, eval_file (required), and any
+    other :class:`TaskSpec` field (``fields`` defaults to the template's placeholders).
 
-    Relative data-file paths are taken relative to the spec file's folder.
+    A user's relative data-file paths are taken relative to the spec file's folder; a built-in task's
+    (``builtin``) relative to the data directory.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,11 +108,27 @@ def load_task_spec(path: str | Path) -> TaskSpec:
     fields = raw.get("fields") or {p: p for p in placeholders}
     for key in ("demo_file", "eval_file"):
         p = Path(raw[key])
-        raw[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
-    allowed = {f.name for f in TaskSpec.__dataclass_fields__.values()} - {"hub", "deviations"}
+        if not builtin:
+            raw[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
+    allowed = {f.name for f in TaskSpec.__dataclass_fields__.values()}
     kwargs = {k: v for k, v in raw.items() if k in allowed}
-    kwargs.update(label_words=tuple(raw["label_words"]), fields=fields)
+    kwargs.update(label_words=tuple(raw["label_words"]), fields=fields,
+                  hub=HubSource(**raw["hub"]) if raw.get("hub") else None,
+                  deviations=tuple(raw.get("deviations", ())), notes=tuple(raw.get("notes", ())))
     return TaskSpec(**kwargs)
+
+
+SPEC_DIR = Path(__file__).resolve().parent / "task_specs"
+PAPER_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")  # the paper's table; other built-ins follow by name
+
+
+def builtin_tasks() -> dict[str, TaskSpec]:
+    specs = {p.stem: load_task_spec(p, builtin=True) for p in sorted(SPEC_DIR.glob("*.json"))}
+    order = [n for n in PAPER_ORDER if n in specs] + [n for n in specs if n not in PAPER_ORDER]
+    return {n: specs[n] for n in order}
+
+
+TASKS: dict[str, TaskSpec] = builtin_tasks()
 
 
 # ----------------------------------------------------------------------------- data directory
@@ -247,7 +224,7 @@ def load_split(spec: TaskSpec, which: str, data_dir: Path | None) -> Split:
         if data_dir is None:
             return _load_hub(spec, which)
         p = data_dir / rel
-    from iclgd.io import sha256_file
+    from iclgd.core.io import sha256_file
 
     return Split(load_jsonl(p, spec), str(p), sha256_file(p))
 
@@ -280,10 +257,10 @@ def load_task(spec: TaskSpec, data_dir: Path | None, n_test: int | None = None) 
         if demo.sha256:
             files[demo.source] = demo.sha256
     except IclgdError:
-        if spec.name != "agnews" or data_dir is None or (data_dir / spec.demo_file).exists():
+        if spec.demo_fallback is None or data_dir is None or (data_dir / spec.demo_file).exists():
             raise
         pool = [ev.rows[i] for i in order[spec.eval_cap:]]
-        deviations.append(AGNEWS_FALLBACK_NOTE)
+        deviations.append(spec.demo_fallback)
     chosen = order[: spec.eval_cap]
     if n_test is not None:
         if n_test < 1:

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iclgd.capture import Recorder
-from iclgd.dual import qkv_all
-from iclgd.errors import IclgdError
-from iclgd.models import LoadedModel, get_path
+from iclgd.core.errors import IclgdError
+from iclgd.core.hooks import Recorder
+from iclgd.core.models import LoadedModel, get_path, qkv
 
 
 def trainable_parameters(lm: LoadedModel, which: str = "kv") -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
@@ -33,28 +32,7 @@ def trainable_parameters(lm: LoadedModel, which: str = "kv") -> list[tuple[str, 
         return [(n, p, None) for n, p in lm.model.named_parameters()]
     if which != "kv":
         raise IclgdError(f"--ft-params {which!r}: expected kv or all")
-    out = []
-    lay = lm.layout
-    H, Hkv, hd = lm.head_counts()
-    for l in range(lm.n_layers):
-        attn = lm.attention(l)
-        if lay.fused is None:
-            for nm in (lay.k, lay.v):
-                mod = get_path(attn, nm)
-                for pn, p in mod.named_parameters():
-                    out.append((f"layer{l}.{nm}.{pn}", p, None))
-            continue
-        mod = get_path(attn, lay.fused)
-        for pn, p in mod.named_parameters():
-            mask = torch.zeros_like(p)
-            if lay.fused_kind == "gpt2_conv1d":  # Conv1D: weight (in, 3d) columns [q | k | v]; bias (3d,)
-                d = H * hd
-                mask[..., d:] = 1.0
-            elif lay.fused_kind == "neox":  # rows laid out (head, 3, head_dim): zero the q third
-                view = mask.view(H, 3, hd, *p.shape[1:])
-                view[:, 1:] = 1.0
-            out.append((f"layer{l}.{lay.fused}.{pn}", p, mask))
-    return out
+    return lm.kv_parameters()
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -64,30 +42,11 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def lcgd_losses(lm: LoadedModel, ids: torch.Tensor) -> list[torch.Tensor]:
     """Per-layer LM losses with each block's input detached (layer causality)."""
-    blocks = lm.blocks()
     final_norm = get_path(lm.model, lm.layout.final_norm)
     head = lm.model.get_output_embeddings()
-    outs, handles = [], []
-
-    def detach_input(module, args, kwargs):
-        if args:
-            return (args[0].detach(), *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = kwargs["hidden_states"].detach()
-        return args, kwargs
-
-    def keep_output(module, args, output):
-        outs.append(output[0] if isinstance(output, tuple) else output)
-
-    for b in blocks:
-        handles.append(b.register_forward_pre_hook(detach_input, with_kwargs=True))
-        handles.append(b.register_forward_hook(keep_output))
-    try:
+    with Recorder(lm, points=("block_out",), detach=False, edit={"block_in": torch.Tensor.detach}) as rec:
         lm.model.base_model(input_ids=ids[None], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [lm_loss(head(final_norm(h[0])), ids) for h in outs]
+    return [lm_loss(head(final_norm(rec.acts[f"block_out.{l}"][0])), ids) for l in range(lm.n_layers)]
 
 
 @dataclass
@@ -135,7 +94,7 @@ def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str 
                 if record:  # the training tokens' q/k as the model sees them at this step (before its update)
                     pos = torch.arange(len(ids))
                     with torch.no_grad():
-                        qk = [qkv_all(lm, l, r.acts[f"attn_in.{l}"][0], pos)[:2] for l in range(lm.n_layers)]
+                        qk = [qkv(lm, l, r.acts[f"attn_in.{l}"][0], pos)[:2] for l in range(lm.n_layers)]
                     rec.q_train.append(np.stack([q[:, 1:].double().cpu().numpy() for q, _ in qk]))
                     rec.k_train.append(np.stack([k[:, 1:].double().cpu().numpy() for _, k in qk]))
             if not torch.isfinite(loss):

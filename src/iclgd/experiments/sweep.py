@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iclgd.errors import IclgdError
-from iclgd.io import atomic_write_json, ensure_dir, library_versions
+from iclgd.core.errors import IclgdError
+from iclgd.core.io import atomic_write_json, ensure_dir, library_versions, read_result
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,14 @@ class SweepConfig:
     device: str = "cpu"
     device_map: str | None = None
     preset: str | None = None
+
+    def apply_preset(self, name: str) -> None:
+        """Overwrite the fields a preset sets (see :data:`PRESETS`)."""
+        if name not in PRESETS:
+            raise IclgdError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
+        for key, v in PRESETS[name].items():
+            setattr(self, key, v)
+        self.preset = name
 
 
 PRESETS = {
@@ -95,16 +103,6 @@ def parse_shard(value: str | None) -> tuple[int, int]:
     return i, n
 
 
-def read_result(path: Path) -> dict | None:
-    """A finished unit's result, None if absent; a damaged file is the user's to know about."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IclgdError(f"{path}: corrupted result file (not valid JSON); delete it to recompute that unit") from None
-
-
 class _Models:
     """Loads each model variant once per process, lazily."""
 
@@ -115,8 +113,8 @@ class _Models:
         if variant not in self.cache:
             import torch
 
-            from iclgd.finetune import reinit_untrained
-            from iclgd.models import load_model
+            from iclgd.core.models import load_model
+            from iclgd.engine.finetune import reinit_untrained
 
             dtype = "float32" if variant == "dual" else self.cfg.dtype
             device = self.cfg.device
@@ -132,46 +130,52 @@ class _Models:
 
 
 def run_unit(unit: Unit, models: _Models, data_dir, progress: bool) -> dict:
-    p = unit.p()
-    from iclgd.tasks import load_task, resolve_data_dir, resolve_task
+    """The unit's result (without its ``unit`` header), from the experiment registered for its kind."""
+    return UNIT_KINDS[unit.kind](unit.p(), models, data_dir, progress)
 
-    if unit.kind == "compare":
-        from iclgd.compare import CompareConfig, compare_seed
 
-        data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
-        lm = models.get("untrained" if p["untrained"] else "trained")
-        result, _, phases = compare_seed(lm, data, CompareConfig(k=p["k"]), p["seed"], progress)
-        return {"result": result, "data_sha256": data.files, "deviations": data.deviations,
-                "_timing": phases}
-    if unit.kind == "dual":
-        from iclgd import dual
+def _compare_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
+    from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task
+    from iclgd.experiments.compare import CompareConfig, compare_seed
 
-        lm = models.get("dual")
-        ids, span, meta = dual.icl_prompt(lm, p["task"], p["k"], p["seed"], data_dir)
-        rows = dual.verify_layers(lm, ids, span)
-        table = dual.per_layer(rows)
-        return {"per_layer": table, "meta": {k: v for k, v in meta.items() if k != "files"}, "data_sha256": meta["files"],
-                "summary": dual.summarize(rows, table)}
-    if unit.kind == "synthetic":
-        from iclgd import synthetic as S
+    data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
+    lm = models.get("untrained" if p["untrained"] else "trained")
+    result, _, phases = compare_seed(lm, data, CompareConfig(k=p["k"]), p["seed"], progress)
+    return {"result": result, "data_sha256": data.files, "deviations": data.deviations, "_timing": phases}
 
-        r = S.run(layers=p["layers"], steps=p["steps"], seed=p["seed"], progress=progress)
-        r.pop("_sens")
-        return r
-    if unit.kind == "momentum":
-        from iclgd.momentum_study import compare_attention
 
-        doc = compare_attention(p["corpus"], list(p["seeds"]), p["eta"], models.out / "momentum", steps=p["steps"],
-                                data_dir=data_dir, progress=progress)
-        return {k: doc[k] for k in ("config", "summary", "runs")}
-    raise AssertionError(unit.kind)
+def _dual_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
+    from iclgd.experiments.dual import verify_prompt
+
+    v = verify_prompt(models.get("dual"), p["task"], p["k"], p["seed"], data_dir)
+    return {key: v[key] for key in ("per_layer", "meta", "data_sha256", "summary")}
+
+
+def _synthetic_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
+    from iclgd.experiments import synthetic
+
+    r = synthetic.run(layers=p["layers"], steps=p["steps"], seed=p["seed"], progress=progress)
+    r.pop("_sens")
+    return r
+
+
+def _momentum_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
+    from iclgd.experiments.momentum import compare_attention
+
+    doc = compare_attention(p["corpus"], list(p["seeds"]), p["eta"], models.out / "momentum", steps=p["steps"],
+                            data_dir=data_dir, progress=progress)
+    return {k: doc[k] for k in ("config", "summary", "runs")}
+
+
+# unit kind -> the function that runs one unit of it: (params, models, data dir, progress) -> result fields
+UNIT_KINDS = {"compare": _compare_unit, "dual": _dual_unit, "synthetic": _synthetic_unit, "momentum": _momentum_unit}
 
 
 def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, progress: bool = True) -> dict:
-    """Run this shard's unfinished units; then (re)write the report from every finished unit."""
+    """Run this shard's unfinished units (the CLI then writes the report from every finished unit)."""
     from tqdm.auto import tqdm
 
-    from iclgd.tasks import parse_task_list
+    from iclgd.core.tasks import parse_task_list
 
     cfg.tasks = parse_task_list(",".join(cfg.tasks))
     if not cfg.seeds:
@@ -202,7 +206,4 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
         atomic_write_json(d / "timing.json", {"wall_s": round(time.time() - t0, 2), "phases_s": timing,
                                               "finished_unix": round(time.time())})
         done += 1
-    from iclgd.report import write_report
-
-    report = write_report(out)
-    return {"units": len(units), "this_shard": len(mine), "ran": done, "skipped": skipped, "report": str(report)}
+    return {"units": len(units), "this_shard": len(mine), "ran": done, "skipped": skipped}

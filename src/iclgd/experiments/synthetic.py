@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from iclgd import metrics as M
-from iclgd.errors import IclgdError
+from iclgd.core import metrics as M
+from iclgd.core.errors import IclgdError
 
 
 @dataclass
@@ -317,21 +317,6 @@ def run(d: int = 10, n_ctx: int = 20, layers: int = 1, steps: int = 2000, seed: 
     }
 
 
-def calibration_table(r: dict) -> list[dict]:
-    """One row per model (construction / trained / untrained): each metric beside its random baseline."""
-    rows = []
-    for name, c in r["calibration"].items():
-        rows.append({"model": name, "Rec2FTP (den)": f"{c['rec2ftp']:.3f} ({c['rec2ftp_den']})",
-                     "SimAOU | rand": f"{c['simaou']:.3f} | {c['simaou_random']:.3f}",
-                     "SimAM | rand": f"{c['simam']:.3f} | {c['simam_random']:.3f}",
-                     "Kendall | rand": f"{c['kendall']:.3f} | {c['kendall_random']:.3f}",
-                     "SimAM, Kendall unsigned": f"{c['simam_raw']:.3f}, {c['kendall_raw']:.3f}"})
-    return rows
-
-
-METRICS = ("rec2ftp", "simaou", "simam", "kendall")
-
-
 def summarize_seeds(runs: list[dict]) -> dict:
     """Mean and 95% bootstrap CI over seeds of every calibration metric and baseline, the losses and the
     sensitivity cosine. With one seed the CI is the value itself."""
@@ -343,88 +328,22 @@ def summarize_seeds(runs: list[dict]) -> dict:
             "sensitivity_cos": M.bootstrap_ci([r["trained_vs_gd"]["sensitivity_cos"] for r in runs])}
 
 
-def plot_calibration(summary: dict, path, title: str) -> None:
-    """Bars per metric: construction / trained / untrained / random (the construction's random baseline),
-    with 95% CIs over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cal = summary["calibration"]
-    bars = [(name, lambda m, n=name: cal[n][m]) for name in cal]
-    bars.append(("random", lambda m: cal["construction"].get(f"{m}_random", (np.nan,) * 3)))
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    w = 0.8 / len(bars)
-    for i, (name, get) in enumerate(bars):
-        vals = np.array([get(m) for m in METRICS], dtype=float)  # (metrics, 3): mean, lo, hi
-        err = np.abs(vals[:, 1:].T - vals[:, 0])
-        ax.bar(np.arange(len(METRICS)) + (i - (len(bars) - 1) / 2) * w, vals[:, 0], w, yerr=err, capsize=2,
-               label=name)
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xticks(range(len(METRICS)), ["Rec2FTP", "SimAOU", "SimAM", "Kendall"])
-    ax.set_title(f"{title} · seeds {summary['seeds']}", fontsize=9)
-    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.1)
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def summary_table(summary: dict) -> list[dict]:
-    """Like ``calibration_table``, with mean [95% CI] over seeds."""
-    def f(v):
-        return f"{v[0]:.3f}" if v[1] == v[2] else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
-
-    return [{"model": name, **{m: f(c[m]) for m in METRICS}, "SimAM rand": f(c["simam_random"]),
-             "Kendall rand": f(c["kendall_random"])} for name, c in summary["calibration"].items()]
-
-
-def write_outputs(r: dict, out) -> None:
-    """results.json and three PNGs: training loss vs the GD losses; trained vs GD sensitivities; calibration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from iclgd.io import atomic_write_json, ensure_dir, library_versions
+def write(r: dict, out) -> None:
+    """results.json (without the sensitivity arrays, which only the plots use)."""
+    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
 
     out = ensure_dir(out)
     atomic_write_json(out / "results.json", {**{k: v for k, v in r.items() if k not in ("_sens",)},
                                              "versions": library_versions()})
-    L = r["config"]["layers"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    c = np.asarray(r["train_curve"])
-    w = max(1, len(c) // 50)
-    ax.plot(np.convolve(c, np.ones(w) / w, mode="valid"), label="trained model (train loss, smoothed)")
-    for key, style in (("gd_1step", "--"), (f"gd_{L}steps", ":"), (f"gdpp_{L}steps", "-.")):
-        ax.axhline(r["loss"][key] / 2, ls=style, color="k", lw=0.8, label=f"{key} (eval)")
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("½ squared error")
-    ax.set_title(f"in-context linear regression: {r['config']['model']}", fontsize=9), ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
-    s_tr, s_gd = r["_sens"]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.scatter(s_gd.flatten()[:4000], s_tr.flatten()[:4000], s=2, alpha=0.4)
-    lim = float(np.abs(s_gd).max())
-    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
-    ax.set_xlabel(f"∂ŷ/∂x_q, {L}-step GD"), ax.set_ylabel("∂ŷ/∂x_q, trained model")
-    ax.set_title(f"sensitivities, cos {r['trained_vs_gd']['sensitivity_cos']:.4f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "sensitivities.png", dpi=110)
-    plt.close(fig)
-    plot_calibration(summarize_seeds([r]), out / "calibration.png", r["config"]["model"])
 
 
 def write_seeds(runs: list[dict], summary: dict, out) -> None:
-    """Several seeds: each seed's outputs in ``out/seed-S/``, then ``summary`` (from ``summarize_seeds(runs)``)
-    as summary.json and calibration.png."""
-    from iclgd.io import atomic_write_json, ensure_dir, library_versions
+    """Several seeds: each seed's results in ``out/seed-S/``, then ``summary`` (from ``summarize_seeds(runs)``)
+    as summary.json."""
+    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
 
     out = ensure_dir(out)
     for r in runs:
-        write_outputs(r, out / f"seed-{r['config']['seed']}")
+        write(r, out / f"seed-{r['config']['seed']}")
     config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
     atomic_write_json(out / "summary.json", {"config": config, **summary, "versions": library_versions()})
-    plot_calibration(summary, out / "calibration.png", config["model"])

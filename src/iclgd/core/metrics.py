@@ -8,6 +8,9 @@ the tests' hand-built cases.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 from scipy import stats
 
@@ -133,3 +136,96 @@ def bootstrap_ci(values, n_boot: int = 10_000, level: float = 0.95, seed: int = 
     res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
                           random_state=np.random.default_rng(seed))
     return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number of a compare result: where it lies, what computes it, its controls and the paper's value.
+
+    Every metric aggregates over seeds the same way (mean with a 95% percentile bootstrap CI,
+    :func:`aggregate`); per layer it is the mean over layers of the ``per_layer`` list beside ``path``.
+    """
+
+    path: tuple[str, ...]  # keys into a compare seed's result, down to the overall value
+    function: Callable | None = None  # the pure function above that computes it (None: an accuracy)
+    baselines: tuple[str, ...] = ()  # the registry names of its controls
+    csv_layers: str | None = None  # name of its per-layer rows in results.csv (None: overall only)
+    # Dai et al. (2022) as summarised in shared/docs/paper-notes.md: the averages for the 1.3B and 2.7B
+    # models, the row's label, how ours is written beside them (a str.format over registry names, each
+    # the mean over tasks of the mean over seeds), and why ours can be undefined
+    paper: tuple[str, str] | None = None
+    label: str = ""
+    ours: str = ""
+    undefined: str = ""
+
+
+METRICS: dict[str, Metric] = {
+    "acc_zsl": Metric(("acc", "zsl")),
+    "acc_ft": Metric(("acc", "ft")),
+    "acc_icl": Metric(("acc", "icl")),
+    "rec2ftp": Metric(("rec2ftp", "value"), rec2ftp, paper=("85.56%", "89.39%"), label="Rec2FTP",
+                      ours="{rec2ftp:.2%}", undefined="FT fixed no ZSL error on some task"),
+    "simaou": Metric(("simaou", "overall"), simaou_per_layer, ("simaou_random_uniform", "simaou_random_gaussian"),
+                     csv_layers="simaou", paper=("0.186 (random ≈ 0)", "0.225"), label="SimAOU",
+                     ours="{simaou:.3f} (random {simaou_random_uniform:.3f})"),
+    "simaou_random_uniform": Metric(("simaou", "baseline_uniform", "overall"), simaou_uniform_baseline),
+    "simaou_random_gaussian": Metric(("simaou", "baseline_gaussian", "overall"), simaou_gaussian_baseline),
+    "simam_ft": Metric(("simam", "icl_ft", "overall"), simam_per_layer, ("simam_zsl",), csv_layers="simam_icl_ft",
+                       paper=("0.442 vs 0.338", "0.434 vs 0.355"), label="SimAM (after FT) vs ZSL SimAM",
+                       ours="{simam_ft:.3f} vs {simam_zsl:.3f}"),
+    "simam_zsl": Metric(("simam", "icl_zsl", "overall"), simam_per_layer),
+    "simam_delta": Metric(("simam", "delta", "overall"), simam_delta_per_layer),
+    "kendall_token": Metric(("kendall", "token_qq", "overall"), kendall_per_layer, ("kendall_random",),
+                            csv_layers="kendall_token_qq", paper=("0.193 (random ≈ 0)", "0.214"), label="Kendall",
+                            ours="{kendall_token:.3f} (random {kendall_random:.3f})"),
+    "kendall_token_keys": Metric(("kendall", "token_qk", "overall"), kendall_per_layer),
+    "kendall_example": Metric(("kendall", "example_qq", "overall"), kendall_per_layer),
+    "kendall_random": Metric(("kendall", "random_token", "overall"), kendall_random_baseline),
+}
+
+
+def _at(result: dict, path: tuple[str, ...]):
+    for key in path:
+        result = result[key]
+    return result
+
+
+def scalar(result: dict, name: str) -> float:
+    """The overall value of metric ``name`` in one seed's compare result."""
+    return float(_at(result, METRICS[name].path))
+
+
+def per_layer_of(result: dict, name: str) -> list[float]:
+    return _at(result, METRICS[name].path[:-1])["per_layer"]
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Mean and 95% bootstrap CI over seeds of every registered metric."""
+    out = {}
+    for name in METRICS:
+        mean, lo, hi = bootstrap_ci([scalar(r, name) for r in results])
+        out[name] = {"mean": mean, "ci95": [lo, hi], "n_seeds": len(results)}
+    return out
+
+
+def fmt_ci(mean: float, lo: float, hi: float, several: bool, pct: bool = False, sep: str = ", ") -> str:
+    """"m" for one seed, "m [lo, hi]" for several; ``pct``: fractions shown as percentages, one decimal."""
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(mean)} [{f(lo)}{sep}{f(hi)}]" if several else f(mean)
+
+
+def fmt_mean_ci(values, pct: bool = False) -> str:
+    """Mean over seeds with its 95% bootstrap CI when there are several ("n/a" when all are NaN)."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        return "n/a"
+    return fmt_ci(*bootstrap_ci(vals), several=len(vals) > 1, pct=pct)
+
+
+def fmt_aggregate(agg: dict, name: str) -> str:
+    """One metric of :func:`aggregate`'s output as a table cell."""
+    a = agg[name]
+    return fmt_ci(a["mean"], *a["ci95"], several=a["n_seeds"] > 1, sep=",")

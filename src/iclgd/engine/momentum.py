@@ -18,7 +18,8 @@ import math
 import torch
 from torch import nn
 
-from iclgd.errors import IclgdError
+from iclgd.core.errors import IclgdError
+from iclgd.core.models import momentum_families, repeat_kv
 
 ATTN_NAME = "iclgd_momentum"
 CHUNK = 64
@@ -82,7 +83,7 @@ def momentum_attention_forward(module: nn.Module, query, key, value, attention_m
     if valid is not None:
         v = v * valid[:, None, :, None].to(v.dtype)
     if H != Hkv:
-        v = v.repeat_interleave(H // Hkv, dim=1)
+        v = repeat_kv(v, H // Hkv, dim=1)
     log_eta = module_log_eta(module, H, v)
     ema = ema_before(v, log_eta)[:, :, S - Tq:]  # queries are the last Tq of the S key positions
     return out + ema.transpose(1, 2).to(out.dtype), weights
@@ -116,13 +117,13 @@ def check_eta(eta: float) -> float:
 def enable_momentum(lm, eta: float = 0.9, learnable: bool = False) -> None:
     """Switch every attention layer of a loaded model to momentum attention (in place).
 
-    ``lm``: a :class:`iclgd.models.LoadedModel`. With ``learnable`` each layer gets a parameter θ (one
+    ``lm``: a :class:`iclgd.core.models.LoadedModel`. With ``learnable`` each layer gets a parameter θ (one
     per head) initialised so that sigmoid(θ) = eta.
     """
     check_eta(eta)
-    if not lm.layout.attention_interface:
+    if not lm.layout.momentum:
         raise IclgdError(f"model type {lm.model_type!r} does not call transformers' AttentionInterface; "
-                         "momentum attention supports gpt2, opt, llama, gpt_neox, qwen2")
+                         f"momentum attention supports {', '.join(momentum_families())}")
     _register()
     H = lm.head_counts()[0]
     for l in range(lm.n_layers):

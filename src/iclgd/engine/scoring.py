@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from iclgd.errors import IclgdError
-from iclgd.models import LoadedModel
-from iclgd.tasks import TaskData, TaskSpec, sample_demos
-
-if TYPE_CHECKING:
-    from iclgd.capture import Observer
+from iclgd.core.errors import IclgdError
+from iclgd.core.hooks import Recorder
+from iclgd.core.models import LoadedModel
+from iclgd.core.tasks import TaskData, TaskSpec, sample_demos
+from iclgd.engine.capture import Observer
 
 DEFAULT_SEPARATOR = "\n"  # the paper's fairseq code ends each demonstration with </s>; see README
 
@@ -107,17 +105,15 @@ def _cache_for(prefix_kv, n_rows: int):
 
 def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_prefix: bool = True,
                   progress: bool | str = False, example_ids: list[int] | None = None,
-                  observer: "Observer | None" = None) -> np.ndarray:
+                  observer: Observer | None = None) -> np.ndarray:
     """Mean log-probability of every option's tokens after each prompt, shape (n_examples, n_options).
 
     With ``reuse_prefix`` the prefix is encoded once and its KV cache expanded over each batch of
     (example, option) rows; without, every row re-encodes prefix + query + option (the reference).
     Rows are right-padded, so padding never precedes a real token and positions need no correction.
-    With an ``observer`` (:class:`iclgd.capture.Observer`), the same forward passes also record, per
+    With an ``observer`` (:class:`iclgd.engine.capture.Observer`), the same forward passes also record, per
     example, what the ICL-vs-FT metrics need at the prediction position.
     """
-    from iclgd.capture import Recorder
-
     if observer is not None and not reuse_prefix:
         raise ValueError("captures are taken on the prefix-reuse path only")
     model = lm.model

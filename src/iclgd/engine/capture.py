@@ -1,12 +1,8 @@
-"""Named hooks that read what the metrics need, without editing model code (TransformerLens-style).
+"""Captures taken in the same forward passes as the predictions: what the ICL-vs-FT metrics need.
 
-Hook points, per layer ``l``:
-  ``attn_in.{l}``  forward hook on the attention's input norm: the attention input (B, T, d_model)
-  ``attn_out.{l}`` forward hook on the output projection: the attention output after it, before the
-                   residual and dropout (B, T, d_model)
-Queries and keys are rebuilt from ``attn_in`` with the adapter's projections and the model's own rotary
-module (:func:`iclgd.dual.qkv_all`, checked against the model's attention output in the dual-form tests),
-so one mechanism serves every architecture, those that call ``AttentionInterface`` and those that don't.
+The tensors come from the hook points of :mod:`iclgd.core.hooks` (``attn_in`` and ``attn_out``); queries
+and keys are rebuilt from ``attn_in`` with the adapter (:func:`iclgd.core.models.qkv`, checked against the
+model's attention output in the dual-form tests).
 """
 
 from __future__ import annotations
@@ -16,40 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from iclgd.dual import qkv_all
-from iclgd.models import LoadedModel, get_path
-
-HOOK_POINTS = ("attn_in", "attn_out")
-
-
-class Recorder:
-    """Context manager: while active, ``self.acts['attn_in.3']`` etc. hold the last forward's tensors."""
-
-    def __init__(self, lm: LoadedModel, points=HOOK_POINTS, detach: bool = True):
-        self.lm, self.points, self.detach = lm, points, detach
-        self.acts: dict[str, torch.Tensor] = {}
-        self._handles = []
-
-    def _keep(self, name):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            self.acts[name] = out.detach() if self.detach else out
-
-        return hook
-
-    def __enter__(self):
-        for l in range(self.lm.n_layers):
-            if "attn_in" in self.points:
-                self._handles.append(self.lm.attention_norm(l).register_forward_hook(self._keep(f"attn_in.{l}")))
-            if "attn_out" in self.points:
-                o = get_path(self.lm.attention(l), self.lm.layout.o)
-                self._handles.append(o.register_forward_hook(self._keep(f"attn_out.{l}")))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+from iclgd.core.hooks import Recorder
+from iclgd.core.models import LoadedModel, qkv, repeat_kv
 
 
 @dataclass
@@ -64,7 +28,7 @@ class Observation:
 
 @dataclass
 class Observer:
-    """Collects an :class:`Observation` per example during :func:`iclgd.runs.score_options`.
+    """Collects an :class:`Observation` per example during :func:`iclgd.engine.scoring.score_options`.
 
     ``demo_positions``: indices into the prefix of the demonstration tokens (BOS and separators excluded).
     ``position``: "last" = the last prompt token (whose logits decide); "label-token" = the first token
@@ -80,7 +44,7 @@ class Observer:
     def set_prefix(self, rec: Recorder, P: int) -> None:
         """Keys of the prefix tokens per layer (H_kv, P, d_head), from the prefix pass."""
         pos = torch.arange(P)
-        self._k_prefix = [qkv_all(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)[1] for l in range(self.lm.n_layers)]
+        self._k_prefix = [qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)[1] for l in range(self.lm.n_layers)]
 
     def take(self, rec: Recorder, example: int, row: int, pos: int, n_query: int, P: int) -> None:
         """Read example ``example`` from batch row ``row`` at in-row index ``pos``; the row starts at
@@ -90,14 +54,14 @@ class Observer:
         dpos = torch.tensor(self.demo_positions, dtype=torch.long)
         for l in range(self.lm.n_layers):
             x = rec.acts[f"attn_in.{l}"][row, : pos + 1]
-            q, k, _, scale = qkv_all(self.lm, l, x, positions)
+            q, k, _, scale = qkv(self.lm, l, x, positions)
             H, Hkv = q.shape[0], k.shape[0]
             q_pred = q[:, pos]  # (H, hd)
-            k_query = k[:, :n_query].repeat_interleave(H // Hkv, dim=0)  # (H, Tq, hd)
+            k_query = repeat_kv(k[:, :n_query], H // Hkv, dim=0)  # (H, Tq, hd)
             ss.append((torch.einsum("hd,htd->ht", q_pred, k_query) * scale).double().cpu().numpy())
             qs.append(q_pred.double().cpu().numpy())
             hs.append(rec.acts[f"attn_out.{l}"][row, pos].double().cpu().numpy())
             if len(dpos):
-                kp = self._k_prefix[l][:, dpos].repeat_interleave(H // Hkv, dim=0)  # (H, n_demo_tok, hd)
+                kp = repeat_kv(self._k_prefix[l][:, dpos], H // Hkv, dim=0)  # (H, n_demo_tok, hd)
                 ds.append((torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().cpu().numpy())
         self.obs[example] = Observation(np.stack(hs), np.stack(ss), np.stack(qs), np.stack(ds) if ds else None)

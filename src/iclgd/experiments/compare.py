@@ -2,8 +2,8 @@
 
 For one model, task and seed: a ZSL run, an ICL run and, after K/V finetuning on the ICL prompt's
 demonstrations, a ZSL run of the finetuned model ("FT"). The captures the metrics need come from the
-same forward passes that produce the predictions (:mod:`iclgd.capture`). The metrics are the pure
-functions of :mod:`iclgd.metrics`.
+same forward passes that produce the predictions (:mod:`iclgd.engine.capture`). The metrics are the pure
+functions of :mod:`iclgd.core.metrics`.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from iclgd import metrics as M
-from iclgd.capture import Observer
-from iclgd.errors import IclgdError
-from iclgd.finetune import Snapshot, finetune
-from iclgd.models import LoadedModel
-from iclgd.runs import build_prompts, score_options
-from iclgd.tasks import TaskData, sample_demos
+from iclgd.core import metrics as M
+from iclgd.core.errors import IclgdError
+from iclgd.core.models import LoadedModel, repeat_kv
+from iclgd.core.tasks import TaskData, sample_demos
+from iclgd.engine.capture import Observer
+from iclgd.engine.finetune import FTRecord, Snapshot, finetune
+from iclgd.engine.scoring import Prompts, build_prompts, score_options
 
-# Per-task learning rates of the paper's K/V finetuning (GiilDe/ft-vs-icl configs for the 1.3B model,
-# probably Dai et al. App. B). Not tuned for other models: use --lr-search to pick one on held-out train data.
-TASK_LR = {"sst2": 5e-4, "sst5": 1.6e-4, "mr": 3e-3, "subj": 3e-3, "agnews": 0.2, "cb": 0.08}
+# The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
+# rates (GiilDe/ft-vs-icl configs for the 1.3B model, probably Dai et al. App. B) in their JSON files; they
+# are not tuned for other models: use --lr-search to pick one on held-out train data.
 DEFAULT_LR = 1e-3
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -31,7 +31,7 @@ LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 @dataclass
 class CompareConfig:
     k: int = 32
-    lr: float | None = None  # None: TASK_LR[task]
+    lr: float | None = None  # None: the task spec's lr, else DEFAULT_LR
     lr_search: bool = False
     lr_grid: tuple[float, ...] = LR_GRID
     lr_holdout: int = 64  # train examples (disjoint from the demonstrations) that judge the grid
@@ -60,9 +60,8 @@ def _stats(per_layer: np.ndarray) -> dict:
 
 def _choose_lr(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, demos: list[dict],
                demo_ids: list[list[int]]) -> tuple[float, dict | None]:
-    task = data.spec.name
     if not cfg.lr_search:
-        lr = cfg.lr if cfg.lr is not None else TASK_LR.get(task, DEFAULT_LR)
+        lr = cfg.lr if cfg.lr is not None else data.spec.lr if data.spec.lr is not None else DEFAULT_LR
         return lr, None
     used = {id(d) for d in demos}
     order = np.random.default_rng(seed).permutation(len(data.demo_pool))
@@ -87,30 +86,38 @@ def _choose_lr(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, d
     return best["lr"], {"grid": grid, "holdout_n": len(held), "holdout_source": "train split, outside the demos"}
 
 
+class _Laps:
+    """Wall time of each phase, in seconds since the previous one."""
+
+    def __init__(self):
+        self.phases, self._t = {}, time.perf_counter()
+
+    def __call__(self, key: str) -> None:
+        now = time.perf_counter()
+        self.phases[key] = round(now - self._t, 3)
+        self._t = now
+
+
+def _observed(lm: LoadedModel, prompts: Prompts, cfg: CompareConfig, demo_positions: list[int], progress
+              ) -> tuple[np.ndarray, Observer]:
+    """Option log-probs (n_examples, n_options) and the captures of the same forward passes."""
+    obs = Observer(lm, demo_positions, cfg.position)
+    return score_options(lm, prompts, cfg.batch_size, progress=progress, observer=obs), obs
+
+
 def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, progress: bool = True
                  ) -> tuple[dict, list[dict], dict]:
     """One (model, task, seed): returns (result, per-example records, phase timings in seconds)."""
     spec = data.spec
-    C = len(spec.label_words)
-    t = {"start": time.perf_counter()}
-    demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, C)
+    demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
     icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
     zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len)
     demo_positions = [i for a, b in icl.demo_spans for i in range(a, b)]
     demo_ids = [icl.prefix_ids[a:b] for a, b in icl.demo_spans]
-    name = f"{spec.name} s{seed}"
-    phases = {}
-
-    def lap(key):
-        now = time.perf_counter()
-        phases[key] = round(now - t["start"], 3)
-        t["start"] = now
-
-    obs_z = Observer(lm, [], cfg.position)
-    lp_z = score_options(lm, zsl, cfg.batch_size, progress=progress and f"{name} ZSL", observer=obs_z)
+    name, lap = f"{spec.name} s{seed}", _Laps()
+    lp_z, obs_z = _observed(lm, zsl, cfg, [], progress and f"{name} ZSL")
     lap("zsl")
-    obs_i = Observer(lm, demo_positions, cfg.position)
-    lp_i = score_options(lm, icl, cfg.batch_size, progress=progress and f"{name} ICL", observer=obs_i)
+    lp_i, obs_i = _observed(lm, icl, cfg, demo_positions, progress and f"{name} ICL")
     lap("icl")
     lr, search = _choose_lr(lm, data, cfg, seed, icl.demos, demo_ids)
     lap("lr_search")
@@ -118,34 +125,62 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     try:
         ft = finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode)
         lap("ft")
-        obs_f = Observer(lm, [], cfg.position)
-        lp_f = score_options(lm, zsl, cfg.batch_size, progress=progress and f"{name} FT", observer=obs_f)
+        lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT")
         lap("ft_zsl")
     finally:
         snap.restore()
-
     labels = np.array(icl.labels)
-    pz, pi, pf = lp_z.argmax(1), lp_i.argmax(1), lp_f.argmax(1)
-    N = len(labels)
-    ex = range(N)
-    Hz, Hi, Hf = (np.stack([o.obs[j].h for j in ex]) for o in (obs_z, obs_i, obs_f))
-    Sz, Si, Sf = ([o.obs[j].s_query for j in ex] for o in (obs_z, obs_i, obs_f))
-    r2f, den = M.rec2ftp(pz == labels, pf == labels, pi == labels)
+    kendall = _kendall(icl, obs_i, obs_f, ft, min(cfg.kendall_n, len(labels)), seed)
+    lap("metrics")
+    result = {"seed": seed, "n": len(labels), "k_true": icl.k_true, "demo_idx": [d.get("idx") for d in icl.demos],
+              "position": cfg.position, "lr": lr, "lr_search": search, "ft_losses": [round(x, 6) for x in ft.losses],
+              **_outcomes(labels, (lp_z, lp_i, lp_f), len(spec.label_words)),
+              **_similarities((obs_z, obs_i, obs_f), len(labels), seed), "kendall": kendall}
+    records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "label": int(labels[j]),
+                **{f"{s}_pred": int(lp[j].argmax()) for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
+                **{f"{s}_logprobs": [round(float(x), 6) for x in lp[j]] for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))}}
+               for j in range(len(labels))]
+    return result, records, lap.phases
 
-    # Kendall: ICL attention over demonstration tokens vs FT attention over the same (training) tokens
-    nk = min(cfg.kendall_n, N)
+
+SETTINGS = ("zsl", "icl", "ft")
+
+
+def _outcomes(labels: np.ndarray, logprobs: tuple[np.ndarray, ...], C: int) -> dict:
+    """Accuracy and predictions per class of ZSL, ICL and FT, and Rec2FTP."""
+    pz, pi, pf = (lp.argmax(1) for lp in logprobs)
+    r2f, den = M.rec2ftp(pz == labels, pf == labels, pi == labels)
+    return {"acc": {"zsl": float((pz == labels).mean()), "icl": float((pi == labels).mean()),
+                    "ft": float((pf == labels).mean()), "majority": float(np.bincount(labels).max() / len(labels))},
+            "pred_counts": {s: np.bincount(p, minlength=C).tolist() for s, p in zip(SETTINGS, (pz, pi, pf))},
+            "rec2ftp": {"value": r2f, "denominator": den}}
+
+
+def _similarities(observers: tuple[Observer, ...], N: int, seed: int) -> dict:
+    """SimAOU and SimAM per layer, with their baselines."""
+    Hz, Hi, Hf = (np.stack([o.obs[j].h for j in range(N)]) for o in observers)
+    Sz, Si, Sf = ([o.obs[j].s_query for j in range(N)] for o in observers)
+    return {"simaou": {**_stats(M.simaou_per_layer(Hz, Hi, Hf)),
+                       "baseline_uniform": _stats(M.simaou_uniform_baseline(Hz, Hi, seed)),
+                       "baseline_gaussian": _stats(M.simaou_gaussian_baseline(Hz, Hi, seed))},
+            "simam": {"icl_ft": _stats(M.simam_per_layer(Si, Sf)), "icl_zsl": _stats(M.simam_per_layer(Si, Sz)),
+                      "delta": _stats(M.simam_delta_per_layer(Sz, Si, Sf))}}
+
+
+def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: int, seed: int) -> dict:
+    """ICL attention over the demonstration tokens vs FT attention over the same (training) tokens, for the
+    first ``nk`` test examples: token and example level, FT keyed by q·q (official) and by q·k (dual form)."""
     Q, K = ft.train_queries(), ft.train_keys()  # (L, T_train, H or H_kv, hd)
-    if Q.shape[1] != len(demo_positions):
+    if Q.shape[1] != sum(b - a for a, b in icl.demo_spans):
         raise AssertionError("training tokens and demonstration tokens are misaligned")
-    group = Q.shape[2] // K.shape[2]
-    K = np.repeat(K, group, axis=2)
+    K = repeat_kv(K, Q.shape[2] // K.shape[2], dim=2)
     lengths = [b - a for a, b in icl.demo_spans]
     spans = list(zip(np.cumsum([0] + lengths[:-1]), np.cumsum(lengths)))
     icl_tok = [M.softmax(obs_i.obs[j].s_demo) for j in range(nk)]
     ft_qq = [M.softmax(np.einsum("lhd,lthd->lt", obs_f.obs[j].q, Q)) for j in range(nk)]
     ft_qk = [M.softmax(np.einsum("lhd,lthd->lt", obs_f.obs[j].q, K)) for j in range(nk)]
     per_demo = lambda xs: [M.sum_per_span(x, spans) for x in xs]  # noqa: E731
-    kendall = {
+    return {
         "token_qq": _stats(M.kendall_per_layer(icl_tok, ft_qq)),
         "token_qk": _stats(M.kendall_per_layer(icl_tok, ft_qk)),
         "example_qq": _stats(M.kendall_per_layer(per_demo(icl_tok), per_demo(ft_qq))),
@@ -154,62 +189,6 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
         "random_example": _stats(M.kendall_random_baseline(per_demo(icl_tok), seed)),
         "n_examples": nk,
     }
-    lap("metrics")
-    result = {
-        "seed": seed,
-        "n": N,
-        "k_true": icl.k_true,
-        "demo_idx": [d.get("idx") for d in icl.demos],
-        "position": cfg.position,
-        "lr": lr,
-        "lr_search": search,
-        "ft_losses": [round(x, 6) for x in ft.losses],
-        "acc": {"zsl": float((pz == labels).mean()), "icl": float((pi == labels).mean()),
-                "ft": float((pf == labels).mean()), "majority": float(np.bincount(labels).max() / N)},
-        "pred_counts": {"zsl": np.bincount(pz, minlength=C).tolist(), "icl": np.bincount(pi, minlength=C).tolist(),
-                        "ft": np.bincount(pf, minlength=C).tolist()},
-        "rec2ftp": {"value": r2f, "denominator": den},
-        "simaou": {**_stats(M.simaou_per_layer(Hz, Hi, Hf)),
-                   "baseline_uniform": _stats(M.simaou_uniform_baseline(Hz, Hi, seed)),
-                   "baseline_gaussian": _stats(M.simaou_gaussian_baseline(Hz, Hi, seed))},
-        "simam": {"icl_ft": _stats(M.simam_per_layer(Si, Sf)), "icl_zsl": _stats(M.simam_per_layer(Si, Sz)),
-                  "delta": _stats(M.simam_delta_per_layer(Sz, Si, Sf))},
-        "kendall": kendall,
-    }
-    records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "label": int(labels[j]), "zsl_pred": int(pz[j]),
-                "icl_pred": int(pi[j]), "ft_pred": int(pf[j]),
-                "zsl_logprobs": [round(float(x), 6) for x in lp_z[j]],
-                "icl_logprobs": [round(float(x), 6) for x in lp_i[j]],
-                "ft_logprobs": [round(float(x), 6) for x in lp_f[j]]} for j in ex]
-    return result, records, phases
-
-
-SCALARS = {
-    "acc_zsl": ("acc", "zsl"), "acc_ft": ("acc", "ft"), "acc_icl": ("acc", "icl"),
-    "rec2ftp": ("rec2ftp", "value"),
-    "simaou": ("simaou", "overall"), "simaou_random_uniform": ("simaou", "baseline_uniform", "overall"),
-    "simaou_random_gaussian": ("simaou", "baseline_gaussian", "overall"),
-    "simam_ft": ("simam", "icl_ft", "overall"), "simam_zsl": ("simam", "icl_zsl", "overall"),
-    "simam_delta": ("simam", "delta", "overall"),
-    "kendall_token": ("kendall", "token_qq", "overall"), "kendall_token_keys": ("kendall", "token_qk", "overall"),
-    "kendall_example": ("kendall", "example_qq", "overall"), "kendall_random": ("kendall", "random_token", "overall"),
-}
-
-
-def scalar(result: dict, name: str) -> float:
-    v = result
-    for key in SCALARS[name]:
-        v = v[key]
-    return float(v)
-
-
-def aggregate(results: list[dict]) -> dict:
-    """Mean and 95% bootstrap CI over seeds of every scalar metric."""
-    out = {}
-    for name in SCALARS:
-        mean, lo, hi = M.bootstrap_ci([scalar(r, name) for r in results])
-        out[name] = {"mean": mean, "ci95": [lo, hi], "n_seeds": len(results)}
-    return out
 
 
 def config_dict(cfg: CompareConfig) -> dict:
@@ -220,15 +199,15 @@ def config_dict(cfg: CompareConfig) -> dict:
 
 def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_test: int | None = None,
                 untrained: bool = False, data_dir=None, out=None, dtype: str = "float32", device: str = "cpu",
-                task_spec=None, progress: bool = True) -> list[dict]:
-    """Every task × seed (and the untrained control); write results per task; return table rows."""
+                task_spec=None, progress: bool = True) -> tuple[list[dict], list]:
+    """Every task × seed (and the untrained control); write results per task; return the table rows and the
+    results.json files written."""
     from pathlib import Path
 
-    from iclgd.finetune import reinit_untrained
-    from iclgd.io import atomic_write_json, atomic_write_jsonl, ensure_dir, library_versions
-    from iclgd.models import load_model
-    from iclgd.report import plot_compare
-    from iclgd.tasks import load_tasks
+    from iclgd.core.io import atomic_write_json, atomic_write_jsonl, ensure_dir, library_versions
+    from iclgd.core.models import load_model
+    from iclgd.core.tasks import load_tasks
+    from iclgd.engine.finetune import reinit_untrained
 
     if not seeds:
         raise IclgdError("--seeds: expected a comma list of integers, e.g. 1,2,3")
@@ -240,7 +219,7 @@ def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_t
     if untrained:
         control_lm = load_model(model, dtype=dtype, device=device)
         reinit_untrained(control_lm, seed=0)
-    rows = []
+    rows, written = [], []
     for data in datas:
         t0 = time.time()
         results, records, phases = [], [], []
@@ -250,7 +229,7 @@ def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_t
         control = None
         if control_lm is not None:
             control = [compare_seed(control_lm, data, cfg, s, progress)[0] for s in seeds]
-        agg = aggregate(results)
+        agg = M.aggregate(results)
         doc = {
             "kind": "iclgd.compare",
             "config": {"model": model, "model_source": lm.source, "model_type": lm.model_type, "dtype": dtype,
@@ -264,36 +243,29 @@ def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_t
             "deviations": data.deviations,
             "seeds": results,
             "aggregate": agg,
-            "untrained": {"seeds": control, "aggregate": aggregate(control)} if control else None,
+            "untrained": {"seeds": control, "aggregate": M.aggregate(control)} if control else None,
             "timing": {"phases_s": phases, "wall_s": round(time.time() - t0, 1)},
         }
         rows.append(table_row(data.spec.name, agg, results))
         if control:
-            rows.append(table_row(f"{data.spec.name} [untrained]", aggregate(control), control))
+            rows.append(table_row(f"{data.spec.name} [untrained]", M.aggregate(control), control))
         if out is not None:
             d = Path(out) if len(datas) == 1 else Path(out) / data.spec.name
             atomic_write_json(d / "results.json", doc)
             atomic_write_jsonl(d / "records.jsonl", records)
-            plot_compare(results, d, f"{model} · {data.spec.name} · k={cfg.k} · {cfg.position}", control)
-    return rows
-
-
-def _fmt(agg: dict, name: str) -> str:
-    a = agg[name]
-    if a["n_seeds"] > 1:
-        return f"{a['mean']:.3f} [{a['ci95'][0]:.3f},{a['ci95'][1]:.3f}]"
-    return f"{a['mean']:.3f}"
+            written.append(d / "results.json")
+    return rows, written
 
 
 def table_row(task: str, agg: dict, results: list[dict]) -> dict:
     """The paper-style row: accuracies, Rec2FTP, each similarity beside its baseline."""
     return {
         "task": task,
-        "ZSL": _fmt(agg, "acc_zsl"), "FT": _fmt(agg, "acc_ft"), "ICL": _fmt(agg, "acc_icl"),
-        "Rec2FTP (den)": f"{_fmt(agg, 'rec2ftp')} ({sum(r['rec2ftp']['denominator'] for r in results)})",
-        "SimAOU | rand": f"{_fmt(agg, 'simaou')} | {_fmt(agg, 'simaou_random_uniform')}",
-        "SimAM | ZSL SimAM": f"{_fmt(agg, 'simam_ft')} | {_fmt(agg, 'simam_zsl')}",
-        "SimAM_Δ": _fmt(agg, "simam_delta"),
-        "Kendall | rand": f"{_fmt(agg, 'kendall_token')} | {_fmt(agg, 'kendall_random')}",
+        "ZSL": M.fmt_aggregate(agg, "acc_zsl"), "FT": M.fmt_aggregate(agg, "acc_ft"), "ICL": M.fmt_aggregate(agg, "acc_icl"),
+        "Rec2FTP (den)": f"{M.fmt_aggregate(agg, 'rec2ftp')} ({sum(r['rec2ftp']['denominator'] for r in results)})",
+        "SimAOU | rand": f"{M.fmt_aggregate(agg, 'simaou')} | {M.fmt_aggregate(agg, 'simaou_random_uniform')}",
+        "SimAM | ZSL SimAM": f"{M.fmt_aggregate(agg, 'simam_ft')} | {M.fmt_aggregate(agg, 'simam_zsl')}",
+        "SimAM_Δ": M.fmt_aggregate(agg, "simam_delta"),
+        "Kendall | rand": f"{M.fmt_aggregate(agg, 'kendall_token')} | {M.fmt_aggregate(agg, 'kendall_random')}",
         "k": results[0]["k_true"], "lr": results[0]["lr"],
     }

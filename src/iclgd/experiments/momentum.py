@@ -3,13 +3,12 @@ zero-training probe of adding the EMA to a pretrained model. Reports whatever co
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
 
-from iclgd import metrics as M
-from iclgd.errors import IclgdError
+from iclgd.core import metrics as M
+from iclgd.core.errors import IclgdError
 
 
 @torch.no_grad()
@@ -29,9 +28,18 @@ def compare_attention(corpus: str, seeds: list[int], eta: float, out: Path, size
                       lengths=(128, 256, 512), learnable_eta: bool = False, data_dir=None, progress: bool = True,
                       **train_kw) -> dict:
     """Train vanilla and momentum for each seed (resumable runs under out/<variant>-s<seed>), then compare."""
-    from iclgd.io import atomic_write_json, ensure_dir, library_versions
-    from iclgd.momentum import check_eta
-    from iclgd.train import SIZES, TrainConfig, encode, load_corpus, load_trained, perplexity, pretrain, train_tokenizer
+    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
+    from iclgd.engine.momentum import check_eta
+    from iclgd.engine.train import (
+        SIZES,
+        TrainConfig,
+        encode,
+        load_corpus,
+        load_trained,
+        perplexity,
+        pretrain,
+        train_tokenizer,
+    )
 
     check_eta(eta)
     if not seeds:
@@ -85,41 +93,18 @@ def compare_attention(corpus: str, seeds: list[int], eta: float, out: Path, size
            "note": "perplexity on the corpus' test split, non-overlapping windows of each length; copy_acc: "
                    "in-context copying of a random 32-token segment (chance ~ 1/vocab)"}
     atomic_write_json(out / "results.json", doc)
-    plot_curves(out, seeds)
     return doc
-
-
-def plot_curves(out: Path, seeds: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for i, variant in enumerate(("vanilla", "momentum")):
-        for j, sd in enumerate(seeds):
-            rows = [r for r in csv.DictReader(open(out / f"{variant}-s{sd}" / "log.csv")) if r["val_ppl"]]
-            ax.plot([int(r["step"]) for r in rows], [float(r["val_ppl"]) for r in rows], "o-", ms=3, color=f"C{i}",
-                    alpha=0.8, label=variant if j == 0 else None)
-    ax.set_xlabel("step"), ax.set_ylabel("validation perplexity"), ax.set_yscale("log")
-    ax.set_title("vanilla vs momentum attention (one line per seed)", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out / ".val_curves.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out / "val_curves.png")
 
 
 def apply_pretrained(model: str, eta: float, corpus: str = "austen", tasks: str = "sst2", n_test: int = 50, k: int = 8,
                      max_tokens: int = 16384, lengths=(128, 256, 512), data_dir=None, out=None) -> dict:
     """The EMA added to a pretrained model without training: perplexity and ICL accuracy, vanilla vs momentum."""
-    from iclgd.io import atomic_write_json, library_versions
-    from iclgd.models import load_model
-    from iclgd.momentum import check_eta, enable_momentum
-    from iclgd.runs import EvalConfig, evaluate
-    from iclgd.tasks import load_tasks
-    from iclgd.train import encode, load_corpus, perplexity
+    from iclgd.core.io import atomic_write_json, library_versions
+    from iclgd.core.models import load_model
+    from iclgd.core.tasks import load_tasks
+    from iclgd.engine.momentum import check_eta, enable_momentum
+    from iclgd.engine.scoring import EvalConfig, evaluate
+    from iclgd.engine.train import encode, load_corpus, perplexity
 
     check_eta(eta)
     corp = load_corpus(corpus, data_dir)

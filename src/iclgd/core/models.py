@@ -1,28 +1,37 @@
 """Model registry, the adapter table, and offline loading.
 
 The adapter table (:data:`ADAPTERS`) is the only place in iclgd that knows model families: where a
-model's blocks, their self-attention module, its input norm and its q/k/v/o projections live, and how
-a fused projection is laid out. Everything else asks it.
+model's blocks, their self-attention module, its input norm and its q/k/v/o projections live, how a
+fused projection is laid out (and so which of its entries are keys and values), where the rotary
+module is and how it is applied, whether scores are scaled, which attention implementation the
+family needs and whether momentum attention can replace it. Everything else asks it: adding a model
+family is one entry here plus its tiny config in :func:`tiny_configs`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from iclgd.errors import IclgdError
+from iclgd.core.errors import IclgdError
 
 # ----------------------------------------------------------------------------- adapter table
 
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Where attention lives in one architecture (dotted attribute paths)."""
+    """Where attention lives in one architecture (dotted attribute paths), and how it computes.
+
+    None of the supported families normalises q or k per head (as Qwen3 or OLMo-2 do); such a family
+    needs q/k-norm fields here and their use in :func:`qkv`.
+    """
 
     blocks: str  # the ModuleList of transformer blocks, from the *ForCausalLM root
     attn: str  # the self-attention module inside a block
@@ -34,9 +43,20 @@ class AttentionLayout:
     fused: str | None = None  # ... or one fused projection, laid out as ``fused_kind``
     fused_kind: str | None = None  # "gpt2_conv1d": Conv1D [q|k|v] columns; "neox": rows (head, 3, head_dim)
     final_norm: str = ""  # the norm before the unembedding, from the root
-    rotary: bool = False
+    rotary: str | None = None  # the model's rotary-embedding module, from the root (None: no rotary) ...
+    rotary_apply: str = "apply_rotary_pos_emb"  # ... applied by this function of the family's modeling module
     scaled: bool = True  # GPT-Neo famously does not divide scores by sqrt(head_dim)
     attention_interface: bool = True  # calls ALL_ATTENTION_FUNCTIONS (else: module hooks only)
+
+    @property
+    def attn_implementation(self) -> str:
+        """SDPA where the family calls transformers' AttentionInterface; its own eager code otherwise."""
+        return "sdpa" if self.attention_interface else "eager"
+
+    @property
+    def momentum(self) -> bool:
+        """Momentum attention registers through AttentionInterface, so the family must call it."""
+        return self.attention_interface
 
 
 ADAPTERS: dict[str, AttentionLayout] = {
@@ -49,13 +69,25 @@ ADAPTERS: dict[str, AttentionLayout] = {
     "xglm": AttentionLayout("model.layers", "self_attn", "self_attn_layer_norm", "q_proj", "k_proj", "v_proj",
                             "out_proj", final_norm="model.layer_norm", attention_interface=False),
     "llama": AttentionLayout("model.layers", "self_attn", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                             final_norm="model.norm", rotary=True),
+                             final_norm="model.norm", rotary="model.rotary_emb"),
     "qwen2": AttentionLayout("model.layers", "self_attn", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                             final_norm="model.norm", rotary=True),
+                             final_norm="model.norm", rotary="model.rotary_emb"),
     "gpt_neox": AttentionLayout("gpt_neox.layers", "attention", "input_layernorm", None, None, None, "dense",
                                 fused="query_key_value", fused_kind="neox", final_norm="gpt_neox.final_layer_norm",
-                                rotary=True),
+                                rotary="gpt_neox.rotary_emb"),
 }
+
+
+def momentum_families() -> list[str]:
+    return sorted(t for t, lay in ADAPTERS.items() if lay.momentum)
+
+
+def repeat_kv(x, n_rep: int, dim: int):
+    """Grouped-query attention: key/value head j serves query heads j·n_rep … (j+1)·n_rep − 1, so each
+    KV head is repeated ``n_rep`` times along ``dim`` (a torch tensor or a numpy array)."""
+    if isinstance(x, np.ndarray):
+        return np.repeat(x, n_rep, axis=dim)
+    return x.repeat_interleave(n_rep, dim=dim)
 
 
 def adapter_for(model_type: str) -> AttentionLayout:
@@ -155,30 +187,100 @@ class LoadedModel:
         head_dim = getattr(c, "head_dim", None) or hidden // n_heads
         return int(n_heads), int(n_kv), int(head_dim)
 
+    def o_proj(self, layer: int) -> nn.Module:
+        """The attention's output projection (its input: the heads' outputs; its output: the attention output)."""
+        return get_path(self.attention(layer), self.layout.o)
+
     def projections(self, layer: int) -> Projections:
         lay, attn = self.layout, self.attention(layer)
         H, Hkv, hd = self.head_counts()
-        o = get_path(attn, lay.o)
+        o = self.o_proj(layer)
         Wo, bo = (o.weight.T if lay.fused_kind == "gpt2_conv1d" else o.weight), _bias(o)
-        if lay.fused_kind == "gpt2_conv1d":
+        if lay.fused:
             f = get_path(attn, lay.fused)
-            W = f.weight.T  # Conv1D stores (in, out)
-            d = H * hd
-            Wq, Wk, Wv = W[:d], W[d:2 * d], W[2 * d:]
-            bq, bk, bv = (f.bias[:d], f.bias[d:2 * d], f.bias[2 * d:]) if f.bias is not None else (None,) * 3
-        elif lay.fused_kind == "neox":
-            f = get_path(attn, lay.fused)
-            W = f.weight.view(H, 3, hd, -1)
-            Wq, Wk, Wv = (W[:, i].reshape(H * hd, -1) for i in range(3))
-            if f.bias is not None:
-                b = f.bias.view(H, 3, hd)
-                bq, bk, bv = (b[:, i].reshape(-1) for i in range(3))
-            else:
-                bq = bk = bv = None
+            # Conv1D stores (in, out): transpose to nn.Linear's (out, in); neox rows are already (out, in)
+            Wq, Wk, Wv = (w.T if lay.fused_kind == "gpt2_conv1d" else w.reshape(H * hd, -1)
+                          for w in _fused_qkv(lay.fused_kind, f.weight, H, hd))
+            bq, bk, bv = ((b.reshape(-1) for b in _fused_qkv(lay.fused_kind, f.bias, H, hd)) if f.bias is not None
+                          else (None,) * 3)
         else:
             q, k, v = (get_path(attn, n) for n in (lay.q, lay.k, lay.v))
             Wq, Wk, Wv, bq, bk, bv = q.weight, k.weight, v.weight, _bias(q), _bias(k), _bias(v)
         return Projections(Wq, bq, Wk, bk, Wv, bv, Wo, bo, H, Hkv, hd)
+
+    def kv_parameters(self) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
+        """(name, parameter, gradient mask or None) of every layer's key and value projections. A fused
+        projection is one parameter; its mask is 1 on the key and value entries and 0 on the query's."""
+        lay, (H, _, hd) = self.layout, self.head_counts()
+        out = []
+        for l in range(self.n_layers):
+            attn = self.attention(l)
+            if lay.fused is None:
+                for nm in (lay.k, lay.v):
+                    for pn, p in get_path(attn, nm).named_parameters():
+                        out.append((f"layer{l}.{nm}.{pn}", p, None))
+                continue
+            for pn, p in get_path(attn, lay.fused).named_parameters():
+                mask = torch.zeros_like(p)
+                _, mk, mv = _fused_qkv(lay.fused_kind, mask, H, hd)
+                mk[...] = 1.0
+                mv[...] = 1.0
+                out.append((f"layer{l}.{lay.fused}.{pn}", p, mask))
+        return out
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the model's own rotary module for ``x`` (1, T, d) at ``position_ids`` (1, T)."""
+        try:
+            module = get_path(self.model, self.layout.rotary)
+        except AttributeError:
+            raise IclgdError(f"model type {self.model_type!r}: rotary embedding module not found") from None
+        return module(x, position_ids)
+
+    def apply_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The family's own ``apply_rotary_pos_emb`` (from the modeling module of its attention class)."""
+        apply = getattr(sys.modules[type(self.attention(layer)).__module__], self.layout.rotary_apply)
+        return apply(q, k, cos, sin)
+
+
+def _fused_qkv(kind: str, t: torch.Tensor, H: int, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of the query, key and value parts of a fused projection's weight or bias, in its stored layout.
+
+    "gpt2_conv1d": Conv1D weight (in, 3·H·hd) and bias (3·H·hd,), columns [q | k | v];
+    "neox": weight (3·H·hd, in) and bias (3·H·hd,), rows laid out (head, 3, head_dim).
+    """
+    if kind == "gpt2_conv1d":
+        d = H * hd
+        return t[..., :d], t[..., d:2 * d], t[..., 2 * d:]
+    if kind == "neox":
+        view = t.view(H, 3, hd, *t.shape[1:])
+        return view[:, 0], view[:, 1], view[:, 2]
+    raise AssertionError(kind)
+
+
+def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
+    input ``x`` (T, d_model), as the layer computes them: adapter-table projections with their biases and,
+    for rotary models, the model's own rotary module. Queries are *not* multiplied by the score scale,
+    which is returned separately (1/√d_head, or 1 for GPT-Neo).
+    """
+    p = lm.projections(layer)
+    H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
+    T = x.shape[0]
+    x = x.to(p.Wq.dtype)
+
+    def lin(W, b):
+        return x @ W.T + (b if b is not None else 0)
+
+    q = lin(p.Wq, p.bq).view(T, H, hd).transpose(0, 1)
+    k = lin(p.Wk, p.bk).view(T, Hkv, hd).transpose(0, 1)
+    v = lin(p.Wv, p.bv).view(T, Hkv, hd).transpose(0, 1)
+    if lm.layout.rotary:
+        cos, sin = lm.rotary(x[None], position_ids[None].to(x.device))  # (1, T, rot_dim)
+        q, _ = lm.apply_rotary(layer, q[None], q[None], cos, sin)
+        k, _ = lm.apply_rotary(layer, k[None], k[None], cos, sin)
+        q, k = q[0], k[0]
+    return q, k, v, (hd ** -0.5 if lm.layout.scaled else 1.0)
 
 
 # ----------------------------------------------------------------------------- tiny random models
@@ -228,7 +330,7 @@ def build_tiny(name: str, seed: int = 0) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_configs()[name]
-    cfg._attn_implementation = "eager" if cfg.model_type in ("gpt_neo", "xglm") else "sdpa"
+    cfg._attn_implementation = adapter_for(cfg.model_type).attn_implementation
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.eval()
@@ -316,7 +418,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         torch_dtype = getattr(torch, dtype)
     except AttributeError:
         raise IclgdError(f"--dtype {dtype!r}: unknown dtype (expected float32, float64, bfloat16 or float16)") from None
-    impl = attn_implementation or ("sdpa" if layout.attention_interface else "eager")
+    impl = attn_implementation or layout.attn_implementation
     kw = {"device_map": device_map} if device_map else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=impl, **kw)
     tokenizer = AutoTokenizer.from_pretrained(folder)
