@@ -24,9 +24,9 @@ def main():
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from iclgd.compare import CompareConfig, compare_seed
-    from iclgd.models import load_model
-    from iclgd.tasks import TASKS, load_task, resolve_data_dir
+    from iclgd.experiments.compare import CompareConfig, compare_seed
+    from iclgd.core.models import load_model
+    from iclgd.core.tasks import TASKS, load_task, resolve_data_dir
 
     t0 = time.perf_counter()
     lm = load_model(args.model)

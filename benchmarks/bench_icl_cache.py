@@ -28,9 +28,9 @@ def main():
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from iclgd.models import load_model
-    from iclgd.runs import build_prompts, score_options
-    from iclgd.tasks import TASKS, load_task, resolve_data_dir, sample_demos
+    from iclgd.core.models import load_model
+    from iclgd.engine.scoring import build_prompts, score_options
+    from iclgd.core.tasks import TASKS, load_task, resolve_data_dir, sample_demos
 
     lm = load_model(args.model)
     data = load_task(TASKS["sst2"], resolve_data_dir(None), n_test=args.n_reuse)

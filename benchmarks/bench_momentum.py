@@ -29,8 +29,8 @@ def main():
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from iclgd.models import LoadedModel, adapter_for, byte_tokenizer
-    from iclgd.momentum import enable_momentum
+    from iclgd.core.models import LoadedModel, adapter_for, byte_tokenizer
+    from iclgd.engine.momentum import enable_momentum
 
     torch.manual_seed(0)
     cfg = T.GPT2Config(n_embd=768, n_head=12, n_layer=args.layers, n_positions=1024, vocab_size=512)

@@ -12,7 +12,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
-from iclgd.tasks import default_data_dir  # noqa: E402
+from iclgd.core.tasks import default_data_dir  # noqa: E402
 
 DATA = default_data_dir()
 
@@ -30,7 +30,7 @@ _MODELS = {}
 @pytest.fixture
 def tiny():
     """Cached tiny random models by name (built in code, no download)."""
-    from iclgd.models import load_model
+    from iclgd.core.models import load_model
 
     def get(name):
         if name not in _MODELS:

@@ -5,14 +5,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from iclgd import metrics as M
-from iclgd.capture import Observer, Recorder
 from iclgd.cli import app
-from iclgd.compare import CompareConfig, compare_seed
-from iclgd.dual import qkv_all
-from iclgd.models import load_model
-from iclgd.runs import build_prompts, score_options
-from iclgd.tasks import TASKS, load_task, sample_demos
+from iclgd.core import metrics as M
+from iclgd.core.hooks import Recorder
+from iclgd.core.models import load_model, qkv
+from iclgd.core.tasks import TASKS, load_task, sample_demos
+from iclgd.engine.capture import Observer
+from iclgd.engine.scoring import build_prompts, score_options
+from iclgd.experiments.compare import CompareConfig, compare_seed
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_captures_from_cached_batches_equal_a_plain_forward(name, position, sst2
         P, pos = len(p.prefix_ids), len(ids) - 1
         for l in range(lm.n_layers):
             with torch.no_grad():
-                q, k, _, scale = qkv_all(lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(len(ids)))
+                q, k, _, scale = qkv(lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(len(ids)))
             H, Hkv = q.shape[0], k.shape[0]
             kk = k.repeat_interleave(H // Hkv, 0)
             s_query = torch.einsum("hd,htd->ht", q[:, pos], kk[:, P: P + len(p.query_ids[j])]) * scale

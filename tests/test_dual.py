@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iclgd import dual
-from iclgd.dual import HeadKV, dual_matrices, gd_dual_forward, linear_attention, relaxed_attention, sgd_linear
-from iclgd.models import tiny_configs
+from iclgd.core.models import tiny_configs
+from iclgd.engine import dual
+from iclgd.engine.dual import HeadKV, dual_matrices, gd_dual_forward, linear_attention, relaxed_attention, sgd_linear
 
 
 def rel(a, b):
@@ -105,7 +105,7 @@ def test_identity2_relaxed_attention_splits(heads, hd, d, T, n_demo, bias, rotar
 
 @pytest.mark.parametrize("name", list(tiny_configs()))
 def test_identity2_on_every_layer_of_tiny_models(name):
-    from iclgd.models import load_model
+    from iclgd.core.models import load_model
 
     lm = load_model(name)
     fp64 = lm.model_type != "xglm"  # XGLM's own attention code cannot run in float64 (transformers' mask constant)
@@ -120,7 +120,7 @@ def test_identity2_on_every_layer_of_tiny_models(name):
 
 
 def test_delta_w_ft_zero_without_change_and_local_to_the_changed_layer():
-    from iclgd.models import load_model
+    from iclgd.core.models import load_model
 
     before = load_model("tiny-random-llama")
     before.model.double()

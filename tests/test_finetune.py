@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from iclgd.errors import IclgdError
-from iclgd.finetune import Snapshot, finetune, lcgd_losses, reinit_untrained, trainable_parameters
-from iclgd.models import load_model, tiny_configs
+from iclgd.core.errors import IclgdError
+from iclgd.core.models import load_model, tiny_configs
+from iclgd.engine.finetune import Snapshot, finetune, lcgd_losses, reinit_untrained, trainable_parameters
 
 DEMOS = [[10, 11, 12, 13, 14], [20, 21, 22], [30, 31, 32, 33]]
 
@@ -54,7 +54,7 @@ def test_lcgd_gradients_do_not_cross_layers():
     torch.testing.assert_close(g_sum, g_own, rtol=0, atol=0)
     # and ordinary GD does let the last loss reach layer 0
     logits = lm.model(input_ids=ids[None]).logits[0]
-    from iclgd.finetune import lm_loss
+    from iclgd.engine.finetune import lm_loss
 
     (g_gd,) = torch.autograd.grad(lm_loss(logits, ids), k0)
     assert torch.count_nonzero(g_gd) > 0

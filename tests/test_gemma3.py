@@ -2,13 +2,13 @@
 
 import pytest
 
-from iclgd.runs import EvalConfig, evaluate
-from iclgd.tasks import TASKS, load_task
+from iclgd.engine.scoring import EvalConfig, evaluate
+from iclgd.core.tasks import TASKS, load_task
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    from iclgd.models import load_model
+    from iclgd.core.models import load_model
 
     return load_model("gemma3-270m", need_layout=False)
 

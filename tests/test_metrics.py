@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from iclgd import metrics as M
+from iclgd.core import metrics as M
 
 
 def test_rec2ftp_truth_table():

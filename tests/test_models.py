@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from iclgd.errors import IclgdError
-from iclgd.models import ADAPTERS, adapter_for, load_model, tiny_configs
+from iclgd.core.errors import IclgdError
+from iclgd.core.models import ADAPTERS, adapter_for, load_model, tiny_configs
 
 TINY = list(tiny_configs())
 
@@ -56,3 +56,18 @@ def test_unsupported_layout_names_the_model_type(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(IclgdError, match="unknown model"):
         load_model("no-such-model")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_kv_parameters_and_their_masks_move_keys_and_values_only(name):
+    """A step along every K/V parameter (masked as finetuning masks it) changes every key and value
+    weight the adapter reads and no query weight: the fused layouts' slicing and masks agree."""
+    lm = load_model(name)  # not the cached one: its weights change here
+    p0 = lm.projections(0)
+    Wq, bq, Wk, Wv = (t.clone() if t is not None else None for t in (p0.Wq, p0.bq, p0.Wk, p0.Wv))
+    with torch.no_grad():
+        for _, p, mask in lm.kv_parameters():
+            p.add_(torch.ones_like(p) if mask is None else mask)
+    p1 = lm.projections(0)
+    assert torch.equal(p1.Wq, Wq) and (bq is None or torch.equal(p1.bq, bq))
+    assert (p1.Wk != Wk).all() and (p1.Wv != Wv).all()

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from iclgd.errors import IclgdError
-from iclgd.models import load_model
-from iclgd.momentum import ema_before, enable_momentum, momentum_attention_forward
+from iclgd.core.errors import IclgdError
+from iclgd.core.models import load_model
+from iclgd.engine.momentum import ema_before, enable_momentum, momentum_attention_forward
 
 
 def naive_ema(v, eta):

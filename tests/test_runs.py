@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from iclgd.models import tiny_configs
-from iclgd.runs import EvalConfig, Prompts, build_prompts, evaluate, score_options
-from iclgd.tasks import TASKS, load_task, load_task_spec, sample_demos
+from iclgd.core.models import tiny_configs
+from iclgd.core.tasks import TASKS, load_task, load_task_spec, sample_demos
+from iclgd.engine.scoring import EvalConfig, Prompts, build_prompts, evaluate, score_options
 
 
 @pytest.fixture(scope="module")

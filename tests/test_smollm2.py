@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from iclgd.runs import EvalConfig, build_prompts, evaluate, score_options
-from iclgd.tasks import TASKS, load_task, sample_demos
+from iclgd.core.tasks import TASKS, load_task, sample_demos
+from iclgd.engine.scoring import EvalConfig, build_prompts, evaluate, score_options
 
 
 @pytest.fixture(scope="module")
 def smol():
-    from iclgd.models import load_model
+    from iclgd.core.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -34,7 +34,7 @@ def test_smollm2_eval_runs(smol, data_dir):
 
 def test_missing_or_damaged_model_wheel_is_one_line_error(tmp_path, monkeypatch):
     from iclgd import models
-    from iclgd.errors import IclgdError
+    from iclgd.core.errors import IclgdError
 
     monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "wheel_dirs", lambda: [tmp_path])

@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from iclgd.cli import app
-from iclgd.errors import IclgdError
-from iclgd.models import byte_tokenizer, load_model
-from iclgd.runs import build_prompts
-from iclgd.tasks import TASKS
+from iclgd.core.errors import IclgdError
+from iclgd.core.models import byte_tokenizer, load_model
+from iclgd.engine.scoring import build_prompts
+from iclgd.core.tasks import TASKS
 
 ROWS = [{"text": "good film", "label": 1}, {"text": "bad", "label": 0}]
 
@@ -44,8 +44,8 @@ def test_eval_without_start_token_equals_explicit_scoring(tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["config"]["start_token"] == "none"
     assert "start token 'none' instead of the paper's '</s>'" in doc["deviations"]
-    from iclgd.runs import score_options
-    from iclgd.tasks import load_task, resolve_data_dir
+    from iclgd.engine.scoring import score_options
+    from iclgd.core.tasks import load_task, resolve_data_dir
 
     lm = load_model("tiny-random-gpt2", bos="none")
     data = load_task(TASKS["cb"], resolve_data_dir(None), 3)

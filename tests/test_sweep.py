@@ -52,7 +52,7 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted_byte_for_byte(tmp_pa
     # the paired control column: trained − untrained SimAOU of the same seed, from the unit files
     import json
 
-    from iclgd.compare import scalar
+    from iclgd.core.metrics import scalar
 
     unit = lambda name: json.loads((cut / "units" / name / "result.json").read_text())["result"]  # noqa: E731
     diff = scalar(unit("compare-sst2-s1"), "simaou") - scalar(unit("compare-sst2-s1-untrained"), "simaou")
@@ -75,7 +75,7 @@ def test_report_regenerates_from_files_alone(tmp_path):
 
 
 def test_shards_partition_the_units():
-    from iclgd.sweep import SweepConfig, plan
+    from iclgd.experiments.sweep import SweepConfig, plan
 
     units = plan(SweepConfig(tasks=["sst2", "cb"], seeds=[1, 2]))
     shards = [units[i::3] for i in range(3)]
@@ -84,7 +84,7 @@ def test_shards_partition_the_units():
 
 
 def test_accelerate_launch_ranks_become_shards(monkeypatch):
-    from iclgd.sweep import parse_shard
+    from iclgd.experiments.sweep import parse_shard
 
     assert parse_shard(None) == (0, 1)
     monkeypatch.setenv("RANK", "2")

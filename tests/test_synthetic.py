@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iclgd import synthetic as S
+from iclgd.experiments import synthetic as S
 
 
 @pytest.mark.parametrize("layers,gamma", [(1, 0.0), (3, 0.0), (2, 0.3)])
@@ -116,7 +116,7 @@ def test_softmax_and_mlp_variants_train_and_cli_writes_outputs(tmp_path):
 def test_report_shows_the_synthetic_calibration_from_its_result_file(tmp_path):
     import json
 
-    from iclgd.io import atomic_write_json
+    from iclgd.core.io import atomic_write_json
     from iclgd.report import write_report
 
     r = S.run(d=3, n_ctx=6, layers=1, steps=50, seed=0, n_eval=64, progress=False, lr=1e-2)

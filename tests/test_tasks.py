@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from iclgd.errors import IclgdError
-from iclgd.tasks import TASKS, load_task, load_task_spec, resolve_task, sample_demos
+from iclgd.core.errors import IclgdError
+from iclgd.core.tasks import TASKS, load_task, load_task_spec, resolve_task, sample_demos
 
 ROW = {"text": "a gripping film", "label": 1}
 CB_ROW = {"premise": "It rained.", "hypothesis": "The ground is wet", "label": 0}
@@ -95,7 +95,7 @@ def test_label_outside_verbalizer(tmp_path):
 def test_missing_data_file_and_dir(tmp_path):
     with pytest.raises(IclgdError, match="data file not found"):
         load_task(TASKS["sst2"], tmp_path)
-    from iclgd.tasks import resolve_data_dir
+    from iclgd.core.tasks import resolve_data_dir
 
     with pytest.raises(IclgdError, match="directory not found"):
         resolve_data_dir(tmp_path / "nowhere")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iclgd.errors import IclgdError
-from iclgd.train import TrainConfig, batch_at, load_corpus, lr_at, perplexity, pretrain
+from iclgd.core.errors import IclgdError
+from iclgd.engine.train import TrainConfig, batch_at, load_corpus, lr_at, perplexity, pretrain
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_momentum_training_runs_and_learns(tmp_path, small_corpus):
 
 
 def test_same_seed_same_init_and_data_for_both_variants():
-    from iclgd.train import build_model
+    from iclgd.engine.train import build_model
 
     a, b = build_model(tiny(), 300), build_model(tiny(attention="momentum"), 300)
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
@@ -95,13 +95,15 @@ def test_corpus_errors(tmp_path, data_dir):
 
 
 def test_momentum_compare_study_tiny(tmp_path, small_corpus):
-    from iclgd.momentum_study import compare_attention
+    from iclgd.experiments.momentum import compare_attention
+    from iclgd.report.plots import plot_curves
 
     kw = dict(size="tiny", steps=4, lengths=(32, 64), progress=False, eval_every=4, ckpt_every=4, eval_tokens=1024)
     doc = compare_attention(small_corpus, [1], 0.9, tmp_path, **kw)
     assert set(doc["runs"]) == {"vanilla-s1", "momentum-s1"}
     s = doc["summary"]["ppl@32"]
     assert s["paired_diff_momentum_minus_vanilla"][0] == pytest.approx(s["momentum"][0] - s["vanilla"][0])
+    plot_curves(tmp_path, [1])  # from the runs' log.csv files alone
     assert (tmp_path / "val_curves.png").stat().st_size > 1000
     again = compare_attention(small_corpus, [1], 0.9, tmp_path, **kw)  # finished runs are not retrained
     assert again["runs"] == doc["runs"]

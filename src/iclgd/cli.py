@@ -1,6 +1,6 @@
 """The ``iclgd`` command line: thin wrappers that parse options, call the library, print tables.
 
-Every user-caused error is an :class:`~iclgd.errors.IclgdError`, printed as one line with exit status 2.
+Every user-caused error is an :class:`~iclgd.core.errors.IclgdError`, printed as one line with exit status 2.
 """
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import time
 from pathlib import Path
 
 import typer
 
-from iclgd.errors import IclgdError
+from iclgd.core.errors import IclgdError
+from iclgd.core.io import ensure_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -107,11 +107,9 @@ def eval_cmd(
     out: Path = typer.Option(None, help="write results.json here"),
 ):
     """Zero-shot and in-context accuracy of a causal LM on the paper's tasks."""
-    from iclgd.evaluation import run_eval
+    from iclgd.experiments.eval import run_eval
 
     if out is not None:
-        from iclgd.io import ensure_dir
-
         ensure_dir(out)
     rows = run_eval(model=model, task=task, task_spec=task_spec, k=k, seed=seed, n_test=n_test, balanced=balanced,
                     separator=separator, max_len=max_len, batch_size=batch_size, data_dir=data_dir, dtype=dtype,
@@ -150,15 +148,19 @@ def compare_cmd(
     out: Path = typer.Option(None),
 ):
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
-    from iclgd.compare import CompareConfig, run_compare
+    from iclgd.experiments.compare import CompareConfig, run_compare
 
     seed_list = int_list(seeds, "--seeds")
     no_start_token(bos)
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
                         kendall_n=kendall_n, balanced=balanced, separator=separator, max_len=max_len,
                         batch_size=batch_size)
-    rows = run_compare(model, task, seed_list, cfg, n_test=n_test, untrained=untrained, data_dir=data_dir, out=out,
-                       dtype=dtype, device=device, task_spec=task_spec, bos=bos)
+    rows, written = run_compare(model, task, seed_list, cfg, n_test=n_test, untrained=untrained, data_dir=data_dir,
+                                out=out, dtype=dtype, device=device, task_spec=task_spec, bos=bos)
+    from iclgd.report.plots import plot_compare_file
+
+    for path in written:
+        plot_compare_file(path)
     import pandas as pd
 
     typer.echo(f"prediction position: {position}; FT: {ft_params} params, {ft_mode}")
@@ -181,7 +183,7 @@ def pretrain_cmd(
     out: Path = typer.Option(..., help="run folder (resumes if it holds a checkpoint)"),
 ):
     """Train a small Llama-style LM from scratch, with vanilla or momentum attention."""
-    from iclgd.train import TrainConfig, pretrain
+    from iclgd.engine.train import TrainConfig, pretrain
 
     r = pretrain(TrainConfig(corpus=corpus, attention=attention, eta=eta, learnable_eta=learnable_eta, size=config,
                              steps=steps, seed=seed), out, data_dir)
@@ -206,11 +208,13 @@ def momentum_compare(
     out: Path = typer.Option(...),
 ):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
-    from iclgd.momentum_study import compare_attention
+    from iclgd.experiments.momentum import compare_attention
+    from iclgd.report.plots import plot_curves
 
     seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
     doc = compare_attention(corpus, seed_list, eta, out, size=config, steps=steps, lengths=length_list,
                             learnable_eta=learnable_eta, data_dir=data_dir)
+    plot_curves(out, seed_list)
     rows = []
     for key, v in doc["summary"].items():
         f = lambda t: f"{t[0]:.4g} [{t[1]:.4g}, {t[2]:.4g}]"  # noqa: E731
@@ -236,7 +240,7 @@ def momentum_apply(
     out: Path = typer.Option(None),
 ):
     """Add the EMA to a pretrained model without training: perplexity and ICL accuracy vs vanilla."""
-    from iclgd.momentum_study import apply_pretrained
+    from iclgd.experiments.momentum import apply_pretrained
 
     doc = apply_pretrained(model, eta, corpus, task, n_test, k, data_dir=data_dir, out=out)
     import pandas as pd
@@ -269,7 +273,9 @@ def synthetic_cmd(
     """In-context linear regression: a trained attention model vs GD, and the metrics' calibration."""
     import pandas as pd
 
-    from iclgd import synthetic as S
+    from iclgd.experiments import synthetic as S
+    from iclgd.report.plots import plot_calibration, plot_synthetic
+    from iclgd.report.tables import calibration_table, summary_table
 
     runs = [S.run(dim, n_context, layers, steps, s, n_eval, lr=lr, attention=attention, heads=heads,
                   mlp_hidden=mlp_hidden) for s in (int_list(seeds, "--seeds") if seeds else [seed])]
@@ -280,17 +286,21 @@ def synthetic_cmd(
         typer.echo(f"trained vs {layers}-step GD: prediction mse {r['trained_vs_gd']['pred_mse']:.4g}, "
                    f"sensitivity cosine {r['trained_vs_gd']['sensitivity_cos']:.4f}")
         typer.echo(f"calibration against {layers}-step GD (each metric beside its random baseline):")
-        typer.echo(pd.DataFrame(S.calibration_table(r)).to_string(index=False))
+        typer.echo(pd.DataFrame(calibration_table(r)).to_string(index=False))
     summary = S.summarize_seeds(runs) if len(runs) > 1 else None
     if summary is not None:
         typer.echo(f"over seeds {summary['seeds']}: mean [95% bootstrap CI]")
-        typer.echo(pd.DataFrame(S.summary_table(summary)).to_string(index=False))
+        typer.echo(pd.DataFrame(summary_table(summary)).to_string(index=False))
     if out is not None:
         if summary is None:
-            S.write_outputs(runs[0], out)
+            S.write(runs[0], out)
+            plot_synthetic(runs[0], S.summarize_seeds(runs), out)
             typer.echo(f"wrote {out / 'results.json'}, loss.png, sensitivities.png, calibration.png")
         else:
             S.write_seeds(runs, summary, out)
+            for r in runs:
+                plot_synthetic(r, S.summarize_seeds([r]), out / f"seed-{r['config']['seed']}")
+            plot_calibration(summary, out / "calibration.png", runs[0]["config"]["model"])
             typer.echo(f"wrote {out}/seed-*/, {out / 'summary.json'}, {out / 'calibration.png'}")
 
 
@@ -317,7 +327,8 @@ def reproduce_cmd(
     out: Path = typer.Option(Path("runs/repro")),
 ):
     """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
-    from iclgd.sweep import PRESETS, SweepConfig, reproduce
+    from iclgd.experiments.sweep import SweepConfig, reproduce
+    from iclgd.report import write_report
 
     seed_list = int_list(seeds, "--seeds")
     no_start_token(bos)
@@ -325,14 +336,11 @@ def reproduce_cmd(
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
                       dtype=dtype, device=device, device_map=device_map, bos=bos)
     if preset is not None:
-        if preset not in PRESETS:
-            raise IclgdError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-        for key, v in PRESETS[preset].items():
-            setattr(cfg, key, v)
-        cfg.preset = preset
+        cfg.apply_preset(preset)
     r = reproduce(cfg, out, data_dir, shard)
+    report = write_report(out)
     typer.echo(f"{r['ran']} units run, {r['skipped']} already finished (shard: {r['this_shard']} of {r['units']}); "
-               f"report: {r['report']}")
+               f"report: {report}")
 
 
 @app.command("report")
@@ -368,45 +376,29 @@ def dual_verify(
     """Check ICL = (W_ZSL + ΔW_ICL) q on every layer and head of a real model, and measure the softmax gap."""
     import json
 
-    import torch
+    from iclgd.experiments.dual import VerifyConfig, verify, write_verify
+    from iclgd.report.plots import plot_verify
 
-    from iclgd import dual
-    from iclgd.io import atomic_write_json, ensure_dir, library_versions
-    from iclgd.models import load_model
-
-    if dtype not in ("float64", "float32"):
-        raise IclgdError(f"--dtype {dtype!r}: expected float64 or float32")
     no_start_token(bos)
+    cfg = VerifyConfig(model=model, task=task, k=k, seed=seed, layers=layers, dtype=dtype, data_dir=data_dir, bos=bos)
     if out is not None:
         ensure_dir(out)
-    lm = load_model(model, bos=bos)
-    torch_dtype = getattr(torch, dtype)
-    lm.model.to(torch_dtype)
-    chosen = dual.parse_layers(layers, lm.n_layers)
-    ids, span, meta = dual.icl_prompt(lm, task, k, seed, data_dir)
-    t0 = time.time()
-    rows = dual.verify_layers(lm, ids, span, chosen)
-    table = dual.per_layer(rows)
-    tol = dual.TOLERANCE[torch_dtype]
-    ok = all(r["identity_rel_err"] <= tol for r in rows)
-    summary = {**dual.summarize(rows, table), "tolerance": tol, "within_tolerance": ok}
+    r = verify(cfg)
+    summary, meta = r["summary"], r["config"]
     if json_out:
-        typer.echo(json.dumps({"summary": summary, "rows": rows}, indent=1))
+        typer.echo(json.dumps({"summary": summary, "rows": r["rows"]}, indent=1))
     else:
-        print_table(table, ["layer", "identity_max", "recon_max", "dW/WZSL", "softmax_relerr", "softmax_cos"])
+        print_table(r["per_layer"], ["layer", "identity_max", "recon_max", "dW/WZSL", "softmax_relerr", "softmax_cos"])
         typer.echo(f"{model} {task} k_true={meta['k_true']} tokens={meta['n_tokens']} {dtype}: identity max "
-                   f"{summary['identity_max']:.2e} (tolerance {tol:g}: {'OK' if ok else 'FAILED'}); median over layers: "
+                   f"{summary['identity_max']:.2e} (tolerance {summary['tolerance']:g}: "
+                   f"{'OK' if summary['within_tolerance'] else 'FAILED'}); median over layers: "
                    f"softmax cos {summary['median_softmax_cos']:.4f}, rel. error "
                    f"{summary['median_softmax_relerr']:.4g}, ‖ΔW_ICL‖/‖W_ZSL‖ {summary['median_dW_ratio']:.4g}")
     if out is not None:
-        atomic_write_json(out / "dual_verify.json", {
-            "kind": "iclgd.dual.verify", "config": {"model": model, "model_source": lm.source, "dtype": dtype,
-                                                    "layers": chosen, **{k_: v for k_, v in meta.items() if k_ != "files"}},
-            "data_sha256": meta["files"], "versions": library_versions(), "summary": summary,
-            "per_layer": table, "rows": rows, "timing": {"wall_s": round(time.time() - t0, 2)}})
-        dual.plot_verify(table, out / "dual_verify.png", f"{model} · {task} · k={meta['k_true']} · {dtype}")
-        typer.echo(f"wrote {out / 'dual_verify.json'} and {out / 'dual_verify.png'}")
-    if not ok:
+        path = write_verify(r, out)
+        plot_verify(r["per_layer"], out / "dual_verify.png", f"{model} · {task} · k={meta['k_true']} · {dtype}")
+        typer.echo(f"wrote {path} and {out / 'dual_verify.png'}")
+    if not summary["within_tolerance"]:
         raise typer.Exit(1)
 
 
@@ -422,44 +414,15 @@ def dual_compare_updates(
     out: Path = typer.Option(None),
 ):
     """Compare ΔW_FT = W_ZSL(after) − W_ZSL(before) with ΔW_ICL, per layer (LMOps issue #22)."""
-    from iclgd import dual
-    from iclgd.io import atomic_write_json, library_versions
-    from iclgd.models import load_model
-
-    lm_b = load_model(before)
-    lm_a = load_after(before, after)
-    ids, span, meta = dual.icl_prompt(lm_b, task, k, seed, data_dir)
-    rows = dual.compare_updates(lm_b, lm_a, ids, span)
     import pandas as pd
 
-    table = pd.DataFrame(rows).groupby("layer")[["cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q"]].median()
+    from iclgd.experiments.dual import compare_updates, write_updates
+
+    r = compare_updates(before, after, task, k, seed, data_dir)
+    table = pd.DataFrame(r["rows"]).groupby("layer")[["cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q"]].median()
     typer.echo(table.reset_index().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     if out is not None:
-        atomic_write_json(Path(out) / "dual_updates.json", {
-            "kind": "iclgd.dual.compare_updates", "config": {"before": before, "after": after, **meta},
-            "versions": library_versions(), "rows": rows})
-
-
-def load_after(before: str, after: str):
-    """A model folder, or a state dict applied on top of ``before``."""
-    from iclgd.models import load_model
-
-    p = Path(after)
-    if p.is_dir() or not p.exists():
-        return load_model(after)
-    import torch
-
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    lm = load_model(before)
-    missing, unexpected = lm.model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise IclgdError(f"--after {p}: state dict has keys the model lacks, e.g. {unexpected[0]}")
-    return lm
+        write_updates(r, out)
 
 
 def main() -> None:  # pragma: no cover

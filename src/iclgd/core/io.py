@@ -1,0 +1,96 @@
+"""Atomic result files and provenance (library versions, data checksums)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from iclgd.core.errors import IclgdError
+
+
+def ensure_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IclgdError(f"--out {path}: cannot create the output directory ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise IclgdError(f"--out {path}: the output directory is not writable")
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, fixed float repr) so equal results give equal bytes."""
+    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=True) + "\n"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, to_json(obj))
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+
+
+_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def sha256_file(path: str | Path) -> str:
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime, st.st_size)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ["iclgd", "torch", "transformers", "tokenizers", "numpy", "scipy", "gguf", "accelerate"]:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def read_result(path: Path) -> dict | None:
+    """A finished unit's result, None if absent; a damaged file is the user's to know about."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IclgdError(f"{path}: corrupted result file (not valid JSON); delete it to recompute that unit") from None

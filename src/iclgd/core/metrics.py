@@ -1,0 +1,231 @@
+"""The paper's four metrics and their baselines, as pure functions on arrays (no model in sight).
+
+Sources: Dai et al. (2022) Section 5 and the official code (microsoft/LMOps ``understand_icl``), as
+summarised in ``shared/docs/paper-notes.md``; SimAM_Δ and the layer-causal/untrained controls from Deutch
+et al. (NAACL 2024). The same functions serve the language-model pipeline, the synthetic testbed and
+the tests' hand-built cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+
+
+def _unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.where(n == 0, 1.0, n)
+
+
+def cosine(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Cosine similarity along ``axis`` (0 where a vector is zero)."""
+    return np.sum(_unit(a, axis) * _unit(b, axis), axis=axis)
+
+
+# ----------------------------------------------------------------------------- Rec2FTP
+
+
+def rec2ftp(zsl_correct, ft_correct, icl_correct) -> tuple[float, int]:
+    """Recall to finetuning predictions.
+
+    Rec2FTP = #{ZSL wrong ∧ FT right ∧ ICL right} / #{ZSL wrong ∧ FT right}, over all test examples
+    (official code: multiplied by 100; here a fraction). Returns (value, denominator); the value is NaN
+    when the denominator is 0 (FT fixed no ZSL error).
+    """
+    z, f, i = (np.asarray(x, dtype=bool) for x in (zsl_correct, ft_correct, icl_correct))
+    fixed_by_ft = ~z & f
+    den = int(fixed_by_ft.sum())
+    return (float((fixed_by_ft & i).sum() / den) if den else float("nan")), den
+
+
+# ----------------------------------------------------------------------------- SimAOU
+
+
+def simaou_per_layer(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray:
+    """Similarity of attention output updates, per layer.
+
+    Inputs (n_examples, n_layers, d): attention outputs after the output projection at the prediction
+    position. Per layer each vector is L2-normalised; ΔICL = ĥ_ICL − ĥ_ZSL, ΔFT = ĥ_FT − ĥ_ZSL;
+    cos(ΔICL, ΔFT) per example, then the mean over examples -> (n_layers,). The paper's SimAOU is the
+    mean of this over layers.
+    """
+    z, i, f = _unit(h_zsl), _unit(h_icl), _unit(h_ft)
+    return cosine(i - z, f - z).mean(axis=0)
+
+
+def simaou_uniform_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The official random baseline: cos(ΔICL, u) with u ~ uniform[0, 1)^d, per layer."""
+    rng = np.random.default_rng(seed)
+    d_icl = _unit(h_icl) - _unit(h_zsl)
+    return cosine(d_icl, rng.random(d_icl.shape)).mean(axis=0)
+
+
+def simaou_gaussian_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A random-direction FT control: cos(ΔICL, ΔFT_rand) with ΔFT_rand ~ N(0, I), per layer (≈ 0)."""
+    rng = np.random.default_rng(seed)
+    d_icl = _unit(h_icl) - _unit(h_zsl)
+    return cosine(d_icl, rng.standard_normal(d_icl.shape)).mean(axis=0)
+
+
+# ----------------------------------------------------------------------------- SimAM
+
+
+def simam_per_layer(scores_a: list[np.ndarray], scores_b: list[np.ndarray]) -> np.ndarray:
+    """Similarity of attention maps, per layer.
+
+    Each list item is one example's raw pre-softmax scores (n_layers, n_heads, T_query) of the
+    prediction position over the test input's own tokens. Cosine per head, mean over heads, then mean
+    over examples -> (n_layers,). (The official code left-pads rows with zeros to the longest; zeros
+    do not change a cosine.) SimAM = simam(ICL, FT); "ZSL SimAM" = simam(ICL, ZSL).
+    """
+    per_ex = [cosine(a, b).mean(axis=-1) for a, b in zip(scores_a, scores_b)]
+    return np.mean(per_ex, axis=0)
+
+
+def simam_delta_per_layer(scores_zsl, scores_icl, scores_ft) -> np.ndarray:
+    """SimAM_Δ (Deutch et al. 2024): cos(ICL − ZSL, FT − ZSL) of the raw scores, per head, mean heads, examples."""
+    per_ex = [cosine(i - z, f - z).mean(axis=-1) for z, i, f in zip(scores_zsl, scores_icl, scores_ft)]
+    return np.mean(per_ex, axis=0)
+
+
+# ----------------------------------------------------------------------------- Kendall
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sum_per_span(x: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Sum the last axis over each [start, end) span (token level -> example level)."""
+    return np.stack([x[..., a:b].sum(-1) for a, b in spans], axis=-1)
+
+
+def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
+    """Kendall rank correlation between ICL and FT attention to training tokens, per layer.
+
+    Each item is one example's (n_layers, n_tokens) weights: ICL = softmax over demonstration tokens
+    of the prediction position's scores summed over heads (BOS and separators dropped); FT = softmax
+    over training tokens of q_test · q_train_i. ``scipy.stats.kendalltau`` per example per layer, mean
+    over examples -> (n_layers,).
+    """
+    taus = [[stats.kendalltau(a[l], b[l]).statistic for l in range(a.shape[0])] for a, b in zip(icl_attn, ft_attn)]
+    return np.nanmean(np.asarray(taus, dtype=float), axis=0)
+
+
+def kendall_random_baseline(icl_attn: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """τ(ICL, a uniform random vector of the same length), per layer (≈ 0)."""
+    rng = np.random.default_rng(seed)
+    return kendall_per_layer(icl_attn, [rng.random(a.shape) for a in icl_attn])
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+
+def bootstrap_ci(values, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap CI of the mean. One value: its CI is (v, v). NaNs are dropped."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    if v.size == 1:
+        return float(v[0]), float(v[0]), float(v[0])
+    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          random_state=np.random.default_rng(seed))
+    return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number of a compare result: where it lies, what computes it, its controls and the paper's value.
+
+    Every metric aggregates over seeds the same way (mean with a 95% percentile bootstrap CI,
+    :func:`aggregate`); per layer it is the mean over layers of the ``per_layer`` list beside ``path``.
+    """
+
+    path: tuple[str, ...]  # keys into a compare seed's result, down to the overall value
+    function: Callable | None = None  # the pure function above that computes it (None: an accuracy)
+    baselines: tuple[str, ...] = ()  # the registry names of its controls
+    csv_layers: str | None = None  # name of its per-layer rows in results.csv (None: overall only)
+    # Dai et al. (2022) as summarised in shared/docs/paper-notes.md: the averages for the 1.3B and 2.7B
+    # models, the row's label, how ours is written beside them (a str.format over registry names, each
+    # the mean over tasks of the mean over seeds), and why ours can be undefined
+    paper: tuple[str, str] | None = None
+    label: str = ""
+    ours: str = ""
+    undefined: str = ""
+
+
+METRICS: dict[str, Metric] = {
+    "acc_zsl": Metric(("acc", "zsl")),
+    "acc_ft": Metric(("acc", "ft")),
+    "acc_icl": Metric(("acc", "icl")),
+    "rec2ftp": Metric(("rec2ftp", "value"), rec2ftp, paper=("85.56%", "89.39%"), label="Rec2FTP",
+                      ours="{rec2ftp:.2%}", undefined="FT fixed no ZSL error on some task"),
+    "simaou": Metric(("simaou", "overall"), simaou_per_layer, ("simaou_random_uniform", "simaou_random_gaussian"),
+                     csv_layers="simaou", paper=("0.186 (random ≈ 0)", "0.225"), label="SimAOU",
+                     ours="{simaou:.3f} (random {simaou_random_uniform:.3f})"),
+    "simaou_random_uniform": Metric(("simaou", "baseline_uniform", "overall"), simaou_uniform_baseline),
+    "simaou_random_gaussian": Metric(("simaou", "baseline_gaussian", "overall"), simaou_gaussian_baseline),
+    "simam_ft": Metric(("simam", "icl_ft", "overall"), simam_per_layer, ("simam_zsl",), csv_layers="simam_icl_ft",
+                       paper=("0.442 vs 0.338", "0.434 vs 0.355"), label="SimAM (after FT) vs ZSL SimAM",
+                       ours="{simam_ft:.3f} vs {simam_zsl:.3f}"),
+    "simam_zsl": Metric(("simam", "icl_zsl", "overall"), simam_per_layer),
+    "simam_delta": Metric(("simam", "delta", "overall"), simam_delta_per_layer),
+    "kendall_token": Metric(("kendall", "token_qq", "overall"), kendall_per_layer, ("kendall_random",),
+                            csv_layers="kendall_token_qq", paper=("0.193 (random ≈ 0)", "0.214"), label="Kendall",
+                            ours="{kendall_token:.3f} (random {kendall_random:.3f})"),
+    "kendall_token_keys": Metric(("kendall", "token_qk", "overall"), kendall_per_layer),
+    "kendall_example": Metric(("kendall", "example_qq", "overall"), kendall_per_layer),
+    "kendall_random": Metric(("kendall", "random_token", "overall"), kendall_random_baseline),
+}
+
+
+def _at(result: dict, path: tuple[str, ...]):
+    for key in path:
+        result = result[key]
+    return result
+
+
+def scalar(result: dict, name: str) -> float:
+    """The overall value of metric ``name`` in one seed's compare result."""
+    return float(_at(result, METRICS[name].path))
+
+
+def per_layer_of(result: dict, name: str) -> list[float]:
+    return _at(result, METRICS[name].path[:-1])["per_layer"]
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Mean and 95% bootstrap CI over seeds of every registered metric."""
+    out = {}
+    for name in METRICS:
+        mean, lo, hi = bootstrap_ci([scalar(r, name) for r in results])
+        out[name] = {"mean": mean, "ci95": [lo, hi], "n_seeds": len(results)}
+    return out
+
+
+def fmt_ci(mean: float, lo: float, hi: float, several: bool, pct: bool = False, sep: str = ", ") -> str:
+    """"m" for one seed, "m [lo, hi]" for several; ``pct``: fractions shown as percentages, one decimal."""
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(mean)} [{f(lo)}{sep}{f(hi)}]" if several else f(mean)
+
+
+def fmt_mean_ci(values, pct: bool = False) -> str:
+    """Mean over seeds with its 95% bootstrap CI when there are several ("n/a" when all are NaN)."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        return "n/a"
+    return fmt_ci(*bootstrap_ci(vals), several=len(vals) > 1, pct=pct)
+
+
+def fmt_aggregate(agg: dict, name: str) -> str:
+    """One metric of :func:`aggregate`'s output as a table cell."""
+    a = agg[name]
+    return fmt_ci(a["mean"], *a["ci95"], several=a["n_seeds"] > 1, sep=",")

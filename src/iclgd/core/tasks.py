@@ -1,0 +1,304 @@
+"""The six classification tasks of Dai et al. as declarative data, and their loading.
+
+A :class:`TaskSpec` says everything the evaluation engine needs to know about a task (template,
+label words, which data files hold demonstrations and test examples, the paper's finetuning rate,
+what to do when a split is missing, how it deviates from the paper); the engine never special-cases
+a task. The built-in tasks are JSON files in ``task_specs/``, read by the same :func:`load_task_spec`
+as a user's ``--task-spec`` file: adding a task is adding a file. Data come from a data directory of JSON Lines files (see ``../shared/data/README.md``), or,
+for users online, from the Hugging Face hub through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from iclgd.core.errors import IclgdError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where the same task lives on the Hugging Face hub (used only when no data directory exists)."""
+
+    path: str
+    name: str | None
+    demo_split: str
+    eval_split: str
+    columns: dict[str, str]  # our field name -> hub column name
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A classification task: template, verbalizer and splits (template 0 of the paper's code)."""
+
+    name: str
+    template: str  # str.format template of the test input, e.g. "Sentence: {sentence} Label:"
+    label_words: tuple[str, ...]  # verbalizer, indexed by the integer label
+    fields: dict[str, str]  # template placeholder -> key in a JSONL row
+    demo_file: str  # relative to the data directory
+    eval_file: str
+    answer_format: str = " {label}"  # what follows the template for a demonstration / an option
+    eval_shuffle_seed: int = 1  # the paper shuffles the evaluation split with seed 1 ...
+    eval_cap: int = 2000  # ... and keeps its first 2,000 examples
+    hub: HubSource | None = None
+    deviations: tuple[str, ...] = ()
+    lr: float | None = None  # the paper's K/V finetuning rate for this task (None: iclgd's default)
+    # when the data directory lacks the demo split: demonstrations come from the evaluation split past
+    # its first ``eval_cap`` shuffled rows, recorded as this deviation (None: a missing split is an error)
+    demo_fallback: str | None = None
+    notes: tuple[str, ...] = ()  # how the local data relate to the paper's, for the report
+
+    def format_input(self, row: dict) -> str:
+        return self.template.format(**{ph: row[key] for ph, key in self.fields.items()})
+
+    def format_answer(self, label: int) -> str:
+        return self.answer_format.format(label=self.label_words[label])
+
+    def format_demo(self, row: dict) -> str:
+        return self.format_input(row) + self.format_answer(row["label"])
+
+    def to_dict(self) -> dict:
+        """What defines the task's prompts and data (recorded in results files)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("lr", "demo_fallback", "notes")}
+
+
+def resolve_task(name: str, spec_file: str | None = None) -> TaskSpec:
+    if spec_file is not None:
+        return load_task_spec(spec_file)
+    if name not in TASKS:
+        raise IclgdError(f"--task {name!r}: unknown task (expected one of {', '.join(TASKS)}, or --task-spec FILE)")
+    return TASKS[name]
+
+
+def parse_task_list(value: str) -> list[str]:
+    names = list(TASKS) if value == "all" else [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise IclgdError("--task: empty task list (expected a task name, a comma list, or 'all')")
+    for n in names:
+        resolve_task(n)
+    return names
+
+
+def load_task_spec(path: str | Path, builtin: bool = False) -> TaskSpec:
+    """A task from a JSON file: name, template, label_words, demo_file, eval_file (required), and any
+    other :class:`TaskSpec` field (``fields`` defaults to the template's placeholders).
+
+    A user's relative data-file paths are taken relative to the spec file's folder; a built-in task's
+    (``builtin``) relative to the data directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IclgdError(f"--task-spec {path}: file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise IclgdError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    required = ["name", "template", "label_words", "demo_file", "eval_file"]
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise IclgdError(f"{path}: task spec lacks {', '.join(missing)} (expected keys {', '.join(required)})")
+    placeholders = [f for _, f, _, _ in string.Formatter().parse(raw["template"]) if f]
+    fields = raw.get("fields") or {p: p for p in placeholders}
+    for key in ("demo_file", "eval_file"):
+        p = Path(raw[key])
+        if not builtin:
+            raw[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
+    allowed = {f.name for f in TaskSpec.__dataclass_fields__.values()}
+    kwargs = {k: v for k, v in raw.items() if k in allowed}
+    kwargs.update(label_words=tuple(raw["label_words"]), fields=fields,
+                  hub=HubSource(**raw["hub"]) if raw.get("hub") else None,
+                  deviations=tuple(raw.get("deviations", ())), notes=tuple(raw.get("notes", ())))
+    return TaskSpec(**kwargs)
+
+
+SPEC_DIR = Path(__file__).resolve().parent / "task_specs"
+PAPER_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")  # the paper's table; other built-ins follow by name
+
+
+def builtin_tasks() -> dict[str, TaskSpec]:
+    specs = {p.stem: load_task_spec(p, builtin=True) for p in sorted(SPEC_DIR.glob("*.json"))}
+    order = [n for n in PAPER_ORDER if n in specs] + [n for n in specs if n not in PAPER_ORDER]
+    return {n: specs[n] for n in order}
+
+
+TASKS: dict[str, TaskSpec] = builtin_tasks()
+
+
+# ----------------------------------------------------------------------------- data directory
+
+
+def default_data_dir() -> Path | None:
+    """``--data-dir`` else ``$ICLGD_DATA_DIR`` else ``../shared/data`` beside the project root."""
+    env = os.environ.get("ICLGD_DATA_DIR")
+    if env:
+        return Path(env)
+    for cand in (PROJECT_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    """The data directory to use, or None for the Hugging Face hub. A named one must exist."""
+    if data_dir is not None:
+        p = Path(data_dir)
+        if not p.is_dir():
+            raise IclgdError(f"--data-dir {p}: directory not found")
+        return p
+    p = default_data_dir()
+    if p is not None and not p.is_dir():
+        raise IclgdError(f"ICLGD_DATA_DIR={p}: directory not found")
+    return p
+
+
+@dataclass
+class Split:
+    """Rows of one data file, with where they came from."""
+
+    rows: list[dict]
+    source: str  # file path, or hub id
+    sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
+    """Read and validate a JSONL file: every line an object with the task's fields and a valid label."""
+    if not path.is_file():
+        raise IclgdError(f"{path}: data file not found (task {spec.name})")
+    needed = set(spec.fields.values()) | {"label"}
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise IclgdError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise IclgdError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            lacking = needed - row.keys()
+            if lacking:
+                raise IclgdError(f"{path}:{lineno}: missing field(s) {', '.join(sorted(lacking))}")
+            label = row["label"]
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(spec.label_words):
+                raise IclgdError(
+                    f"{path}:{lineno}: label {label!r} is outside the verbalizer of task {spec.name} "
+                    f"(expected an integer 0..{len(spec.label_words) - 1} for {'/'.join(spec.label_words)})"
+                )
+            row.setdefault("idx", lineno - 1)
+            rows.append(row)
+    if not rows:
+        raise IclgdError(f"{path}: data file is empty (task {spec.name})")
+    return rows
+
+
+def _load_hub(spec: TaskSpec, which: str) -> Split:
+    if spec.hub is None:
+        raise IclgdError(f"task {spec.name}: no data directory found and the task has no hub source; pass --data-dir")
+    try:
+        import datasets  # noqa: F401  (optional dependency, for users online)
+    except ImportError:
+        raise IclgdError(
+            "no data directory found (--data-dir, $ICLGD_DATA_DIR, ../shared/data) and the `datasets` "
+            "package is not installed to fetch from the hub"
+        ) from None
+    split = spec.hub.demo_split if which == "demo" else spec.hub.eval_split
+    ds = datasets.load_dataset(spec.hub.path, spec.hub.name, split=split)
+    rows = [{ours: ex[theirs] for ours, theirs in spec.hub.columns.items()} | {"idx": i} for i, ex in enumerate(ds)]
+    return Split(rows, f"hf://{spec.hub.path}/{spec.hub.name or ''}:{split}")
+
+
+def load_split(spec: TaskSpec, which: str, data_dir: Path | None) -> Split:
+    """``which`` is 'demo' or 'eval'. Absolute paths (user specs) ignore the data directory."""
+    rel = spec.demo_file if which == "demo" else spec.eval_file
+    p = Path(rel)
+    if not p.is_absolute():
+        if data_dir is None:
+            return _load_hub(spec, which)
+        p = data_dir / rel
+    from iclgd.core.io import sha256_file
+
+    return Split(load_jsonl(p, spec), str(p), sha256_file(p))
+
+
+@dataclass
+class TaskData:
+    """The evaluated test examples and the pool demonstrations are drawn from, for one task."""
+
+    spec: TaskSpec
+    eval_rows: list[dict]
+    demo_pool: list[dict]
+    files: dict[str, str]  # path -> sha256
+    deviations: list[str]
+
+
+def eval_order(n: int, seed: int) -> np.ndarray:
+    """The permutation HF ``Dataset.shuffle(seed=...)`` applies (numpy default_rng(seed).permutation)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def load_task(spec: TaskSpec, data_dir: Path | None, n_test: int | None = None) -> TaskData:
+    """Evaluation split shuffled with seed 1 and cut to 2,000 (then to ``n_test``), and the demo pool."""
+    ev = load_split(spec, "eval", data_dir)
+    order = eval_order(len(ev.rows), spec.eval_shuffle_seed)
+    deviations = list(spec.deviations)
+    files = {ev.source: ev.sha256} if ev.sha256 else {}
+    try:
+        demo = load_split(spec, "demo", data_dir)
+        pool = demo.rows
+        if demo.sha256:
+            files[demo.source] = demo.sha256
+    except IclgdError:
+        if spec.demo_fallback is None or data_dir is None or (data_dir / spec.demo_file).exists():
+            raise
+        pool = [ev.rows[i] for i in order[spec.eval_cap:]]
+        deviations.append(spec.demo_fallback)
+    chosen = order[: spec.eval_cap]
+    if n_test is not None:
+        if n_test < 1:
+            raise IclgdError(f"--n-test {n_test}: expected a positive number of test examples")
+        chosen = chosen[:n_test]
+    return TaskData(spec, [ev.rows[i] for i in chosen], pool, files, deviations)
+
+
+def load_tasks(task: str, task_spec=None, data_dir=None, n_test: int | None = None
+               ) -> tuple[list[TaskData], Path | None]:
+    """Every requested task's data (a name, a comma list, 'all', or one --task-spec file), and the data
+    directory used. All data errors surface here, before any model is loaded."""
+    names = [None] if task_spec is not None else parse_task_list(task)
+    specs = [resolve_task(n or "", str(task_spec) if task_spec else None) for n in names]
+    ddir = resolve_data_dir(data_dir)
+    return [load_task(s, ddir, n_test) for s in specs], ddir
+
+
+def sample_demos(pool: list[dict], k: int, seed: int, balanced: bool = False, n_labels: int | None = None) -> list[dict]:
+    """The paper's rule: shuffle the train split with the run's seed, keep the first k.
+
+    ``balanced`` instead takes, in that shuffled order, examples class by class in round robin.
+    """
+    if k < 0:
+        raise IclgdError(f"--k {k}: expected a non-negative number of demonstrations")
+    if k > len(pool):
+        raise IclgdError(f"--k {k}: larger than the demonstration split ({len(pool)} examples)")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    if not balanced:
+        return [pool[i] for i in order[:k]]
+    by_label: dict[int, list[dict]] = {}
+    for i in order:
+        by_label.setdefault(pool[i]["label"], []).append(pool[i])
+    labels = sorted(by_label) if n_labels is None else [l for l in range(n_labels) if l in by_label]
+    out, depth = [], 0
+    while len(out) < k:
+        for lab in labels:
+            if depth < len(by_label[lab]) and len(out) < k:
+                out.append(by_label[lab][depth])
+        depth += 1
+    return out

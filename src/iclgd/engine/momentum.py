@@ -1,0 +1,138 @@
+"""Momentum attention (Dai et al. 2022, Section 6), as a drop-in attention implementation.
+
+By analogy with momentum SGD, each attention output gets an exponential moving average of the values
+of strictly earlier positions, per head and before the output projection (the paper's form):
+
+    MoAttn(V, K, q_t) = Attn(V, K, q_t) + Σ_{i=1}^{t-1} η^{t-i} v_i          (Section 6, Eq. (9))
+
+``enable_momentum(model, eta)`` registers it through transformers' ``AttentionInterface`` (models that
+call it: GPT-2, OPT, Llama/SmolLM2, GPT-NeoX, Qwen2), so no modeling file is copied. η is fixed, or
+learnable per head (η = sigmoid(θ_h)). The EMA is computed by a chunked scan (:func:`ema_before`):
+O(T·C·d) work, no Python loop over positions, and no negative powers of η (nothing overflows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from iclgd.core.errors import IclgdError
+from iclgd.core.models import momentum_families, repeat_kv
+
+ATTN_NAME = "iclgd_momentum"
+CHUNK = 64
+
+
+def _powers(log_eta: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """η^n for n ≥ 0 as exp(n log η); ``log_eta`` (H,) broadcast against ``n``."""
+    return torch.exp(log_eta.reshape(-1, *([1] * n.dim())) * n)
+
+
+def ema_before(v: torch.Tensor, log_eta: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """s_t = Σ_{i<t} η^{t-i} v_i for every position t.  v: (B, H, S, d); log_eta: (H,) -> (B, H, S, d).
+
+    Positions are cut into chunks of C. For t = cC + a:
+        s_t = η^a S_c + Σ_{cC ≤ i < t} η^{t-i} v_i,        S_c = Σ_{i < cC} η^{cC-i} v_i  (the carried state)
+        S_{c+1} = η^C S_c + E_c,   E_c = Σ_{b<C} η^{C-b} v_{cC+b}
+    so S_c = Σ_{c'<c} η^{C(c-1-c')} E_{c'}. Every exponent is ≥ 0; small powers underflow harmlessly to 0.
+    """
+    B, H, S, d = v.shape
+    C = min(chunk, S)
+    N = math.ceil(S / C)
+    pad = N * C - S
+    if pad:
+        v = torch.cat([v, v.new_zeros(B, H, pad, d)], dim=2)
+    vc = v.view(B, H, N, C, d)
+    dev, dt = v.device, v.dtype
+    a = torch.arange(C, device=dev, dtype=dt)
+    diff = a[:, None] - a[None, :]  # (C, C): t - i inside a chunk
+    strict = (diff > 0).to(dt)
+    intra = _powers(log_eta, diff.clamp_min(0)) * strict  # (H, C, C): η^{a-b} for b < a
+    out = torch.einsum("hac,zhncd->zhnad", intra, vc)  # within-chunk part
+    w_end = _powers(log_eta, (C - a))  # (H, C): η^{C-b}
+    E = torch.einsum("hc,zhncd->zhnd", w_end, vc)  # (B, H, N, d)
+    cidx = torch.arange(N, device=dev, dtype=dt)
+    cdiff = cidx[:, None] - cidx[None, :] - 1  # c - 1 - c'
+    carry = _powers(log_eta, C * cdiff.clamp_min(0)) * (cdiff >= 0).to(dt)  # (H, N, N)
+    state = torch.einsum("hnm,zhmd->zhnd", carry, E)  # S_c
+    out = out + _powers(log_eta, a)[None, :, None, :, None] * state[:, :, :, None, :]
+    return out.reshape(B, H, N * C, d)[:, :, :S]
+
+
+def _key_validity(attention_mask: torch.Tensor | None, S: int) -> torch.Tensor | None:
+    """(B, S) 1.0 for keys a real token can see (the last query row of the mask), 0.0 for padding."""
+    if attention_mask is None:
+        return None
+    last = attention_mask[:, 0, -1, :S]
+    if last.dtype == torch.bool:
+        return last
+    return last > torch.finfo(last.dtype).min / 2
+
+
+def momentum_attention_forward(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention plus the values' EMA; same signature and output layout (B, T, H, d) as transformers'."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    B, H, Tq, d = query.shape
+    Hkv, S = value.shape[1], value.shape[2]
+    v = value
+    valid = _key_validity(attention_mask, S)
+    if valid is not None:
+        v = v * valid[:, None, :, None].to(v.dtype)
+    if H != Hkv:
+        v = repeat_kv(v, H // Hkv, dim=1)
+    log_eta = module_log_eta(module, H, v)
+    ema = ema_before(v, log_eta)[:, :, S - Tq:]  # queries are the last Tq of the S key positions
+    return out + ema.transpose(1, 2).to(out.dtype), weights
+
+
+def module_log_eta(module: nn.Module, H: int, like: torch.Tensor) -> torch.Tensor:
+    theta = getattr(module, "momentum_theta", None)
+    if theta is not None:  # learnable: η_h = sigmoid(θ_h)
+        return torch.nn.functional.logsigmoid(theta).to(like.dtype)
+    eta = getattr(module, "momentum_eta", None)
+    if eta is None:
+        raise IclgdError("momentum attention used on a module without momentum_eta; call enable_momentum(model)")
+    return torch.full((H,), math.log(eta), dtype=like.dtype, device=like.device)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, momentum_attention_forward)
+    # transformers builds the attention mask per implementation name: ours takes SDPA's masks
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def check_eta(eta: float) -> float:
+    if not (isinstance(eta, (int, float)) and 0.0 < eta < 1.0):
+        raise IclgdError(f"--eta {eta}: expected a momentum coefficient strictly between 0 and 1")
+    return float(eta)
+
+
+def enable_momentum(lm, eta: float = 0.9, learnable: bool = False) -> None:
+    """Switch every attention layer of a loaded model to momentum attention (in place).
+
+    ``lm``: a :class:`iclgd.core.models.LoadedModel`. With ``learnable`` each layer gets a parameter θ (one
+    per head) initialised so that sigmoid(θ) = eta.
+    """
+    check_eta(eta)
+    if not lm.layout.momentum:
+        raise IclgdError(f"model type {lm.model_type!r} does not call transformers' AttentionInterface; "
+                         f"momentum attention supports {', '.join(momentum_families())}")
+    _register()
+    H = lm.head_counts()[0]
+    for l in range(lm.n_layers):
+        attn = lm.attention(l)
+        attn.momentum_eta = eta
+        if learnable:
+            ref = next(attn.parameters())
+            attn.momentum_theta = nn.Parameter(torch.full((H,), math.log(eta / (1 - eta)), dtype=ref.dtype,
+                                                          device=ref.device))
+    lm.model.config.momentum_eta = eta
+    lm.model.config.momentum_learnable = learnable
+    lm.model.set_attn_implementation(ATTN_NAME)

@@ -1,0 +1,233 @@
+"""Prompt building and option scoring: the ZSL / ICL evaluation engine.
+
+A prompt is ``[BOS] demo_1 SEP demo_2 SEP ... demo_k SEP query``; each option is scored by the mean
+log-probability of its label tokens after the prompt, and the prediction is the argmax (as in the
+paper's code). The demonstration prefix ``[BOS] demo_1 SEP ... demo_k SEP`` is the same for every test
+example of a (task, seed), so it is encoded once and its KV cache reused; ZSL is the same engine with
+the prefix ``[BOS]``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from iclgd.core.errors import IclgdError
+from iclgd.core.hooks import Recorder
+from iclgd.core.models import LoadedModel
+from iclgd.core.tasks import TaskData, TaskSpec, sample_demos
+from iclgd.engine.capture import Observer
+
+DEFAULT_SEPARATOR = "\n"  # the paper's fairseq code ends each demonstration with </s>; see README
+
+
+@dataclass
+class Prompts:
+    """Token ids of one (task, seed) evaluation: the shared prefix, each test query and each option."""
+
+    prefix_ids: list[int]  # [BOS] + demos with separators
+    demo_spans: list[tuple[int, int]]  # [start, end) of each demonstration's tokens in prefix_ids (no separator)
+    query_ids: list[list[int]]  # per test example: the formatted test input, without answer
+    option_ids: list[list[int]]  # per label: " {label word}" tokens
+    labels: list[int]
+    demos: list[dict] = field(default_factory=list)  # the demonstrations actually used (after overflow drop)
+    k_requested: int = 0
+
+    @property
+    def k_true(self) -> int:
+        return len(self.demo_spans)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows: list[dict],
+                  separator: str = DEFAULT_SEPARATOR, max_len: int | None = None) -> Prompts:
+    """Tokenize; drop demonstrations from the end while the longest prompt + option would overflow."""
+    tok = lm.tokenizer
+    limit = (f"--max-len {max_len}" if max_len and max_len <= lm.max_positions
+             else f"the context of model {lm.name} ({lm.max_positions} tokens)")
+    max_len = min(max_len or lm.max_positions, lm.max_positions)
+    query_ids = [_ids(tok, spec.format_input(r)) for r in eval_rows]
+    option_ids = [_ids(tok, spec.format_answer(c)) for c in range(len(spec.label_words))]
+    sep_ids = _ids(tok, separator) if separator else []
+    tail = max(map(len, query_ids)) + max(map(len, option_ids))
+    start = 0 if lm.bos_id is None else 1
+    if start + tail > max_len:
+        raise IclgdError(f"{limit}: a test prompt of {start + tail} tokens (task {spec.name}) does not fit even without "
+                         "demonstrations")
+    demo_ids = [_ids(tok, spec.format_demo(d)) for d in demos]
+    prefix, spans, used = ([] if lm.bos_id is None else [lm.bos_id]), [], []
+    for d, ids in zip(demos, demo_ids):
+        if len(prefix) + len(ids) + len(sep_ids) + tail > max_len:
+            break
+        spans.append((len(prefix), len(prefix) + len(ids)))
+        prefix += ids + sep_ids
+        used.append(d)
+    return Prompts(prefix, spans, query_ids, option_ids, [r["label"] for r in eval_rows], used, len(demos))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def encode_prefix(lm: LoadedModel, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run the prefix once; return each layer's (keys, values), shape (1, n_kv_heads, P, head_dim)."""
+    model = lm.model
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True)
+    cache = out.cache
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_for(prefix_kv, n_rows: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(prefix_kv):
+        cache.update(k.expand(n_rows, *k.shape[1:]), v.expand(n_rows, *v.shape[1:]), i)
+    return cache
+
+
+def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_prefix: bool = True,
+                  progress: bool | str = False, example_ids: list[int] | None = None,
+                  observer: Observer | None = None) -> np.ndarray:
+    """Mean log-probability of every option's tokens after each prompt, shape (n_examples, n_options).
+
+    With ``reuse_prefix`` the prefix is encoded once and its KV cache expanded over each batch of
+    (example, option) rows; without, every row re-encodes prefix + query + option (the reference).
+    Rows are right-padded, so padding never precedes a real token and positions need no correction.
+    With an ``observer`` (:class:`iclgd.engine.capture.Observer`), the same forward passes also record, per
+    example, what the ICL-vs-FT metrics need at the prediction position.
+    """
+    if observer is not None and not (reuse_prefix and prompts.prefix_ids):
+        raise ValueError("captures are taken on the prefix-reuse path only (a prompt with a start token)")
+    reuse_prefix = reuse_prefix and bool(prompts.prefix_ids)  # --bos none and no demonstrations: nothing to reuse
+    model = lm.model
+    dev = next(model.parameters()).device
+    pad = next(t for t in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id, 0) if t is not None)
+    examples = list(range(len(prompts.query_ids))) if example_ids is None else list(example_ids)
+    C = len(prompts.option_ids)
+    out = np.full((len(prompts.query_ids), C), np.nan)
+    # When every option is one token, one row per example scores them all from the last query position.
+    single = all(len(o) == 1 for o in prompts.option_ids)
+    if observer is not None and observer.position == "label-token":
+        single = False  # the label-token position lies inside option 0's row
+    # longest first: batches of similar length waste little on padding
+    order = sorted(examples, key=lambda i: -len(prompts.query_ids[i]))
+    P = len(prompts.prefix_ids)
+    if observer is not None:
+        with Recorder(lm) as rec:
+            prefix_kv = encode_prefix(lm, prompts.prefix_ids)
+            observer.set_prefix(rec, P)
+    else:
+        prefix_kv = encode_prefix(lm, prompts.prefix_ids) if reuse_prefix else None
+    base, head = model.base_model, model.get_output_embeddings()
+    bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress,
+               leave=False)
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            batch = order[b: b + batch_size]
+            rows, meta = [], []  # meta: (example, [(option, first position predicting it, its tokens)])
+            for i in batch:
+                q = prompts.query_ids[i]
+                off = 0 if reuse_prefix else P
+                if single:
+                    rows.append(q if reuse_prefix else prompts.prefix_ids + q)
+                    meta.append((i, [(c, off + len(q) - 1, o) for c, o in enumerate(prompts.option_ids)]))
+                else:
+                    for c, o in enumerate(prompts.option_ids):
+                        rows.append((q + o) if reuse_prefix else prompts.prefix_ids + q + o)
+                        meta.append((i, [(c, off + len(q) - 1, o)]))
+            ids, mask = _pad_right(rows, pad)
+            ids, mask = ids.to(dev), mask.to(dev)
+            if reuse_prefix:
+                full_mask = torch.cat([torch.ones(len(rows), P, dtype=torch.long, device=dev), mask], dim=1)
+                with Recorder(lm, detach=True) if observer is not None else nullcontext() as rec:
+                    hidden = base(input_ids=ids, attention_mask=full_mask, cache=_cache_for(prefix_kv, len(rows)),
+                                  use_cache=True).last_hidden_state
+                    if observer is not None:
+                        _observe(observer, rec, prompts, meta, P)
+            else:
+                hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # the unembedding only where a label token is predicted (hidden at t predicts token t+1)
+            for r, (i, opts) in enumerate(meta):
+                for c, start, o in opts:
+                    logits = head(hidden[r, start: start + len(o)])
+                    lp = torch.log_softmax(logits.double(), dim=-1)
+                    out[i, c] = lp.gather(-1, torch.tensor(o, device=dev)[:, None]).mean().item()
+            bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
+    """Hand each example's first row to the observer, at its prediction position."""
+    seen = set()
+    for r, (i, opts) in enumerate(meta):
+        if i in seen:
+            continue
+        seen.add(i)
+        nq = len(prompts.query_ids[i])
+        pos = nq - 1 if observer.position == "last" else nq  # label-token: option 0's first token
+        observer.take(rec, i, r, pos, nq, P)
+
+
+# ----------------------------------------------------------------------------- ZSL / ICL evaluation
+
+
+@dataclass
+class EvalConfig:
+    k: int = 32
+    seed: int = 1
+    balanced: bool = False
+    separator: str = DEFAULT_SEPARATOR
+    max_len: int = 2048  # the paper's context limit (fairseq dense models)
+    batch_size: int = 8
+
+
+def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = True) -> dict:
+    """ZSL and ICL accuracy of one task for one seed, with per-example records."""
+    spec = data.spec
+    demos = sample_demos(data.demo_pool, cfg.k, cfg.seed, cfg.balanced, len(spec.label_words))
+    icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
+    zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len)
+    lp_zsl = score_options(lm, zsl, cfg.batch_size, progress=progress and f"{spec.name} ZSL")
+    lp_icl = score_options(lm, icl, cfg.batch_size, progress=progress and f"{spec.name} ICL k={icl.k_true}")
+    labels = np.array(icl.labels)
+    pred_zsl, pred_icl = lp_zsl.argmax(1), lp_icl.argmax(1)
+    records = [
+        {"idx": row.get("idx"), "label": int(labels[j]), "zsl_pred": int(pred_zsl[j]), "icl_pred": int(pred_icl[j]),
+         "zsl_logprobs": [round(float(x), 6) for x in lp_zsl[j]], "icl_logprobs": [round(float(x), 6) for x in lp_icl[j]]}
+        for j, row in enumerate(data.eval_rows)
+    ]
+    return {
+        "task": spec.name,
+        "n": len(labels),
+        "k_requested": cfg.k,
+        "k_true": icl.k_true,
+        "prefix_tokens": len(icl.prefix_ids),
+        "demo_idx": [d.get("idx") for d in icl.demos],
+        "acc_zsl": float((pred_zsl == labels).mean()),
+        "acc_icl": float((pred_icl == labels).mean()),
+        "majority_baseline": float(np.bincount(labels).max() / len(labels)),
+        # a model that always answers one label sits at the majority baseline: the counts show it
+        "zsl_pred_counts": np.bincount(pred_zsl, minlength=len(spec.label_words)).tolist(),
+        "icl_pred_counts": np.bincount(pred_icl, minlength=len(spec.label_words)).tolist(),
+        "records": records,
+    }

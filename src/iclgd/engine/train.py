@@ -1,0 +1,353 @@
+"""Training language models from scratch, with vanilla or momentum attention (nanoGPT-style loop).
+
+One function, :func:`pretrain`: a byte-level BPE tokenizer trained on the corpus (``tokenizers``), a
+Llama-style model from a plain config, AdamW with linear warm-up and cosine decay, gradient clipping,
+validation perplexity in ``log.csv``, and safetensors checkpoints written atomically. An interrupted
+run resumes from its last checkpoint and ends with the same weights and loss as an uninterrupted one:
+the data order is a pure function of (seed, step), and initialisation of the seed alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from iclgd.core.errors import IclgdError
+
+# ----------------------------------------------------------------------------- corpora
+
+CORPORA = {  # name -> (train, valid, test) relative to <data>/corpora, or one file to split 90/5/5
+    "tinyshakespeare": ("tinyshakespeare/input.txt",),
+    "austen": ("austen/train.txt", "austen/valid.txt", "austen/test.txt"),
+    "kjv": ("kjv/train.txt", "kjv/valid.txt", "kjv/test.txt"),
+}
+# wikitext-2 is not offered: its train split is missing from the data directory (see its README)
+
+
+@dataclass
+class Corpus:
+    name: str
+    train: str
+    valid: str
+    test: str
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise IclgdError(f"--corpus: file {path} not found")
+    return path.read_text(encoding="utf-8")
+
+
+def load_corpus(name: str, data_dir=None) -> Corpus:
+    """A corpus name from :data:`CORPORA` (read from the data directory) or a path to a text file."""
+    from iclgd.core.io import sha256_file
+    from iclgd.core.tasks import resolve_data_dir
+
+    p = Path(name)
+    if name in CORPORA:
+        ddir = resolve_data_dir(data_dir)
+        if ddir is None:
+            raise IclgdError(f"--corpus {name}: no data directory found (--data-dir, $ICLGD_DATA_DIR, ../shared/data)")
+        paths = [ddir / "corpora" / rel for rel in CORPORA[name]]
+    elif p.is_file():
+        paths = [p]
+    elif name.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise IclgdError("--corpus hf:...: the `datasets` package is not installed") from None
+        ds = datasets.load_dataset(name[3:])
+        texts = ["\n".join(ds[s]["text"]) for s in ("train", "validation", "test")]
+        return Corpus(name, *texts)
+    else:
+        raise IclgdError(f"--corpus {name!r}: unknown corpus (expected one of {', '.join(CORPORA)}, "
+                         "a text file, or hf:DATASET)")
+    texts = [_read(x) for x in paths]
+    if not any(t.strip() for t in texts):
+        raise IclgdError(f"--corpus {name}: the corpus is empty ({', '.join(map(str, paths))})")
+    if len(texts) == 1:  # one file: first 90 % train, next 5 % valid, last 5 % test (cut at line breaks)
+        t = texts[0]
+        a, b = t.rfind("\n", 0, int(len(t) * 0.9)) + 1, t.rfind("\n", 0, int(len(t) * 0.95)) + 1
+        if not (0 < a < b < len(t)):
+            raise IclgdError(f"--corpus {name}: too short to split into train/valid/test")
+        texts = [t[:a], t[a:b], t[b:]]
+    return Corpus(name, *texts, files={str(x): sha256_file(x) for x in paths})
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    """Byte-level BPE trained on ``text``, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- model and loop
+
+
+@dataclass
+class ModelSize:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    block_size: int
+    vocab_size: int
+
+
+SIZES = {
+    "tiny": ModelSize(32, 2, 2, 64, 64, 300),  # tests: seconds
+    "small": ModelSize(128, 4, 4, 512, 512, 2048),  # a few minutes on 2 CPU cores
+}
+
+
+@dataclass
+class TrainConfig:
+    corpus: str = "tinyshakespeare"
+    attention: str = "vanilla"  # or "momentum"
+    eta: float = 0.9
+    learnable_eta: bool = False
+    size: str = "small"
+    seed: int = 1
+    steps: int = 150  # small: 150 × 4 × 512 tokens ≈ one epoch of Tiny Shakespeare, ~5 min on 2 cores
+    batch_size: int = 4
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 15
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    eval_tokens: int = 32768  # validation tokens per evaluation
+    ckpt_every: int = 25
+
+    def check(self) -> None:
+        if self.attention not in ("vanilla", "momentum"):
+            raise IclgdError(f"--attention {self.attention!r}: expected vanilla or momentum")
+        if self.size not in SIZES:
+            raise IclgdError(f"--config {self.size!r}: expected one of {', '.join(SIZES)}")
+        if self.attention == "momentum":
+            from iclgd.engine.momentum import check_eta
+
+            check_eta(self.eta)
+        if self.steps < 1:
+            raise IclgdError(f"--steps {self.steps}: expected at least 1")
+
+
+def build_model(cfg: TrainConfig, vocab_size: int):
+    """A Llama-style model (RMSNorm, rotary, SwiGLU) from the size table; momentum attention if asked."""
+    import transformers as T
+
+    from iclgd.core.models import LoadedModel, adapter_for
+
+    s = SIZES[cfg.size]
+    mc = T.LlamaConfig(hidden_size=s.d_model, num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads,
+                       num_key_value_heads=s.n_heads, intermediate_size=s.d_mlp, max_position_embeddings=s.block_size,
+                       vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=True)
+    mc._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.seed)  # same seed -> same initial weights for vanilla and momentum
+    model = T.LlamaForCausalLM(mc)
+    lm = LoadedModel(f"{cfg.size}-{cfg.attention}", model, None, adapter_for("llama"), "built by iclgd.train")
+    if cfg.attention == "momentum":
+        from iclgd.engine.momentum import enable_momentum
+
+        enable_momentum(lm, cfg.eta, cfg.learnable_eta)
+    return lm
+
+
+def batch_at(data: torch.Tensor, step: int, seed: int, batch_size: int, block: int) -> torch.Tensor:
+    """The batch of a step: a pure function of (seed, step), so runs are reproducible and resumable."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(data) - block - 1, (batch_size,), generator=g)
+    return torch.stack([data[s: s + block + 1] for s in starts.tolist()])
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+@torch.no_grad()
+def perplexity(model, data: torch.Tensor, length: int, max_tokens: int | None = None, batch_size: int = 8) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of ``length`` tokens."""
+    data = data[: max_tokens] if max_tokens else data
+    n = (len(data) - 1) // length
+    if n < 1:
+        raise IclgdError(f"validation text has fewer than {length + 1} tokens")
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, n, batch_size):
+        idx = range(b, min(n, b + batch_size))
+        x = torch.stack([data[i * length: i * length + length] for i in idx])
+        y = torch.stack([data[i * length + 1: i * length + length + 1] for i in idx])
+        logits = model(input_ids=x).logits
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was)
+    return math.exp(total / count)
+
+
+def _save_checkpoint(out: Path, model, opt, step: int) -> None:
+    from safetensors.torch import save_model
+
+    tmp = out / f".ckpt.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    final = out / "ckpt"
+    old = out / ".ckpt.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(out: Path, model, opt) -> int:
+    from safetensors.torch import load_model
+
+    ck = out / "ckpt"
+    if not (ck / "step.json").is_file():
+        return 0
+    try:
+        step = json.loads((ck / "step.json").read_text())["step"]
+        load_model(model, str(ck / "model.safetensors"))
+        opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - any damage to the checkpoint is the user's to know about
+        raise IclgdError(f"{ck}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
+    return int(step)
+
+
+LOG_FIELDS = ["step", "lr", "train_loss", "val_loss", "val_ppl"]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    from iclgd.core.io import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, LOG_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, stop_after: int | None = None,
+             tokenizer=None, corpus: Corpus | None = None) -> dict:
+    """Train (or resume) into ``out``; returns the summary also written to ``out/final.json``.
+
+    ``stop_after`` ends the run early after that many steps of this call (to test interruption).
+    A ``tokenizer`` trained elsewhere (same corpus) can be shared between runs.
+    """
+    from tqdm.auto import tqdm
+
+    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
+
+    cfg.check()
+    out = ensure_dir(out)
+    corpus = corpus or load_corpus(cfg.corpus, data_dir)
+    s = SIZES[cfg.size]
+    tok_path = out / "tokenizer.json"
+    if tokenizer is None:
+        if tok_path.is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>")
+        else:
+            tokenizer = train_tokenizer(corpus.train, s.vocab_size)
+    if not tok_path.is_file():
+        tokenizer.backend_tokenizer.save(str(tok_path))
+    train_ids, val_ids = encode(tokenizer, corpus.train), encode(tokenizer, corpus.valid)
+    if len(train_ids) <= s.block_size + 1:
+        raise IclgdError(f"--corpus {cfg.corpus}: train split has {len(train_ids)} tokens, fewer than one block")
+    lm = build_model(cfg, len(tokenizer))
+    model = lm.model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start = _load_checkpoint(out, model, opt)
+    log_path = out / "log.csv"
+    rows = []
+    if start and log_path.is_file():
+        with open(log_path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
+    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.attention} seed {cfg.seed}", disable=not progress,
+               initial=start, total=cfg.steps)
+    done_here = 0
+    loss = float("nan")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        xy = batch_at(train_ids, step, cfg.seed, cfg.batch_size, s.block_size)
+        logits = model(input_ids=xy[:, :-1]).logits  # logits at t predict token t+1 = xy[:, 1:]
+        loss_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
+        if not torch.isfinite(loss_t):
+            raise IclgdError(f"training: loss became {loss_t.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss = loss_t.item()
+        row = {"step": step + 1, "lr": f"{lr_at(cfg, step):.6g}", "train_loss": f"{loss:.6f}", "val_loss": "",
+               "val_ppl": ""}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            ppl = perplexity(model, val_ids, s.block_size, cfg.eval_tokens)
+            row.update(val_loss=f"{math.log(ppl):.6f}", val_ppl=f"{ppl:.4f}")
+            bar.set_postfix(val_ppl=f"{ppl:.2f}")
+        rows.append(row)
+        done_here += 1
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            _save_checkpoint(out, model, opt, step + 1)
+            _write_log(log_path, rows)
+        if stop_after is not None and done_here >= stop_after and step + 1 < cfg.steps:
+            bar.close()
+            return {"stopped_at": step + 1}
+    bar.close()
+    _write_log(log_path, rows)
+    summary = {"kind": "iclgd.pretrain", "config": asdict(cfg), "final_train_loss": loss,
+               "n_params": sum(p.numel() for p in model.parameters()), "train_tokens": len(train_ids),
+               "val_tokens": len(val_ids), "data_sha256": corpus.files, "versions": library_versions()}
+    atomic_write_json(out / "final.json", summary)
+    return summary
+
+
+def load_trained(out: Path):
+    """The trained model of a run folder (architecture rebuilt from its config) and its tokenizer."""
+    from safetensors.torch import load_model
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = TrainConfig(**json.loads((Path(out) / "config.json").read_text()))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(out) / "tokenizer.json"), bos_token="<bos>",
+                                  eos_token="<eos>", pad_token="<pad>")
+    lm = build_model(cfg, len(tok))
+    load_model(lm.model, str(Path(out) / "ckpt" / "model.safetensors"))
+    lm.model.eval()
+    lm.tokenizer = tok
+    return lm, cfg, tok

@@ -1,0 +1,128 @@
+"""``iclgd dual``: the dual form checked on a real model's layers, and ΔW_ICL against ΔW_FT.
+
+The math lives in :mod:`iclgd.engine.dual`; this module picks the prompt, runs it, and writes the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iclgd.core.errors import IclgdError
+from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
+from iclgd.core.models import LoadedModel, load_model
+from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task, sample_demos
+from iclgd.engine import dual
+from iclgd.engine.scoring import build_prompts
+
+TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
+
+
+def icl_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None, example: int = 0
+               ) -> tuple[list[int], tuple[int, int], dict]:
+    """A real ICL prompt: k demonstrations (seeded) and the ``example``-th test input of the task."""
+    spec = resolve_task(task)
+    data = load_task(spec, resolve_data_dir(data_dir), n_test=example + 1)
+    p = build_prompts(lm, spec, sample_demos(data.demo_pool, k, seed), data.eval_rows[example:])
+    ids = p.prefix_ids + p.query_ids[0]
+    meta = {"task": task, "start_token": lm.start, "k_requested": k, "k_true": p.k_true, "seed": seed, "example_idx": data.eval_rows[example].get("idx"),
+            "n_tokens": len(ids), "demo_span": [1, len(p.prefix_ids)], "files": data.files}
+    return ids, (1, len(p.prefix_ids)), meta
+
+
+def parse_layers(value: str, n_layers: int) -> list[int]:
+    if value == "all":
+        return list(range(n_layers))
+    try:
+        layers = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise IclgdError(f"--layers {value!r}: expected 'all' or a comma list of layer numbers") from None
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad or not layers:
+        raise IclgdError(f"--layers {value!r}: layers must lie in 0..{n_layers - 1}")
+    return layers
+
+
+@dataclass
+class VerifyConfig:
+    model: str = "smollm2-135m"
+    task: str = "sst2"
+    k: int = 8
+    seed: int = 1
+    layers: str = "all"  # 'all' or a comma list
+    dtype: str = "float64"  # float64 (tolerance 1e-5) or float32 (1e-3)
+    data_dir: Path | None = None
+    bos: str | None = None  # the prompt's start token (None: the model's)
+
+    def __post_init__(self):
+        if self.dtype not in ("float64", "float32"):
+            raise IclgdError(f"--dtype {self.dtype!r}: expected float64 or float32")
+
+
+def verify_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None,
+                  layers: list[int] | None = None) -> dict:
+    """The dual-form check on one ICL prompt: per-head rows, the per-layer table and its summary."""
+    ids, span, meta = icl_prompt(lm, task, k, seed, data_dir)
+    rows = dual.verify_layers(lm, ids, span, layers)
+    table = dual.per_layer(rows)
+    return {"rows": rows, "per_layer": table, "summary": dual.summarize(rows, table),
+            "meta": {k_: v for k_, v in meta.items() if k_ != "files"}, "data_sha256": meta["files"]}
+
+
+def verify(cfg: VerifyConfig) -> dict:
+    """``iclgd dual verify``: every chosen layer and head, with the tolerance of the dtype."""
+    lm = load_model(cfg.model, bos=cfg.bos)
+    torch_dtype = getattr(torch, cfg.dtype)
+    lm.model.to(torch_dtype)
+    chosen = parse_layers(cfg.layers, lm.n_layers)
+    t0 = time.time()
+    v = verify_prompt(lm, cfg.task, cfg.k, cfg.seed, cfg.data_dir, chosen)
+    tol = TOLERANCE[torch_dtype]
+    ok = all(r["identity_rel_err"] <= tol for r in v["rows"])
+    return {"kind": "iclgd.dual.verify",
+            "config": {"model": cfg.model, "model_source": lm.source, "dtype": cfg.dtype, "layers": chosen,
+                       **v["meta"]},
+            "data_sha256": v["data_sha256"], "versions": library_versions(),
+            "summary": {**v["summary"], "tolerance": tol, "within_tolerance": ok},
+            "per_layer": v["per_layer"], "rows": v["rows"], "timing": {"wall_s": round(time.time() - t0, 2)}}
+
+
+def write_verify(result: dict, out) -> Path:
+    path = ensure_dir(out) / "dual_verify.json"
+    atomic_write_json(path, result)
+    return path
+
+
+def load_after(before: str, after: str) -> LoadedModel:
+    """A model folder, or a state dict applied on top of ``before``."""
+    p = Path(after)
+    if p.is_dir() or not p.exists():
+        return load_model(after)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    lm = load_model(before)
+    missing, unexpected = lm.model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise IclgdError(f"--after {p}: state dict has keys the model lacks, e.g. {unexpected[0]}")
+    return lm
+
+
+def compare_updates(before: str, after: str, task: str = "sst2", k: int = 8, seed: int = 1, data_dir=None) -> dict:
+    """``iclgd dual compare-updates``: ΔW_FT = W_ZSL(after) − W_ZSL(before) vs ΔW_ICL, per layer and head."""
+    lm_b = load_model(before)
+    lm_a = load_after(before, after)
+    ids, span, meta = icl_prompt(lm_b, task, k, seed, data_dir)
+    rows = dual.compare_updates(lm_b, lm_a, ids, span)
+    return {"kind": "iclgd.dual.compare_updates", "config": {"before": before, "after": after, **meta},
+            "versions": library_versions(), "rows": rows}
+
+
+def write_updates(result: dict, out) -> None:
+    atomic_write_json(Path(out) / "dual_updates.json", result)

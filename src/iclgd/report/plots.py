@@ -1,0 +1,171 @@
+"""Every plot of iclgd, each written atomically, from result files or result dicts (numpy only, no torch)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+from iclgd.report.tables import CALIBRATED
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def _mean_layers(results: list[dict], *keys) -> np.ndarray:
+    rows = []
+    for r in results:
+        v = r
+        for k in keys:
+            v = v[k]
+        rows.append(v["per_layer"])
+    return np.nanmean(np.asarray(rows, dtype=float), axis=0)
+
+
+def plot_compare(results: list[dict], out_dir: Path, title: str, control: list[dict] | None = None) -> list[str]:
+    """Per-layer SimAOU, SimAM and Kendall with their baselines (mean over seeds); dashed: untrained model."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    panels = {
+        "simaou_layers.png": ("SimAOU per layer", [
+            (("simaou",), "SimAOU (ICL vs FT)"), (("simaou", "baseline_uniform"), "random: uniform[0,1)"),
+            (("simaou", "baseline_gaussian"), "random: Gaussian ΔFT")]),
+        "simam_layers.png": ("SimAM per layer", [
+            (("simam", "icl_ft"), "SimAM (ICL, FT)"), (("simam", "icl_zsl"), "ZSL SimAM (ICL, ZSL)"),
+            (("simam", "delta"), "SimAM_Δ")]),
+        "kendall_layers.png": ("Kendall τ per layer", [
+            (("kendall", "token_qq"), "token, q·q (official)"), (("kendall", "token_qk"), "token, q·k (dual form)"),
+            (("kendall", "example_qq"), "example level, q·q"), (("kendall", "random_token"), "random")]),
+    }
+    written = []
+    for fname, (ttl, lines) in panels.items():
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for i, (keys, label) in enumerate(lines):
+            y = _mean_layers(results, *keys)
+            ax.plot(range(len(y)), y, "o-", ms=3, color=f"C{i}", label=label)
+            if control:
+                yc = _mean_layers(control, *keys)
+                ax.plot(range(len(yc)), yc, "--", color=f"C{i}", alpha=0.6, label=f"{label} [untrained]")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel("layer"), ax.set_title(f"{ttl} · {title}", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        _save(fig, out_dir / fname)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+
+def plot_compare_file(results_json) -> list[str]:
+    """The per-layer plots of an ``iclgd compare`` results.json, beside it."""
+    import json
+
+    path = Path(results_json)
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    c = doc["config"]
+    control = doc["untrained"]["seeds"] if doc.get("untrained") else None
+    return plot_compare(doc["seeds"], path.parent, f"{c['model']} · {c['task']['name']} · k={c['k']} · {c['position']}",
+                        control)
+
+
+def plot_verify(layer_rows: list[dict], path, title: str) -> None:
+    plt = _plt()
+    layers = [r["layer"] for r in layer_rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a1.plot(layers, [1 - r["softmax_cos"] for r in layer_rows], "o-", label="1 − cos(softmax, relaxed)")
+    a1.plot(layers, [r["softmax_relerr"] for r in layer_rows], "s-", label="rel. error (softmax vs relaxed)")
+    a1.set_yscale("log"), a1.set_xlabel("layer"), a1.set_title("gap: softmax attention vs its linear relaxation")
+    a1.legend(fontsize=8)
+    a2.plot(layers, [r["dW/WZSL"] for r in layer_rows], "o-", color="C2")
+    a2.set_yscale("log"), a2.set_xlabel("layer"), a2.set_title("‖ΔW_ICL‖ / ‖W_ZSL‖ (median over heads)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_curves(out: Path, seeds: list[int]) -> None:
+    """Validation perplexity over steps, one line per (variant, seed), from each run's log.csv."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, variant in enumerate(("vanilla", "momentum")):
+        for j, sd in enumerate(seeds):
+            rows = [r for r in csv.DictReader(open(out / f"{variant}-s{sd}" / "log.csv")) if r["val_ppl"]]
+            ax.plot([int(r["step"]) for r in rows], [float(r["val_ppl"]) for r in rows], "o-", ms=3, color=f"C{i}",
+                    alpha=0.8, label=variant if j == 0 else None)
+    ax.set_xlabel("step"), ax.set_ylabel("validation perplexity"), ax.set_yscale("log")
+    ax.set_title("vanilla vs momentum attention (one line per seed)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, out / "val_curves.png")
+    plt.close(fig)
+
+
+def plot_calibration(summary: dict, path, title: str) -> None:
+    """Bars per metric: construction / trained / untrained / random (the construction's random baseline),
+    with 95% CIs over seeds."""
+    plt = _plt()
+    cal = summary["calibration"]
+    bars = [(name, lambda m, n=name: cal[n][m]) for name in cal]
+    bars.append(("random", lambda m: cal["construction"].get(f"{m}_random", (np.nan,) * 3)))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    w = 0.8 / len(bars)
+    for i, (name, get) in enumerate(bars):
+        vals = np.array([get(m) for m in CALIBRATED], dtype=float)  # (metrics, 3): mean, lo, hi
+        err = np.abs(vals[:, 1:].T - vals[:, 0])
+        ax.bar(np.arange(len(CALIBRATED)) + (i - (len(bars) - 1) / 2) * w, vals[:, 0], w, yerr=err, capsize=2,
+               label=name)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(CALIBRATED)), ["Rec2FTP", "SimAOU", "SimAM", "Kendall"])
+    ax.set_title(f"{title} · seeds {summary['seeds']}", fontsize=9)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.1)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_synthetic(r: dict, summary: dict, out) -> None:
+    """Three PNGs of one synthetic run: training loss vs the GD losses; trained vs GD sensitivities (the
+    run's in-memory ``_sens`` arrays); calibration (``summary``: ``summarize_seeds([r])``)."""
+    plt = _plt()
+    out = Path(out)
+    L = r["config"]["layers"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    c = np.asarray(r["train_curve"])
+    w = max(1, len(c) // 50)
+    ax.plot(np.convolve(c, np.ones(w) / w, mode="valid"), label="trained model (train loss, smoothed)")
+    for key, style in (("gd_1step", "--"), (f"gd_{L}steps", ":"), (f"gdpp_{L}steps", "-.")):
+        ax.axhline(r["loss"][key] / 2, ls=style, color="k", lw=0.8, label=f"{key} (eval)")
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("½ squared error")
+    ax.set_title(f"in-context linear regression: {r['config']['model']}", fontsize=9), ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out / "loss.png")
+    plt.close(fig)
+    s_tr, s_gd = r["_sens"]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(s_gd.flatten()[:4000], s_tr.flatten()[:4000], s=2, alpha=0.4)
+    lim = float(np.abs(s_gd).max())
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
+    ax.set_xlabel(f"∂ŷ/∂x_q, {L}-step GD"), ax.set_ylabel("∂ŷ/∂x_q, trained model")
+    ax.set_title(f"sensitivities, cos {r['trained_vs_gd']['sensitivity_cos']:.4f}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, out / "sensitivities.png")
+    plt.close(fig)
+    plot_calibration(summary, out / "calibration.png", r["config"]["model"])

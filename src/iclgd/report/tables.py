@@ -1,0 +1,28 @@
+"""Tables of results as lists of rows (formatted cells), for the CLI and report.md alike."""
+
+from __future__ import annotations
+
+CALIBRATED = ("rec2ftp", "simaou", "simam", "kendall")  # the four metrics the synthetic testbed calibrates
+
+
+def calibration_table(r: dict) -> list[dict]:
+    """One row per model (construction / trained / untrained): each metric beside its random baseline."""
+    rows = []
+    for name, c in r["calibration"].items():
+        rows.append({"model": name, "Rec2FTP (den)": f"{c['rec2ftp']:.3f} ({c['rec2ftp_den']})",
+                     "SimAOU | rand": f"{c['simaou']:.3f} | {c['simaou_random']:.3f}",
+                     "SimAM | rand": f"{c['simam']:.3f} | {c['simam_random']:.3f}",
+                     "Kendall | rand": f"{c['kendall']:.3f} | {c['kendall_random']:.3f}",
+                     "SimAM, Kendall unsigned": f"{c['simam_raw']:.3f}, {c['kendall_raw']:.3f}"})
+    return rows
+
+
+def summary_table(summary: dict) -> list[dict]:
+    """Like ``calibration_table``, with mean [95% CI] over seeds."""
+    def f(v):
+        return f"{v[0]:.3f}" if v[1] == v[2] else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    return [{"model": name, **{m: f(c[m]) for m in CALIBRATED}, "SimAM rand": f(c["simam_random"]),
+             "Kendall rand": f(c["kendall_random"])} for name, c in summary["calibration"].items()]
+
+
