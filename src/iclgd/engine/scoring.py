@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from iclgd.core.errors import IclgdError
@@ -138,6 +139,9 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     else:
         prefix_kv = encode_prefix(lm, prompts.prefix_ids) if reuse_prefix else None
     base, head = model.base_model, model.get_output_embeddings()
+    # the unembedding and log-softmax in fp32/fp64 whatever the model dtype: in bf16, close options tie or flip
+    w32 = head.weight.float()
+    b32 = head.bias.float() if getattr(head, "bias", None) is not None else None
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress,
                leave=False)
     with torch.no_grad():
@@ -166,11 +170,15 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             else:
                 hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             # the unembedding only where a label token is predicted (hidden at t predicts token t+1)
+            where, means = [], []
             for r, (i, opts) in enumerate(meta):
                 for c, start, o in opts:
-                    logits = head(hidden[r, start: start + len(o)])
+                    logits = F.linear(hidden[r, start: start + len(o)].float(), w32, b32)
                     lp = torch.log_softmax(logits.double(), dim=-1)
-                    out[i, c] = lp.gather(-1, torch.tensor(o, device=dev)[:, None]).mean().item()
+                    where.append((i, c))
+                    means.append(lp.gather(-1, torch.tensor(o, device=dev)[:, None]).mean())
+            for (i, c), v in zip(where, torch.stack(means).cpu().tolist()):  # one device-to-host copy per batch
+                out[i, c] = v
             bar.update(len(batch))
     bar.close()
     return out
