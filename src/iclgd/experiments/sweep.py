@@ -154,7 +154,7 @@ def _dual_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
 def _synthetic_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
     from iclgd.experiments import synthetic
 
-    r = synthetic.run(layers=p["layers"], steps=p["steps"], seed=p["seed"], progress=progress)
+    r = synthetic.run(synthetic.SyntheticConfig(layers=p["layers"], steps=p["steps"], seed=p["seed"]), progress)
     r.pop("_sens")
     return r
 
