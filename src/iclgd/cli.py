@@ -192,23 +192,21 @@ def momentum_compare(
     out: Path = typer.Option(...),
 ):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
-    from iclgd.experiments.momentum import compare_attention
-    from iclgd.report.plots import plot_curves
-
-    seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
-    doc = compare_attention(corpus, seed_list, eta, out, size=config, steps=steps, lengths=length_list,
-                            learnable_eta=learnable_eta, data_dir=data_dir)
-    plot_curves(out, seed_list)
-    rows = []
-    for key, v in doc["summary"].items():
-        f = lambda t: f"{t[0]:.4g} [{t[1]:.4g}, {t[2]:.4g}]"  # noqa: E731
-        rows.append({"metric": key, "vanilla": f(v["vanilla"]), "momentum": f(v["momentum"]),
-                     "momentum - vanilla (paired)": f(v["paired_diff_momentum_minus_vanilla"])})
     import pandas as pd
 
+    from iclgd.experiments.momentum import MomentumConfig, run, write
+    from iclgd.report.plots import plot_curves
+    from iclgd.report.tables import momentum_rows
+
+    seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
+    cfg = MomentumConfig(corpus=corpus, seeds=seed_list, eta=eta, size=config, steps=steps, lengths=length_list,
+                         learnable_eta=learnable_eta, data_dir=data_dir)
+    doc = run(cfg, out)
+    path = write(doc, out)
+    plot_curves(out, seed_list)
     typer.echo(f"{len(seed_list)} seeds, mean [95% bootstrap CI]")
-    typer.echo(pd.DataFrame(rows).to_string(index=False))
-    typer.echo(f"wrote {out / 'results.json'} and {out / 'val_curves.png'}")
+    typer.echo(pd.DataFrame(momentum_rows(doc)).to_string(index=False))
+    typer.echo(f"wrote {path} and {out / 'val_curves.png'}")
 
 
 @momentum_app.command("apply")

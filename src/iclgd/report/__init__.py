@@ -99,7 +99,8 @@ def compare_section(sw: Sweep) -> list[str]:
         d.mkdir(exist_ok=True)
         plot_compare(rs, d, f"{sw.cfg['model']} · {t}", us or None)
     lines = ["## Accuracy (%): ZSL, FT, ICL", "",
-             pd.DataFrame(acc_rows).to_markdown(index=False, disable_numparse=True), "", "Mean over seeds, with a 95% bootstrap CI where there are several. Accuracy at the majority "
+             pd.DataFrame(acc_rows).to_markdown(index=False, disable_numparse=True), "",
+             "Mean over seeds, with a 95% bootstrap CI where there are several. Accuracy at the majority "
              "baseline with all predictions in one class is a model that ignores the input.", ""]
     lines += ["## The paper's metrics, each beside its controls", "",
               pd.DataFrame(met_rows).to_markdown(index=False, disable_numparse=True), "",

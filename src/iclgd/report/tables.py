@@ -51,3 +51,11 @@ def _compare_row(task: str, agg: dict, results: list[dict]) -> dict:
         "Kendall | rand": f"{f('kendall_token')} | {f('kendall_random')}",
         "k": results[0]["k_true"], "lr": results[0]["lr"],
     }
+
+
+def momentum_rows(doc: dict) -> list[dict]:
+    """Each metric of an ``iclgd momentum compare`` results.json: vanilla, momentum, their paired difference."""
+    f = lambda t: f"{t[0]:.4g} [{t[1]:.4g}, {t[2]:.4g}]"  # noqa: E731
+    return [{"metric": key, "vanilla": f(v["vanilla"]), "momentum": f(v["momentum"]),
+             "momentum - vanilla (paired)": f(v["paired_diff_momentum_minus_vanilla"])}
+            for key, v in doc["summary"].items()]
