@@ -73,7 +73,7 @@ def test_attention_function_matches_naive_with_padding(dtype):
                 torch.testing.assert_close(out[b, t, h], expected, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2", "tiny-random-qwen3"])
 def test_kv_cache_generation_equals_full_forward(name):
     lm = load_model(name)
     enable_momentum(lm, eta=0.9)

@@ -79,7 +79,7 @@ def test_linear_attention_sign_symmetry_is_fixed_for_simam_and_kendall():
 
 
 def test_short_training_beats_zero_and_approaches_gd_and_calibrates_metrics():
-    r = S.run(d=5, n_ctx=10, layers=1, steps=400, seed=0, n_eval=512, progress=False, lr=1e-2)
+    r = S.run(S.SyntheticConfig(d=5, n_ctx=10, layers=1, steps=400, seed=0, n_eval=512, lr=1e-2), progress=False)
     loss = r["loss"]
     assert loss["trained"] < 0.6 * loss["zero"]
     assert loss["trained"] <= 1.10 * loss["gd_1step"]  # within 10 % of one-step GD after 400 steps
@@ -119,7 +119,7 @@ def test_report_shows_the_synthetic_calibration_from_its_result_file(tmp_path):
     from iclgd.core.io import atomic_write_json
     from iclgd.report import write_report
 
-    r = S.run(d=3, n_ctx=6, layers=1, steps=50, seed=0, n_eval=64, progress=False, lr=1e-2)
+    r = S.run(S.SyntheticConfig(d=3, n_ctx=6, layers=1, steps=50, seed=0, n_eval=64, lr=1e-2), progress=False)
     r.pop("_sens")
     atomic_write_json(tmp_path / "sweep.json", {"config": {"model": "none", "tasks": [], "seeds": [0], "n_test": 0},
                                                 "units": ["synthetic-1L"]})

@@ -95,17 +95,18 @@ def test_corpus_errors(tmp_path, data_dir):
 
 
 def test_momentum_compare_study_tiny(tmp_path, small_corpus):
-    from iclgd.experiments.momentum import compare_attention
+    from iclgd.experiments.momentum import MomentumConfig, run
     from iclgd.report.plots import plot_curves
 
-    kw = dict(size="tiny", steps=4, lengths=(32, 64), progress=False, eval_every=4, ckpt_every=4, eval_tokens=1024)
-    doc = compare_attention(small_corpus, [1], 0.9, tmp_path, **kw)
+    cfg = MomentumConfig(small_corpus, [1], 0.9, size="tiny", steps=4, lengths=(32, 64),
+                         train=dict(eval_every=4, ckpt_every=4, eval_tokens=1024))
+    doc = run(cfg, tmp_path, progress=False)
     assert set(doc["runs"]) == {"vanilla-s1", "momentum-s1"}
     s = doc["summary"]["ppl@32"]
     assert s["paired_diff_momentum_minus_vanilla"][0] == pytest.approx(s["momentum"][0] - s["vanilla"][0])
     plot_curves(tmp_path, [1])  # from the runs' log.csv files alone
     assert (tmp_path / "val_curves.png").stat().st_size > 1000
-    again = compare_attention(small_corpus, [1], 0.9, tmp_path, **kw)  # finished runs are not retrained
+    again = run(cfg, tmp_path, progress=False)  # finished runs are not retrained
     assert again["runs"] == doc["runs"]
     with pytest.raises(IclgdError, match="exceed the model's context"):
-        compare_attention(small_corpus, [1], 0.9, tmp_path, **{**kw, "lengths": (128,)})
+        run(MomentumConfig(small_corpus, [1], 0.9, size="tiny", lengths=(128,)), tmp_path, progress=False)

@@ -107,17 +107,18 @@ def eval_cmd(
     out: Path = typer.Option(None, help="write results.json here"),
 ):
     """Zero-shot and in-context accuracy of a causal LM on the paper's tasks."""
-    from iclgd.experiments.eval import run_eval
+    from iclgd.engine.scoring import EvalConfig
+    from iclgd.experiments.eval import SUMMARY, EvalJob, run, summary_rows, write
 
+    job = EvalJob(model=model, task=task, task_spec=task_spec, n_test=n_test, data_dir=data_dir, dtype=dtype,
+                  device=device, bos=bos, eval=EvalConfig(k=k, seed=seed, balanced=balanced, separator=separator,
+                                                 max_len=max_len, batch_size=batch_size))
     if out is not None:
         ensure_dir(out)
-    rows = run_eval(model=model, task=task, task_spec=task_spec, k=k, seed=seed, n_test=n_test, balanced=balanced,
-                    separator=separator, max_len=max_len, batch_size=batch_size, data_dir=data_dir, dtype=dtype,
-                    device=device, out=out, bos=bos)
-    print_table(rows, ["task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts",
-                      "icl_pred_counts"])
+    doc = run(job)
+    print_table(summary_rows(doc), list(SUMMARY))
     if out is not None:
-        typer.echo(f"wrote {out / 'results.json'}")
+        typer.echo(f"wrote {write(doc, out)}")
 
 
 @app.command("compare")
@@ -148,21 +149,27 @@ def compare_cmd(
     out: Path = typer.Option(None),
 ):
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
-    from iclgd.experiments.compare import CompareConfig, run_compare
+    import pandas as pd
+
+    from iclgd.experiments.compare import CompareConfig, CompareJob, run, write
+    from iclgd.report.plots import plot_compare_file
+    from iclgd.report.tables import compare_rows
 
     seed_list = int_list(seeds, "--seeds")
     no_start_token(bos)
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
                         kendall_n=kendall_n, balanced=balanced, separator=separator, max_len=max_len,
                         batch_size=batch_size)
-    rows, written = run_compare(model, task, seed_list, cfg, n_test=n_test, untrained=untrained, data_dir=data_dir,
-                                out=out, dtype=dtype, device=device, task_spec=task_spec, bos=bos)
-    from iclgd.report.plots import plot_compare_file
-
-    for path in written:
-        plot_compare_file(path)
-    import pandas as pd
-
+    job = CompareJob(model=model, task=task, seeds=seed_list, n_test=n_test, untrained=untrained,
+                     task_spec=task_spec, data_dir=data_dir, dtype=dtype, device=device, bos=bos, compare=cfg)
+    results = run(job)
+    if out is not None:
+        ensure_dir(out)
+    rows = []
+    for r in results:
+        rows += compare_rows(r.doc)
+        if out is not None:
+            plot_compare_file(write(r, out))
     typer.echo(f"prediction position: {position}; FT: {ft_params} params, {ft_mode}")
     typer.echo(pd.DataFrame(rows).to_string(index=False))
     if out is not None:
@@ -208,23 +215,21 @@ def momentum_compare(
     out: Path = typer.Option(...),
 ):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
-    from iclgd.experiments.momentum import compare_attention
-    from iclgd.report.plots import plot_curves
-
-    seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
-    doc = compare_attention(corpus, seed_list, eta, out, size=config, steps=steps, lengths=length_list,
-                            learnable_eta=learnable_eta, data_dir=data_dir)
-    plot_curves(out, seed_list)
-    rows = []
-    for key, v in doc["summary"].items():
-        f = lambda t: f"{t[0]:.4g} [{t[1]:.4g}, {t[2]:.4g}]"  # noqa: E731
-        rows.append({"metric": key, "vanilla": f(v["vanilla"]), "momentum": f(v["momentum"]),
-                     "momentum - vanilla (paired)": f(v["paired_diff_momentum_minus_vanilla"])})
     import pandas as pd
 
+    from iclgd.experiments.momentum import MomentumConfig, run, write
+    from iclgd.report.plots import plot_curves
+    from iclgd.report.tables import momentum_rows
+
+    seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
+    cfg = MomentumConfig(corpus=corpus, seeds=seed_list, eta=eta, size=config, steps=steps, lengths=length_list,
+                         learnable_eta=learnable_eta, data_dir=data_dir)
+    doc = run(cfg, out)
+    path = write(doc, out)
+    plot_curves(out, seed_list)
     typer.echo(f"{len(seed_list)} seeds, mean [95% bootstrap CI]")
-    typer.echo(pd.DataFrame(rows).to_string(index=False))
-    typer.echo(f"wrote {out / 'results.json'} and {out / 'val_curves.png'}")
+    typer.echo(pd.DataFrame(momentum_rows(doc)).to_string(index=False))
+    typer.echo(f"wrote {path} and {out / 'val_curves.png'}")
 
 
 @momentum_app.command("apply")
@@ -277,8 +282,8 @@ def synthetic_cmd(
     from iclgd.report.plots import plot_calibration, plot_synthetic
     from iclgd.report.tables import calibration_table, summary_table
 
-    runs = [S.run(dim, n_context, layers, steps, s, n_eval, lr=lr, attention=attention, heads=heads,
-                  mlp_hidden=mlp_hidden) for s in (int_list(seeds, "--seeds") if seeds else [seed])]
+    runs = [S.run(S.SyntheticConfig(dim, n_context, layers, steps, s, n_eval, lr=lr, attention=attention, heads=heads,
+                                    mlp_hidden=mlp_hidden)) for s in (int_list(seeds, "--seeds") if seeds else [seed])]
     for r in runs:
         typer.echo(f"seed {r['config']['seed']}: {r['config']['model']}; losses on {n_eval} fresh tasks "
                    "(mean squared error of the query prediction):")

@@ -32,11 +32,7 @@ from iclgd.core.errors import IclgdError
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Where attention lives in one architecture (dotted attribute paths), and how it computes.
-
-    None of the supported families normalises q or k per head (as Qwen3 or OLMo-2 do); such a family
-    needs q/k-norm fields here and their use in :func:`qkv`.
-    """
+    """Where attention lives in one architecture (dotted attribute paths), and how it computes."""
 
     blocks: str  # the ModuleList of transformer blocks, from the *ForCausalLM root
     attn: str  # the self-attention module inside a block
@@ -48,6 +44,8 @@ class AttentionLayout:
     fused: str | None = None  # ... or one fused projection, laid out as ``fused_kind``
     fused_kind: str | None = None  # "gpt2_conv1d": Conv1D [q|k|v] columns; "neox": rows (head, 3, head_dim)
     final_norm: str = ""  # the norm before the unembedding, from the root
+    q_norm: str | None = None  # per-head norms of q and k inside ``attn`` (Qwen3), applied before rotary
+    k_norm: str | None = None
     rotary: str | None = None  # the model's rotary-embedding module, from the root (None: no rotary) ...
     rotary_apply: str = "apply_rotary_pos_emb"  # ... applied by this function of the family's modeling module
     scaled: bool = True  # GPT-Neo famously does not divide scores by sqrt(head_dim)
@@ -77,6 +75,8 @@ ADAPTERS: dict[str, AttentionLayout] = {
                              final_norm="model.norm", rotary="model.rotary_emb"),
     "qwen2": AttentionLayout("model.layers", "self_attn", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                              final_norm="model.norm", rotary="model.rotary_emb"),
+    "qwen3": AttentionLayout("model.layers", "self_attn", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+                             final_norm="model.norm", q_norm="q_norm", k_norm="k_norm", rotary="model.rotary_emb"),
     "gpt_neox": AttentionLayout("gpt_neox.layers", "attention", "input_layernorm", None, None, None, "dense",
                                 fused="query_key_value", fused_kind="neox", final_norm="gpt_neox.final_layer_norm",
                                 rotary="gpt_neox.rotary_emb"),
@@ -295,9 +295,10 @@ def _fused_qkv(kind: str, t: torch.Tensor, H: int, hd: int) -> tuple[torch.Tenso
 def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
-    input ``x`` (T, d_model), as the layer computes them: adapter-table projections with their biases and,
-    for rotary models, the model's own rotary module. Queries are *not* multiplied by the score scale,
-    which is returned separately (1/√d_head, or 1 for GPT-Neo).
+    input ``x`` (T, d_model), as the layer computes them: adapter-table projections with their biases, the
+    per-head q/k norms where the family has them and, for rotary models, the model's own rotary module.
+    Queries are *not* multiplied by the score scale, which is returned separately (1/√d_head, or 1 for
+    GPT-Neo).
     """
     p = lm.projections(layer)
     H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
@@ -307,8 +308,11 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     def lin(W, b):
         return x @ W.T + (b if b is not None else 0)
 
-    q = lin(p.Wq, p.bq).view(T, H, hd).transpose(0, 1)
-    k = lin(p.Wk, p.bk).view(T, Hkv, hd).transpose(0, 1)
+    q, k = lin(p.Wq, p.bq).view(T, H, hd), lin(p.Wk, p.bk).view(T, Hkv, hd)
+    if lm.layout.q_norm:
+        attn = lm.attention(layer)
+        q, k = get_path(attn, lm.layout.q_norm)(q), get_path(attn, lm.layout.k_norm)(k)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)
     v = lin(p.Wv, p.bv).view(T, Hkv, hd).transpose(0, 1)
     if lm.layout.rotary:
         cos, sin = lm.rotary(x[None], position_ids[None].to(x.device))  # (1, T, rot_dim)
@@ -355,6 +359,9 @@ def tiny_configs() -> dict:
                                          max_position_embeddings=P, decoder_start_token_id=257, **common),
         "tiny-random-gpt-neox": T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                 intermediate_size=64, max_position_embeddings=P, **common),
+        "tiny-random-qwen3": T.Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                           max_position_embeddings=P, **common),
         "tiny-random-qwen2": T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=P,
                                            **common),

@@ -4,8 +4,9 @@ A :class:`TaskSpec` says everything the evaluation engine needs to know about a 
 label words, which data files hold demonstrations and test examples, the paper's finetuning rate,
 what to do when a split is missing, how it deviates from the paper); the engine never special-cases
 a task. The built-in tasks are JSON files in ``task_specs/``, read by the same :func:`load_task_spec`
-as a user's ``--task-spec`` file: adding a task is adding a file. Data come from a data directory of JSON Lines files (see ``../shared/data/README.md``), or,
-for users online, from the Hugging Face hub through ``datasets``.
+as a user's ``--task-spec`` file: adding a task is adding a file. Data come from a data directory of
+JSON Lines files (see ``../shared/data/README.md``), or, for users online, from the Hugging Face hub
+through ``datasets``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ of strictly earlier positions, per head and before the output projection (the pa
     MoAttn(V, K, q_t) = Attn(V, K, q_t) + Σ_{i=1}^{t-1} η^{t-i} v_i          (Section 6, Eq. (9))
 
 ``enable_momentum(model, eta)`` registers it through transformers' ``AttentionInterface`` (models that
-call it: GPT-2, OPT, Llama/SmolLM2, GPT-NeoX, Qwen2), so no modeling file is copied. η is fixed, or
-learnable per head (η = sigmoid(θ_h)). The EMA is computed by a chunked scan (:func:`ema_before`):
+call it: the families marked ``momentum`` in the adapter table), so no modeling file is copied. η is
+fixed, or learnable per head (η = sigmoid(θ_h)). The EMA is computed by a chunked scan (:func:`ema_before`):
 O(T·C·d) work, no Python loop over positions, and no negative powers of η (nothing overflows).
 """
 

@@ -256,6 +256,47 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _tokenizer(out: Path, corpus: Corpus, vocab_size: int, tokenizer=None):
+    """The run's tokenizer: the one given, else the run folder's, else one trained on the corpus; saved
+    to ``out/tokenizer.json`` if it is not there yet."""
+    tok_path = out / "tokenizer.json"
+    if tokenizer is None:
+        if tok_path.is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>")
+        else:
+            tokenizer = train_tokenizer(corpus.train, vocab_size)
+    if not tok_path.is_file():
+        tokenizer.backend_tokenizer.save(str(tok_path))
+    return tokenizer
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only (nanoGPT's split)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _train_step(model, opt, cfg: TrainConfig, train_ids: torch.Tensor, step: int, block: int) -> float:
+    """One AdamW step on the batch of ``step`` at the scheduled learning rate; the batch's loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, step)
+    xy = batch_at(train_ids, step, cfg.seed, cfg.batch_size, block)
+    logits = model(input_ids=xy[:, :-1]).logits  # logits at t predict token t+1 = xy[:, 1:]
+    loss_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
+    if not torch.isfinite(loss_t):
+        raise IclgdError(f"training: loss became {loss_t.item()} at step {step}; lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss_t.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss_t.item()
+
+
 def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, stop_after: int | None = None,
              tokenizer=None, corpus: Corpus | None = None) -> dict:
     """Train (or resume) into ``out``; returns the summary also written to ``out/final.json``.
@@ -271,26 +312,13 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     out = ensure_dir(out)
     corpus = corpus or load_corpus(cfg.corpus, data_dir)
     s = SIZES[cfg.size]
-    tok_path = out / "tokenizer.json"
-    if tokenizer is None:
-        if tok_path.is_file():
-            from transformers import PreTrainedTokenizerFast
-
-            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token="<bos>", eos_token="<eos>",
-                                                pad_token="<pad>")
-        else:
-            tokenizer = train_tokenizer(corpus.train, s.vocab_size)
-    if not tok_path.is_file():
-        tokenizer.backend_tokenizer.save(str(tok_path))
+    tokenizer = _tokenizer(out, corpus, s.vocab_size, tokenizer)
     train_ids, val_ids = encode(tokenizer, corpus.train), encode(tokenizer, corpus.valid)
     if len(train_ids) <= s.block_size + 1:
         raise IclgdError(f"--corpus {cfg.corpus}: train split has {len(train_ids)} tokens, fewer than one block")
     lm = build_model(cfg, len(tokenizer))
     model = lm.model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = _optimizer(model, cfg)
     start = _load_checkpoint(out, model, opt)
     log_path = out / "log.csv"
     rows = []
@@ -300,21 +328,9 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
     bar = tqdm(range(start, cfg.steps), desc=f"{cfg.attention} seed {cfg.seed}", disable=not progress,
                initial=start, total=cfg.steps)
-    done_here = 0
     loss = float("nan")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        xy = batch_at(train_ids, step, cfg.seed, cfg.batch_size, s.block_size)
-        logits = model(input_ids=xy[:, :-1]).logits  # logits at t predict token t+1 = xy[:, 1:]
-        loss_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
-        if not torch.isfinite(loss_t):
-            raise IclgdError(f"training: loss became {loss_t.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loss = loss_t.item()
+    for done_here, step in enumerate(bar, 1):
+        loss = _train_step(model, opt, cfg, train_ids, step, s.block_size)
         row = {"step": step + 1, "lr": f"{lr_at(cfg, step):.6g}", "train_loss": f"{loss:.6f}", "val_loss": "",
                "val_ppl": ""}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -322,7 +338,6 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
             row.update(val_loss=f"{math.log(ppl):.6f}", val_ppl=f"{ppl:.4f}")
             bar.set_postfix(val_ppl=f"{ppl:.2f}")
         rows.append(row)
-        done_here += 1
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             _save_checkpoint(out, model, opt, step + 1)
             _write_log(log_path, rows)

@@ -9,16 +9,19 @@ functions of :mod:`iclgd.core.metrics`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from iclgd.core import metrics as M
 from iclgd.core.errors import IclgdError
-from iclgd.core.models import LoadedModel, repeat_kv
-from iclgd.core.tasks import TaskData, sample_demos
+from iclgd.core.io import atomic_write_json, atomic_write_jsonl, library_versions
+from iclgd.core.models import LoadedModel, load_model, repeat_kv
+from iclgd.core.tasks import TaskData, load_tasks, sample_demos
 from iclgd.engine.capture import Observer
-from iclgd.engine.finetune import FTRecord, Snapshot, finetune
+from iclgd.engine.finetune import FTRecord, Snapshot, finetune, reinit_untrained
 from iclgd.engine.scoring import Prompts, build_prompts, score_options
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
@@ -197,75 +200,80 @@ def config_dict(cfg: CompareConfig) -> dict:
     return d
 
 
-def run_compare(model: str, task: str, seeds: list[int], cfg: CompareConfig, n_test: int | None = None,
-                untrained: bool = False, data_dir=None, out=None, dtype: str = "float32", device: str = "cpu",
-                task_spec=None, progress: bool = True, bos: str | None = None) -> tuple[list[dict], list]:
-    """Every task × seed (and the untrained control); write results per task; return the table rows and the
-    results.json files written."""
-    from pathlib import Path
+@dataclass
+class CompareJob:
+    """What ``iclgd compare`` runs: every task × seed of one model, and optionally its untrained control."""
 
-    from iclgd.core.io import atomic_write_json, atomic_write_jsonl, ensure_dir, library_versions
-    from iclgd.core.models import load_model
-    from iclgd.core.tasks import load_tasks
-    from iclgd.engine.finetune import reinit_untrained
+    model: str = "smollm2-135m"
+    task: str = "sst2"  # a name, a comma list or 'all'
+    seeds: list[int] = field(default_factory=lambda: [1])
+    n_test: int | None = None
+    untrained: bool = False
+    task_spec: Path | None = None  # or one user task
+    data_dir: Path | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    bos: str | None = None  # the prompts' start token: None for the model's, or a token
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
-    if not seeds:
+
+@dataclass
+class TaskResult:
+    """One task's outcome: ``doc`` is its results.json, ``records`` its records.jsonl."""
+
+    doc: dict
+    records: list[dict]
+    subdir: str  # where it goes under --out: "" for a single task, else the task's name
+
+
+UNTRAINED_RECIPE = ("attention and MLP weights ~ N(0, initializer_range^2), biases 0; embeddings, norms, "
+                    "unembedding kept")
+
+
+def run(job: CompareJob, progress: bool = True) -> Iterator[TaskResult]:
+    """The tasks' results, one task at a time (so each can be written as it finishes). The options and the
+    data are checked here, before any model is loaded; the models load when the first task is asked for."""
+    if not job.seeds:
         raise IclgdError("--seeds: expected a comma list of integers, e.g. 1,2,3")
-    datas, ddir = load_tasks(task, task_spec, data_dir, n_test)
-    if out is not None:
-        ensure_dir(out)
-    lm = load_model(model, dtype=dtype, device=device, bos=bos)
+    datas, ddir = load_tasks(job.task, job.task_spec, job.data_dir, job.n_test)
+    return _run(job, datas, ddir, progress)
+
+
+def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterator[TaskResult]:
+    lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
     control_lm = None
-    if untrained:
-        control_lm = load_model(model, dtype=dtype, device=device, bos=bos)
+    if job.untrained:
+        control_lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
         reinit_untrained(control_lm, seed=0)
-    rows, written = [], []
     for data in datas:
         t0 = time.time()
         results, records, phases = [], [], []
-        for s in seeds:
-            r, rec, ph = compare_seed(lm, data, cfg, s, progress)
+        for s in job.seeds:
+            r, rec, ph = compare_seed(lm, data, job.compare, s, progress)
             results.append(r), records.extend(rec), phases.append(ph)
-        control = None
-        if control_lm is not None:
-            control = [compare_seed(control_lm, data, cfg, s, progress)[0] for s in seeds]
-        agg = M.aggregate(results)
+        control = ([compare_seed(control_lm, data, job.compare, s, progress)[0] for s in job.seeds]
+                   if control_lm else None)
         doc = {
             "kind": "iclgd.compare",
-            "config": {"model": model, "model_source": lm.source, "model_type": lm.model_type, "dtype": dtype,
-                       "device": device, "start_token": lm.start, "task": data.spec.to_dict(), "seeds": seeds, "n_test": n_test,
-                       "data_dir": str(ddir) if ddir else "hf-hub", **config_dict(cfg),
-                       "untrained_control": untrained,
-                       "untrained_recipe": "attention and MLP weights ~ N(0, initializer_range^2), biases 0; "
-                                           "embeddings, norms, unembedding kept" if untrained else None},
+            "config": {"model": job.model, "model_source": lm.source, "model_type": lm.model_type, "dtype": job.dtype,
+                       "device": job.device, "start_token": lm.start, "task": data.spec.to_dict(), "seeds": job.seeds, "n_test": job.n_test,
+                       "data_dir": str(ddir) if ddir else "hf-hub", **config_dict(job.compare),
+                       "untrained_control": job.untrained,
+                       "untrained_recipe": UNTRAINED_RECIPE if job.untrained else None},
             "versions": library_versions(),
             "data_sha256": data.files,
             "deviations": lm.start_deviations() + data.deviations,
             "seeds": results,
-            "aggregate": agg,
+            "aggregate": M.aggregate(results),
             "untrained": {"seeds": control, "aggregate": M.aggregate(control)} if control else None,
             "timing": {"phases_s": phases, "wall_s": round(time.time() - t0, 1)},
         }
-        rows.append(table_row(data.spec.name, agg, results))
-        if control:
-            rows.append(table_row(f"{data.spec.name} [untrained]", M.aggregate(control), control))
-        if out is not None:
-            d = Path(out) if len(datas) == 1 else Path(out) / data.spec.name
-            atomic_write_json(d / "results.json", doc)
-            atomic_write_jsonl(d / "records.jsonl", records)
-            written.append(d / "results.json")
-    return rows, written
+        yield TaskResult(doc, records, "" if len(datas) == 1 else data.spec.name)
 
 
-def table_row(task: str, agg: dict, results: list[dict]) -> dict:
-    """The paper-style row: accuracies, Rec2FTP, each similarity beside its baseline."""
-    return {
-        "task": task,
-        "ZSL": M.fmt_aggregate(agg, "acc_zsl"), "FT": M.fmt_aggregate(agg, "acc_ft"), "ICL": M.fmt_aggregate(agg, "acc_icl"),
-        "Rec2FTP (den)": f"{M.fmt_aggregate(agg, 'rec2ftp')} ({sum(r['rec2ftp']['denominator'] for r in results)})",
-        "SimAOU | rand": f"{M.fmt_aggregate(agg, 'simaou')} | {M.fmt_aggregate(agg, 'simaou_random_uniform')}",
-        "SimAM | ZSL SimAM": f"{M.fmt_aggregate(agg, 'simam_ft')} | {M.fmt_aggregate(agg, 'simam_zsl')}",
-        "SimAM_Δ": M.fmt_aggregate(agg, "simam_delta"),
-        "Kendall | rand": f"{M.fmt_aggregate(agg, 'kendall_token')} | {M.fmt_aggregate(agg, 'kendall_random')}",
-        "k": results[0]["k_true"], "lr": results[0]["lr"],
-    }
+def write(result: TaskResult, out) -> Path:
+    """results.json and records.jsonl of one task, atomically; returns the results.json path."""
+    d = Path(out) / result.subdir
+    atomic_write_json(d / "results.json", result.doc)
+    atomic_write_jsonl(d / "records.jsonl", result.records)
+    return d / "results.json"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from iclgd.core.io import atomic_write_json, library_versions
@@ -11,34 +11,54 @@ from iclgd.core.models import load_model
 from iclgd.core.tasks import load_tasks
 from iclgd.engine.scoring import EvalConfig, evaluate
 
+SUMMARY = ("task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts", "icl_pred_counts")
 
-def run_eval(model: str, task: str, task_spec: Path | None = None, k: int = 32, seed: int = 1,
-             n_test: int | None = None, balanced: bool = False, separator: str = "\n", max_len: int = 2048,
-             batch_size: int = 8, data_dir: Path | None = None, dtype: str = "float32", device: str = "cpu",
-             out: Path | None = None, progress: bool = True, bos: str | None = None) -> list[dict]:
-    """Evaluate every requested task; write ``out/results.json`` atomically; return the summary rows."""
-    datas, ddir = load_tasks(task, task_spec, data_dir, n_test)
-    specs = [d.spec for d in datas]
-    cfg = EvalConfig(k=k, seed=seed, balanced=balanced, separator=separator, max_len=max_len, batch_size=batch_size)
+
+@dataclass
+class EvalJob:
+    """What ``iclgd eval`` runs: one model on every requested task, with the engine's settings."""
+
+    model: str = "smollm2-135m"
+    task: str = "sst2"  # a name, a comma list or 'all'
+    task_spec: Path | None = None  # or one user task
+    n_test: int | None = None
+    data_dir: Path | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    bos: str | None = None  # the prompts' start token: None for the model's, 'none', or a token
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def run(job: EvalJob, progress: bool = True) -> dict:
+    """Evaluate every requested task; the results document (config, provenance, per-task results)."""
+    datas, ddir = load_tasks(job.task, job.task_spec, job.data_dir, job.n_test)
     t0 = time.time()
-    lm = load_model(model, dtype=dtype, device=device, bos=bos, need_layout=False)  # accuracy needs no layout
+    lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos, need_layout=False)  # no layout needed
     results, files, deviations = [], {}, lm.start_deviations()
     for d in datas:
-        results.append(evaluate(lm, d, cfg, progress=progress))
+        results.append(evaluate(lm, d, job.eval, progress=progress))
         files.update(d.files)
         deviations += d.deviations
-    if out is not None:
-        atomic_write_json(Path(out) / "results.json", {
-            "kind": "iclgd.eval",
-            "config": {"model": model, "model_source": lm.source, "model_type": lm.model_type, "dtype": dtype,
-                       "device": device, "start_token": lm.start, "n_test": n_test, "data_dir": str(ddir) if ddir else "hf-hub",
-                       "tasks": [s.to_dict() for s in specs], "prediction": "argmax of mean label-token log-prob",
-                       **asdict(cfg)},
-            "versions": library_versions(),
-            "data_sha256": files,
-            "deviations": deviations,
-            "results": results,
-            "timing": {"finished_unix": round(time.time()), "wall_s": round(time.time() - t0, 1)},
-        })
-    return [{k: r[k] for k in ("task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts",
-                               "icl_pred_counts")} for r in results]
+    return {
+        "kind": "iclgd.eval",
+        "config": {"model": job.model, "model_source": lm.source, "model_type": lm.model_type, "dtype": job.dtype,
+                   "device": job.device, "start_token": lm.start, "n_test": job.n_test, "data_dir": str(ddir) if ddir else "hf-hub",
+                   "tasks": [d.spec.to_dict() for d in datas], "prediction": "argmax of mean label-token log-prob",
+                   **asdict(job.eval)},
+        "versions": library_versions(),
+        "data_sha256": files,
+        "deviations": deviations,
+        "results": results,
+        "timing": {"finished_unix": round(time.time()), "wall_s": round(time.time() - t0, 1)},
+    }
+
+
+def write(doc: dict, out) -> Path:
+    path = Path(out) / "results.json"
+    atomic_write_json(path, doc)
+    return path
+
+
+def summary_rows(doc: dict) -> list[dict]:
+    """One row per task: accuracies, true k, n, the majority baseline and the predictions per class."""
+    return [{k: r[k] for k in SUMMARY} for r in doc["results"]]

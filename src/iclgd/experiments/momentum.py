@@ -3,12 +3,14 @@ zero-training probe of adding the EMA to a pretrained model. Reports whatever co
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from iclgd.core import metrics as M
 from iclgd.core.errors import IclgdError
+from iclgd.core.io import atomic_write_json
 
 
 @torch.no_grad()
@@ -24,11 +26,24 @@ def copy_accuracy(model, vocab_size: int, n_seq: int = 64, length: int = 32, see
     return float((pred == seg).float().mean())
 
 
-def compare_attention(corpus: str, seeds: list[int], eta: float, out: Path, size: str = "small", steps: int = 150,
-                      lengths=(128, 256, 512), learnable_eta: bool = False, data_dir=None, progress: bool = True,
-                      **train_kw) -> dict:
+@dataclass
+class MomentumConfig:
+    """``iclgd momentum compare``: vanilla and momentum LMs trained from the same seeds, data order and init."""
+
+    corpus: str = "tinyshakespeare"
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    eta: float = 0.9
+    size: str = "small"
+    steps: int = 150
+    lengths: tuple[int, ...] = (128, 256, 512)  # perplexity windows
+    learnable_eta: bool = False
+    data_dir: Path | None = None
+    train: dict = field(default_factory=dict)  # any other TrainConfig field, e.g. eval_every
+
+
+def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
     """Train vanilla and momentum for each seed (resumable runs under out/<variant>-s<seed>), then compare."""
-    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
+    from iclgd.core.io import ensure_dir, library_versions
     from iclgd.engine.momentum import check_eta
     from iclgd.engine.train import (
         SIZES,
@@ -41,6 +56,8 @@ def compare_attention(corpus: str, seeds: list[int], eta: float, out: Path, size
         train_tokenizer,
     )
 
+    corpus, seeds, eta, size, steps, lengths = cfg.corpus, cfg.seeds, cfg.eta, cfg.size, cfg.steps, cfg.lengths
+    learnable_eta, data_dir, train_kw = cfg.learnable_eta, cfg.data_dir, cfg.train
     check_eta(eta)
     if not seeds:
         raise IclgdError("--seeds: expected a comma list of integers")
@@ -92,14 +109,19 @@ def compare_attention(corpus: str, seeds: list[int], eta: float, out: Path, size
            "runs": {f"{v}-s{sd}": r for (v, sd), r in runs.items()}, "summary": summary,
            "note": "perplexity on the corpus' test split, non-overlapping windows of each length; copy_acc: "
                    "in-context copying of a random 32-token segment (chance ~ 1/vocab)"}
-    atomic_write_json(out / "results.json", doc)
     return doc
+
+
+def write(doc: dict, out) -> Path:
+    path = Path(out) / "results.json"
+    atomic_write_json(path, doc)
+    return path
 
 
 def apply_pretrained(model: str, eta: float, corpus: str = "austen", tasks: str = "sst2", n_test: int = 50, k: int = 8,
                      max_tokens: int = 16384, lengths=(128, 256, 512), data_dir=None, out=None) -> dict:
     """The EMA added to a pretrained model without training: perplexity and ICL accuracy, vanilla vs momentum."""
-    from iclgd.core.io import atomic_write_json, library_versions
+    from iclgd.core.io import library_versions
     from iclgd.core.models import load_model
     from iclgd.core.tasks import load_tasks
     from iclgd.engine.momentum import check_eta, enable_momentum

@@ -157,16 +157,18 @@ def _dual_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
 def _synthetic_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
     from iclgd.experiments import synthetic
 
-    r = synthetic.run(layers=p["layers"], steps=p["steps"], seed=p["seed"], progress=progress)
+    r = synthetic.run(synthetic.SyntheticConfig(layers=p["layers"], steps=p["steps"], seed=p["seed"]), progress)
     r.pop("_sens")
     return r
 
 
 def _momentum_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
-    from iclgd.experiments.momentum import compare_attention
+    from iclgd.experiments import momentum
 
-    doc = compare_attention(p["corpus"], list(p["seeds"]), p["eta"], models.out / "momentum", steps=p["steps"],
-                            data_dir=data_dir, progress=progress)
+    cfg = momentum.MomentumConfig(corpus=p["corpus"], seeds=list(p["seeds"]), eta=p["eta"], steps=p["steps"],
+                                  data_dir=data_dir)
+    doc = momentum.run(cfg, models.out / "momentum", progress)
+    momentum.write(doc, models.out / "momentum")
     return {k: doc[k] for k in ("config", "summary", "runs")}
 
 

@@ -266,14 +266,30 @@ def calibration(model: RegressionTransformer, t: Tasks, eta: float, steps: int =
             "kendall_raw": float(M.kendall_per_layer(softmax_heads(raw), softmax_heads(ft)).mean())}
 
 
-def run(d: int = 10, n_ctx: int = 20, layers: int = 1, steps: int = 2000, seed: int = 1, n_eval: int = 2048,
-        progress: bool = True, lr: float = 1e-3, attention: str = "linear", heads: int = 1,
-        mlp_hidden: int = 0) -> dict:
+@dataclass
+class SyntheticConfig:
+    """One synthetic run: the regression task, the model and its training."""
+
+    d: int = 10  # input dimension
+    n_ctx: int = 20  # context examples per task
+    layers: int = 1
+    steps: int = 2000  # Adam steps of the training
+    seed: int = 1
+    n_eval: int = 2048  # fresh tasks behind every reported number
+    lr: float = 1e-3
+    attention: str = "linear"  # or "softmax"
+    heads: int = 1
+    mlp_hidden: int = 0  # width of an MLP after each attention layer (0: none)
+
+
+def run(cfg: SyntheticConfig, progress: bool = True) -> dict:
     """Train the model, compare it with GD / GD++ / OLS / ridge on fresh tasks, and calibrate the metrics.
 
     The "construction" row of the calibration is always the exact K-layer GD construction (linear, no MLP);
     "trained" and "untrained" are the chosen architecture after training and at its initialisation.
     """
+    d, n_ctx, layers, steps, seed, n_eval = cfg.d, cfg.n_ctx, cfg.layers, cfg.steps, cfg.seed, cfg.n_eval
+    lr, attention, heads, mlp_hidden = cfg.lr, cfg.attention, cfg.heads, cfg.mlp_hidden
     if d < 1 or n_ctx < 1 or layers < 1 or steps < 0 or heads < 1 or mlp_hidden < 0 or n_eval < 2:
         raise IclgdError("--dim, --n-context, --layers, --heads must be ≥ 1, --steps and --mlp-hidden ≥ 0, "
                          "--n-eval ≥ 2")

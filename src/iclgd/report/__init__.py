@@ -71,7 +71,8 @@ def header(sw: Sweep, planned: list[str]) -> list[str]:
     if cfg.get("preset"):
         lines += [f"**Preset `{cfg['preset']}`**: a reduced run (tasks {', '.join(cfg['tasks'])}; "
                   f"{cfg['n_test']} test examples per task; seeds {cfg['seeds']}) that finishes in minutes on 2 CPU "
-                  "cores. Its numbers are indicative only; run `iclgd reproduce` without the preset for the full set.", ""]
+                  "cores. Its numbers are indicative only; run `iclgd reproduce` without the preset for the full "
+                  "set.", ""]
     missing = [u for u in planned if u not in sw.units]
     lines += [f"Units finished: {len(sw.units)} of {len(planned)}" + (f" (missing: {', '.join(missing)})" if missing
                                                                       else "") + ".", ""]
@@ -97,8 +98,9 @@ def compare_section(sw: Sweep) -> list[str]:
         d = sw.plots / t
         d.mkdir(exist_ok=True)
         plot_compare(rs, d, f"{sw.cfg['model']} · {t}", us or None)
-    lines = ["## Accuracy (%): ZSL, FT, ICL", "", pd.DataFrame(acc_rows).to_markdown(index=False, disable_numparse=True),
-             "", "Mean over seeds, with a 95% bootstrap CI where there are several. Accuracy at the majority "
+    lines = ["## Accuracy (%): ZSL, FT, ICL", "",
+             pd.DataFrame(acc_rows).to_markdown(index=False, disable_numparse=True), "",
+             "Mean over seeds, with a 95% bootstrap CI where there are several. Accuracy at the majority "
              "baseline with all predictions in one class is a model that ignores the input.", ""]
     lines += ["## The paper's metrics, each beside its controls", "",
               pd.DataFrame(met_rows).to_markdown(index=False, disable_numparse=True), "",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from iclgd.core.metrics import fmt_aggregate
+
 CALIBRATED = ("rec2ftp", "simaou", "simam", "kendall")  # the four metrics the synthetic testbed calibrates
 
 
@@ -26,3 +28,34 @@ def summary_table(summary: dict) -> list[dict]:
              "Kendall rand": f(c["kendall_random"])} for name, c in summary["calibration"].items()]
 
 
+
+
+def compare_rows(doc: dict) -> list[dict]:
+    """The paper-style rows of an ``iclgd compare`` results.json: the model, then its untrained control."""
+    name = doc["config"]["task"]["name"]
+    rows = [_compare_row(name, doc["aggregate"], doc["seeds"])]
+    if doc.get("untrained"):
+        rows.append(_compare_row(f"{name} [untrained]", doc["untrained"]["aggregate"], doc["untrained"]["seeds"]))
+    return rows
+
+
+def _compare_row(task: str, agg: dict, results: list[dict]) -> dict:
+    """Accuracies, Rec2FTP, each similarity beside its baseline."""
+    f = lambda name: fmt_aggregate(agg, name)  # noqa: E731
+    return {
+        "task": task, "ZSL": f("acc_zsl"), "FT": f("acc_ft"), "ICL": f("acc_icl"),
+        "Rec2FTP (den)": f"{f('rec2ftp')} ({sum(r['rec2ftp']['denominator'] for r in results)})",
+        "SimAOU | rand": f"{f('simaou')} | {f('simaou_random_uniform')}",
+        "SimAM | ZSL SimAM": f"{f('simam_ft')} | {f('simam_zsl')}",
+        "SimAM_Δ": f("simam_delta"),
+        "Kendall | rand": f"{f('kendall_token')} | {f('kendall_random')}",
+        "k": results[0]["k_true"], "lr": results[0]["lr"],
+    }
+
+
+def momentum_rows(doc: dict) -> list[dict]:
+    """Each metric of an ``iclgd momentum compare`` results.json: vanilla, momentum, their paired difference."""
+    f = lambda t: f"{t[0]:.4g} [{t[1]:.4g}, {t[2]:.4g}]"  # noqa: E731
+    return [{"metric": key, "vanilla": f(v["vanilla"]), "momentum": f(v["momentum"]),
+             "momentum - vanilla (paired)": f(v["paired_diff_momentum_minus_vanilla"])}
+            for key, v in doc["summary"].items()]
