@@ -128,7 +128,13 @@ def compare_cmd(
     ft_mode: str = typer.Option("gd", help="gd or lcgd (layer-causal GD, Deutch et al. 2024)"),
     position: str = typer.Option("last", help="last prompt token, or label-token (the official code)"),
     untrained: bool = typer.Option(False, help="also run the untrained-model control"),
+    untrained_seed: int = typer.Option(None, help="init seed of the untrained control for every run seed "
+                                                  "(default: the run seed)"),
     kendall_n: int = typer.Option(100),
+    simam_segment: str = typer.Option("after-context", help="after-context (the paper's code: every position after "
+                                                            "the context) or input-only (the test input's tokens)"),
+    kendall_scale: str = typer.Option("paper", help="FT-side logits: paper (head_dim^-1 · q·q) or none (q·q)"),
+    updates_n: int = typer.Option(100, help="test examples on which ΔW_ICL is compared with ΔW_FT (0: skip)"),
     balanced: bool = typer.Option(False),
     separator: str = typer.Option("\n"),
     max_len: int = typer.Option(2048),
@@ -143,8 +149,9 @@ def compare_cmd(
 
     seed_list = int_list(seeds, "--seeds")
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
-                        kendall_n=kendall_n, balanced=balanced, separator=separator, max_len=max_len,
-                        batch_size=batch_size)
+                        kendall_n=kendall_n, simam_segment=simam_segment, kendall_scale=kendall_scale,
+                        updates_n=updates_n, untrained_seed=untrained_seed, balanced=balanced, separator=separator,
+                        max_len=max_len, batch_size=batch_size)
     rows = run_compare(model, task, seed_list, cfg, n_test=n_test, untrained=untrained, data_dir=data_dir, out=out,
                        dtype=dtype, device=device, task_spec=task_spec)
     import pandas as pd

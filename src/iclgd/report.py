@@ -23,14 +23,18 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _mean_layers(results: list[dict], *keys) -> np.ndarray:
+def _mean_layers(results: list[dict], *keys) -> np.ndarray | None:
+    """Per-layer values, mean over the seeds where they are defined; None where no seed has them."""
+    from iclgd.metrics import mean_defined
+
     rows = []
     for r in results:
         v = r
         for k in keys:
-            v = v[k]
-        rows.append(v["per_layer"])
-    return np.nanmean(np.asarray(rows, dtype=float), axis=0)
+            v = v.get(k) if isinstance(v, dict) else None
+        if v is not None:
+            rows.append(v["per_layer"])
+    return mean_defined(np.asarray(rows, dtype=float), axis=0)[0] if rows else None
 
 
 def plot_compare(results: list[dict], out_dir: Path, title: str, control: list[dict] | None = None) -> list[str]:
@@ -47,15 +51,24 @@ def plot_compare(results: list[dict], out_dir: Path, title: str, control: list[d
         "kendall_layers.png": ("Kendall τ per layer", [
             (("kendall", "token_qq"), "token, q·q (official)"), (("kendall", "token_qk"), "token, q·k (dual form)"),
             (("kendall", "example_qq"), "example level, q·q"), (("kendall", "random_token"), "random")]),
+        "updates_layers.png": ("ΔW_ICL vs ΔW_FT per layer", [
+            (("updates", "cos_dW"), "cos(ΔW_ICL, ΔW_FT)"), (("updates", "cos_dW_random"), "random: cos(ΔW_ICL, R)"),
+            (("updates", "cos_effect_on_q"), "cos(ΔW_ICL q, ΔW_FT q)"),
+            (("updates", "cos_effect_random"), "random: cos(ΔW_ICL q, R q)")]),
     }
     written = []
     for fname, (ttl, lines) in panels.items():
         fig, ax = plt.subplots(figsize=(7, 3.6))
+        if _mean_layers(results, *lines[0][0]) is None:  # e.g. --updates-n 0: nothing to draw
+            plt.close(fig)
+            continue
         for i, (keys, label) in enumerate(lines):
             y = _mean_layers(results, *keys)
+            if y is None:
+                continue
             ax.plot(range(len(y)), y, "o-", ms=3, color=f"C{i}", label=label)
-            if control:
-                yc = _mean_layers(control, *keys)
+            yc = _mean_layers(control, *keys) if control else None
+            if yc is not None:
                 ax.plot(range(len(yc)), yc, "--", color=f"C{i}", alpha=0.6, label=f"{label} [untrained]")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xlabel("layer"), ax.set_title(f"{ttl} · {title}", fontsize=9)
@@ -154,16 +167,24 @@ def write_report(out) -> Path:
             "SimAM untrained": u("simam_ft"),
             "Kendall": _cell(g("kendall_token")), "Kendall random": _cell(g("kendall_random")),
             "Kendall untrained": u("kendall_token"),
+            "cos(ΔW_ICL, ΔW_FT)": _cell(g("dw_cos")), "cos ΔW random": _cell(g("dw_cos_random")),
+            "cos ΔW untrained": u("dw_cos"),
+            "cos(ΔW_ICL q, ΔW_FT q)": _cell(g("dw_cos_effect")), "cos ΔWq random": _cell(g("dw_cos_effect_random")),
+            "cos ΔWq untrained": u("dw_cos_effect"), "‖ΔW_FT‖/‖ΔW_ICL‖": _cell(g("dw_norm_ratio")),
         })
         for untrained, rr in ((False, rs), (True, us)):
             for r in rr:
                 for name in ("acc_zsl", "acc_ft", "acc_icl", "rec2ftp", "simaou", "simaou_random_uniform",
                              "simaou_random_gaussian", "simam_ft", "simam_zsl", "simam_delta", "kendall_token",
-                             "kendall_token_keys", "kendall_example", "kendall_random"):
+                             "kendall_token_keys", "kendall_example", "kendall_random", "kendall_example_unscaled",
+                             "dw_cos", "dw_cos_random", "dw_cos_effect", "dw_cos_effect_random", "dw_norm_ratio"):
                     csv_rows.append({"unit": f"compare-{t}-s{r['seed']}" + ("-untrained" if untrained else ""),
                                      "metric": name, "layer": "all", "value": scalar(r, name)})
-                for group, key in (("simaou", ()), ("simam", ("icl_ft",)), ("kendall", ("token_qq",))):
-                    v = r[group]
+                for group, key in (("simaou", ()), ("simam", ("icl_ft",)), ("kendall", ("token_qq",)),
+                                   ("updates", ("cos_dW",)), ("updates", ("cos_effect_on_q",))):
+                    v = r.get(group)
+                    if v is None:
+                        continue
                     for kk in key:
                         v = v[kk]
                     for layer, x in enumerate(v["per_layer"]):
@@ -182,10 +203,14 @@ def write_report(out) -> Path:
                   "uniform random ranking. Untrained: the same pipeline on the model with attention and MLP "
                   "weights re-initialised (Deutch et al. 2024). \"SimAOU − untrained\" is the paired difference, seed by "
                   "seed, on the same demonstrations and test examples. A metric no higher than its untrained "
-                  "control does not speak for ICL ≈ GD in this model.", ""]
+                  "control does not speak for ICL ≈ GD in this model. ΔW columns: ΔW_ICL (Eq. 7) against ΔW_FT = "
+                  "W_ZSL(after FT) − W_ZSL(before) (Eq. 8) per layer and head on the test examples' prompts, cosine "
+                  "of the matrices and of their effects on the test query, beside a random update R ~ N(0, I) "
+                  "(LMOps issue #22).", ""]
         lines += ["Per-layer plots: " + ", ".join(f"[{t}](plots/{t}/simaou_layers.png) "
                                                   f"([SimAM](plots/{t}/simam_layers.png), "
-                                                  f"[Kendall](plots/{t}/kendall_layers.png))" for t in tasks), ""]
+                                                  f"[Kendall](plots/{t}/kendall_layers.png), "
+                                                  f"[ΔW](plots/{t}/updates_layers.png))" for t in tasks), ""]
         lines += ["## The paper's published averages beside ours", "",
                   "| metric | paper 1.3B | paper 2.7B | ours (mean over tasks) |", "|---|---|---|---|"]
         def mean(name):  # over tasks of the mean over seeds
@@ -269,8 +294,10 @@ def deviations(cfg: dict, units: dict) -> list[str]:
         out.append(f"Test examples: the first {cfg['n_test']} of each evaluation split after the seed-1 shuffle "
                    "(the paper: up to 2,000).")
     out.append(f"Seeds: {cfg['seeds']} (the paper's per-task seeds were 2–5, one run each).")
-    out.append("Prediction position: the last prompt token (the official code appends option 0's label token and "
-               "reads there; `iclgd compare --position label-token` reproduces it).")
+    if not any(u["unit"]["kind"] == "compare" and u.get("deviations") and any(
+            d.startswith("prediction position") for d in u["deviations"]) for u in units.values()):
+        out.append("Prediction position: the last prompt token (the official code appends option 0's label token and "
+                   "reads there; `iclgd compare --position label-token` reproduces it).")
     out.append("Separator after each demonstration: a newline (the paper's code: the `</s>` token).")
     lrs = sorted({(u["unit"]["params"]["task"], u["result"]["lr"]) for u in units.values()
                   if u["unit"]["kind"] == "compare"})

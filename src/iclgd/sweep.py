@@ -138,10 +138,18 @@ def run_unit(unit: Unit, models: _Models, data_dir, progress: bool) -> dict:
     if unit.kind == "compare":
         from iclgd.compare import CompareConfig, compare_seed
 
+        from iclgd.compare import compare_deviations
+        from iclgd.finetune import reinit_untrained
+
         data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
         lm = models.get("untrained" if p["untrained"] else "trained")
-        result, _, phases = compare_seed(lm, data, CompareConfig(k=p["k"]), p["seed"], progress)
-        return {"result": result, "data_sha256": data.files, "deviations": data.deviations,
+        cfg = CompareConfig(k=p["k"])
+        if p["untrained"]:  # the control's init follows the run seed, so its CI includes init variance
+            reinit_untrained(lm, seed=p["seed"])
+        result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress)
+        if p["untrained"]:
+            result["untrained_init_seed"] = p["seed"]
+        return {"result": result, "data_sha256": data.files, "deviations": data.deviations + compare_deviations(cfg),
                 "_timing": phases}
     if unit.kind == "dual":
         from iclgd import dual
