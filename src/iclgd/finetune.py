@@ -165,8 +165,9 @@ def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str 
             for (_, p, mask), s in zip(chosen, stepped):
                 if mask is not None and p.grad is not None:
                     p.grad.mul_(mask)
-                if s is not p:
+                if s is not p:  # the step is taken on the master; the model's own gradient is spent
                     s.grad = None if p.grad is None else p.grad.float()
+                    p.grad = None
             opt.step()
             with torch.no_grad():
                 for (_, p, _), s in zip(chosen, stepped):

@@ -331,14 +331,23 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+def _torch_dtype(dtype: str) -> torch.dtype:
+    t = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(t, torch.dtype):
+        raise IclgdError(f"--dtype {dtype!r}: unknown dtype (expected float32, float64, bfloat16 or float16)")
+    return t
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
                device_map: str | None = None) -> LoadedModel:
     """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
 
     ``device_map="auto"`` spreads a model too large for one GPU over the available devices (HF Accelerate).
     """
-    if name in tiny_configs():
-        return build_tiny(name)
+    if name in tiny_configs():  # built in fp32 on the CPU; then the requested dtype and device, as for any model
+        lm = build_tiny(name)
+        lm.model.to(device=device, dtype=_torch_dtype(dtype))
+        return lm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if name == "smollm2-135m":
@@ -357,10 +366,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     except OSError as e:
         raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
     layout = adapter_for(config.model_type)
-    try:
-        torch_dtype = getattr(torch, dtype)
-    except AttributeError:
-        raise IclgdError(f"--dtype {dtype!r}: unknown dtype (expected float32, float64, bfloat16 or float16)") from None
+    torch_dtype = _torch_dtype(dtype)
     impl = attn_implementation or ("sdpa" if layout.attention_interface else "eager")
     kw = {"device_map": device_map} if device_map else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=impl, **kw)
