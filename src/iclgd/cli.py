@@ -136,7 +136,13 @@ def compare_cmd(
     ft_mode: str = typer.Option("gd", help="gd or lcgd (layer-causal GD, Deutch et al. 2024)"),
     position: str = typer.Option("last", help="last prompt token, or label-token (the official code)"),
     untrained: bool = typer.Option(False, help="also run the untrained-model control"),
+    untrained_seed: int = typer.Option(None, help="init seed of the untrained control for every run seed "
+                                                  "(default: the run seed)"),
     kendall_n: int = typer.Option(100),
+    simam_segment: str = typer.Option("after-context", help="after-context (the paper's code: every position after "
+                                                            "the context) or input-only (the test input's tokens)"),
+    kendall_scale: str = typer.Option("paper", help="FT-side logits: paper (head_dim^-1 · q·q) or none (q·q)"),
+    updates_n: int = typer.Option(100, help="test examples on which ΔW_ICL is compared with ΔW_FT (0: skip)"),
     balanced: bool = typer.Option(False),
     separator: str = typer.Option("\n"),
     max_len: int = typer.Option(2048),
@@ -158,8 +164,9 @@ def compare_cmd(
     seed_list = int_list(seeds, "--seeds")
     no_start_token(bos)
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
-                        kendall_n=kendall_n, balanced=balanced, separator=separator, max_len=max_len,
-                        batch_size=batch_size)
+                        kendall_n=kendall_n, simam_segment=simam_segment, kendall_scale=kendall_scale,
+                        updates_n=updates_n, untrained_seed=untrained_seed, balanced=balanced, separator=separator,
+                        max_len=max_len, batch_size=batch_size)
     job = CompareJob(model=model, task=task, seeds=seed_list, n_test=n_test, untrained=untrained,
                      task_spec=task_spec, data_dir=data_dir, dtype=dtype, device=device, bos=bos, compare=cfg)
     results = run(job)

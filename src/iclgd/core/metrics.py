@@ -25,6 +25,22 @@ def cosine(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.sum(_unit(a, axis) * _unit(b, axis), axis=axis)
 
 
+def cosine_or_nan(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Cosine similarity along ``axis``, NaN (undefined) where either vector is zero: an update that did
+    not happen has no direction, so it is neither similar nor orthogonal to another."""
+    zero = (np.linalg.norm(a, axis=axis) == 0) | (np.linalg.norm(b, axis=axis) == 0)
+    return np.where(zero, np.nan, cosine(a, b, axis))
+
+
+def mean_defined(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(mean over ``axis`` of the non-NaN values, how many there were); the mean is NaN where there are none."""
+    x = np.asarray(x, dtype=float)
+    ok = ~np.isnan(x)
+    n = ok.sum(axis=axis)
+    total = np.where(ok, x, 0.0).sum(axis=axis)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan), n
+
+
 # ----------------------------------------------------------------------------- Rec2FTP
 
 
@@ -44,16 +60,23 @@ def rec2ftp(zsl_correct, ft_correct, icl_correct) -> tuple[float, int]:
 # ----------------------------------------------------------------------------- SimAOU
 
 
-def simaou_per_layer(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray:
-    """Similarity of attention output updates, per layer.
+def simaou_per_example(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray:
+    """SimAOU (Dai et al. 2022, Sec. 5.2 / official code) per example and layer, (n_examples, n_layers).
 
     Inputs (n_examples, n_layers, d): attention outputs after the output projection at the prediction
     position. Per layer each vector is L2-normalised; ΔICL = ĥ_ICL − ĥ_ZSL, ΔFT = ĥ_FT − ĥ_ZSL;
-    cos(ΔICL, ΔFT) per example, then the mean over examples -> (n_layers,). The paper's SimAOU is the
-    mean of this over layers.
+    cos(ΔICL, ΔFT). NaN where ΔFT (or ΔICL) is zero: a finetuning that did not move the output is
+    undefined, not orthogonal (the official code would report 0 there).
     """
     z, i, f = _unit(h_zsl), _unit(h_icl), _unit(h_ft)
-    return cosine(i - z, f - z).mean(axis=0)
+    return cosine_or_nan(i - z, f - z)
+
+
+def simaou_per_layer(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray:
+    """Similarity of attention output updates, per layer: the mean over examples of
+    :func:`simaou_per_example` (defined examples only; NaN for a layer with none) -> (n_layers,).
+    The paper's SimAOU is the mean of this over layers."""
+    return mean_defined(simaou_per_example(h_zsl, h_icl, h_ft), axis=0)[0]
 
 
 def simaou_uniform_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -85,10 +108,16 @@ def simam_per_layer(scores_a: list[np.ndarray], scores_b: list[np.ndarray]) -> n
     return np.mean(per_ex, axis=0)
 
 
+def simam_delta_per_example(scores_zsl, scores_icl, scores_ft) -> np.ndarray:
+    """SimAM_Δ (Deutch et al. 2024) per example and layer, (n_examples, n_layers): cos(ICL − ZSL, FT − ZSL)
+    of the raw scores per head, mean over the heads where both changes are non-zero (NaN if none)."""
+    return np.stack([mean_defined(cosine_or_nan(i - z, f - z), axis=-1)[0]
+                     for z, i, f in zip(scores_zsl, scores_icl, scores_ft)])
+
+
 def simam_delta_per_layer(scores_zsl, scores_icl, scores_ft) -> np.ndarray:
-    """SimAM_Δ (Deutch et al. 2024): cos(ICL − ZSL, FT − ZSL) of the raw scores, per head, mean heads, examples."""
-    per_ex = [cosine(i - z, f - z).mean(axis=-1) for z, i, f in zip(scores_zsl, scores_icl, scores_ft)]
-    return np.mean(per_ex, axis=0)
+    """SimAM_Δ per layer: the mean over examples of :func:`simam_delta_per_example` (defined ones only)."""
+    return mean_defined(simam_delta_per_example(scores_zsl, scores_icl, scores_ft), axis=0)[0]
 
 
 # ----------------------------------------------------------------------------- Kendall
@@ -104,16 +133,33 @@ def sum_per_span(x: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     return np.stack([x[..., a:b].sum(-1) for a, b in spans], axis=-1)
 
 
-def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
-    """Kendall rank correlation between ICL and FT attention to training tokens, per layer.
+def ft_query_logits(q_test: np.ndarray, q_train: np.ndarray, scale: float, paper: bool = True) -> np.ndarray:
+    """Kendall's FT side before its softmax, per layer: (L, H, d) test query · (L, T, H, d) training queries,
+    summed over heads -> (L, T).
+
+    ``paper=True`` (the official code): both queries are recorded after ``q *= head_dim**-0.5``, so the
+    logits are scale² · q_test·q_train. ``paper=False``: unscaled q·q (iclgd before issue 15). The scale
+    changes no token-level ranking (softmax keeps order) but does change the example-level sums.
+    """
+    logits = np.einsum("lhd,lthd->lt", q_test, q_train)
+    return logits * scale ** 2 if paper else logits
+
+
+def kendall_per_example(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
+    """Kendall's τ-b (``scipy.stats.kendalltau``) between ICL and FT attention to the training tokens, per
+    example and layer, (n_examples, n_layers); NaN where τ is undefined (a constant vector).
 
     Each item is one example's (n_layers, n_tokens) weights: ICL = softmax over demonstration tokens
     of the prediction position's scores summed over heads (BOS and separators dropped); FT = softmax
-    over training tokens of q_test · q_train_i. ``scipy.stats.kendalltau`` per example per layer, mean
-    over examples -> (n_layers,).
+    over training tokens of :func:`ft_query_logits`.
     """
     taus = [[stats.kendalltau(a[l], b[l]).statistic for l in range(a.shape[0])] for a, b in zip(icl_attn, ft_attn)]
-    return np.nanmean(np.asarray(taus, dtype=float), axis=0)
+    return np.asarray(taus, dtype=float).reshape(len(taus), -1)
+
+
+def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
+    """Kendall τ per layer: the mean over examples of :func:`kendall_per_example` (defined ones only) -> (n_layers,)."""
+    return mean_defined(kendall_per_example(icl_attn, ft_attn), axis=0)[0]
 
 
 def kendall_random_baseline(icl_attn: list[np.ndarray], seed: int = 0) -> np.ndarray:
@@ -184,30 +230,46 @@ METRICS: dict[str, Metric] = {
     "kendall_token_keys": Metric(("kendall", "token_qk", "overall"), kendall_per_layer),
     "kendall_example": Metric(("kendall", "example_qq", "overall"), kendall_per_layer),
     "kendall_random": Metric(("kendall", "random_token", "overall"), kendall_random_baseline),
+    "kendall_example_unscaled": Metric(("kendall", "example_qq_unscaled", "overall"), kendall_per_layer),
+    # ΔW_ICL (Eq. 7) against ΔW_FT (Eq. 8) on the test queries, with the random-update baseline
+    "dw_cos": Metric(("updates", "cos_dW", "overall"), baselines=("dw_cos_random",), csv_layers="dw_cos"),
+    "dw_cos_random": Metric(("updates", "cos_dW_random", "overall")),
+    "dw_cos_effect": Metric(("updates", "cos_effect_on_q", "overall"), baselines=("dw_cos_effect_random",),
+                            csv_layers="dw_cos_effect"),
+    "dw_cos_effect_random": Metric(("updates", "cos_effect_random", "overall")),
+    "dw_norm_ratio": Metric(("updates", "norm_ratio_ft_over_icl", "overall")),
 }
 
 
 def _at(result: dict, path: tuple[str, ...]):
     for key in path:
+        if not isinstance(result, dict) or result.get(key) is None:
+            return None
         result = result[key]
     return result
 
 
 def scalar(result: dict, name: str) -> float:
-    """The overall value of metric ``name`` in one seed's compare result."""
-    return float(_at(result, METRICS[name].path))
+    """The overall value of metric ``name`` in one seed's compare result; NaN where the run did not compute it
+    (e.g. ``--updates-n 0``, or a file written before the metric existed)."""
+    v = _at(result, METRICS[name].path)
+    return float("nan") if v is None else float(v)
 
 
 def per_layer_of(result: dict, name: str) -> list[float]:
-    return _at(result, METRICS[name].path[:-1])["per_layer"]
+    v = _at(result, METRICS[name].path[:-1])
+    return [] if v is None else v["per_layer"]
 
 
 def aggregate(results: list[dict]) -> dict:
-    """Mean and 95% bootstrap CI over seeds of every registered metric."""
+    """Mean and 95% bootstrap CI over seeds of every registered metric; ``n_seeds`` counts the seeds whose value
+    is defined (what the mean rests on), ``n_seeds_run`` all seeds."""
     out = {}
     for name in METRICS:
-        mean, lo, hi = bootstrap_ci([scalar(r, name) for r in results])
-        out[name] = {"mean": mean, "ci95": [lo, hi], "n_seeds": len(results)}
+        vals = [scalar(r, name) for r in results]
+        mean, lo, hi = bootstrap_ci(vals)
+        out[name] = {"mean": mean, "ci95": [lo, hi], "n_seeds": int(sum(v == v for v in vals)),
+                     "n_seeds_run": len(results)}
     return out
 
 
@@ -228,4 +290,6 @@ def fmt_mean_ci(values, pct: bool = False) -> str:
 def fmt_aggregate(agg: dict, name: str) -> str:
     """One metric of :func:`aggregate`'s output as a table cell."""
     a = agg[name]
-    return fmt_ci(a["mean"], *a["ci95"], several=a["n_seeds"] > 1, sep=",")
+    run = a.get("n_seeds_run", a["n_seeds"])
+    short = f" ({a['n_seeds']}/{run} seeds)" if a["n_seeds"] < run else ""  # a figure resting on fewer seeds says so
+    return fmt_ci(a["mean"], *a["ci95"], several=a["n_seeds"] > 1, sep=",") + short

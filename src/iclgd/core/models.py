@@ -515,6 +515,13 @@ REGISTRY: dict[str, RegisteredModel] = {
 }
 
 
+def _torch_dtype(dtype: str) -> torch.dtype:
+    t = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(t, torch.dtype):
+        raise IclgdError(f"--dtype {dtype!r}: unknown dtype (expected float32, float64, bfloat16 or float16)")
+    return t
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
                device_map: str | None = None, bos: str | None = None, need_layout: bool = True) -> LoadedModel:
     """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
@@ -525,8 +532,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     any ``AutoModelForCausalLM``, also of a family the adapter table lacks; captures, finetuning and the dual form
     need its attention layout, so by default such a family is refused before its weights load.
     """
-    if name in tiny_configs():
+    if name in tiny_configs():  # built in fp32 on the CPU; then the requested dtype and device, as for any model
         lm = build_tiny(name)
+        lm.model.to(device=device, dtype=_torch_dtype(dtype))
         lm.set_start(bos)
         return lm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -547,10 +555,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     except OSError as e:
         raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
     layout = adapter_for(config.model_type) if need_layout else ADAPTERS.get(config.model_type)
-    try:
-        torch_dtype = getattr(torch, dtype)
-    except AttributeError:
-        raise IclgdError(f"--dtype {dtype!r}: unknown dtype (expected float32, float64, bfloat16 or float16)") from None
+    torch_dtype = _torch_dtype(dtype)
     impl = attn_implementation or (layout and layout.attn_implementation)
     kw = {"device_map": device_map} if device_map else {}
     if impl:  # a family without a layout keeps transformers' own choice

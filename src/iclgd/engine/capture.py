@@ -21,9 +21,22 @@ class Observation:
     """What one setting (ZSL, ICL or FT) shows at one test example's prediction position."""
 
     h: np.ndarray  # (L, d_model) attention output after the output projection
-    s_query: np.ndarray  # (L, H, T_query) raw scores q·k·scale over the test input's own tokens
+    s_query: np.ndarray  # (L, H, T_query) raw scores q·k·scale over the test input's own tokens ("input-only")
     q: np.ndarray  # (L, H, d_head) the prediction position's query (unscaled)
     s_demo: np.ndarray | None = None  # (L, n_demo_tokens) scores over demonstration tokens, summed over heads
+    # (L, H, T_after) raw scores over every position after the context up to the prediction position: the
+    # official code's SimAM slice attn_map[:, :, -1, c_len:] ("after-context"); with --position label-token
+    # it includes the appended label token itself, with --position last it equals s_query
+    s_after: np.ndarray | None = None
+    scale: float = 1.0  # the score scale (1/√d_head, or 1 for GPT-Neo), for Kendall's FT side
+
+    def simam_scores(self, segment: str = "after-context") -> np.ndarray:
+        """The scores SimAM compares: "after-context" (the official code, default) or "input-only"."""
+        if segment == "after-context":
+            return self.s_after
+        if segment == "input-only":
+            return self.s_query
+        raise ValueError(f"SimAM segment {segment!r}: expected after-context or input-only")
 
 
 @dataclass
@@ -49,7 +62,7 @@ class Observer:
     def take(self, rec: Recorder, example: int, row: int, pos: int, n_query: int, P: int) -> None:
         """Read example ``example`` from batch row ``row`` at in-row index ``pos``; the row starts at
         absolute position P (the prefix length) and its first ``n_query`` tokens are the test input."""
-        hs, ss, qs, ds = [], [], [], []
+        hs, ss, sa, qs, ds = [], [], [], [], []
         positions = P + torch.arange(pos + 1)
         dpos = torch.tensor(self.demo_positions, dtype=torch.long)
         for l in range(self.lm.n_layers):
@@ -57,11 +70,14 @@ class Observer:
             q, k, _, scale = qkv(self.lm, l, x, positions)
             H, Hkv = q.shape[0], k.shape[0]
             q_pred = q[:, pos]  # (H, hd)
-            k_query = repeat_kv(k[:, :n_query], H // Hkv, dim=0)  # (H, Tq, hd)
-            ss.append((torch.einsum("hd,htd->ht", q_pred, k_query) * scale).double().cpu().numpy())
+            k_after = repeat_kv(k[:, : pos + 1], H // Hkv, dim=0)  # (H, T_after, hd): all after the context
+            s_after = (torch.einsum("hd,htd->ht", q_pred, k_after) * scale).double().cpu().numpy()
+            sa.append(s_after)
+            ss.append(s_after[:, :n_query])  # the test input's own tokens only
             qs.append(q_pred.double().cpu().numpy())
             hs.append(rec.acts[f"attn_out.{l}"][row, pos].double().cpu().numpy())
             if len(dpos):
                 kp = repeat_kv(self._k_prefix[l][:, dpos], H // Hkv, dim=0)  # (H, n_demo_tok, hd)
                 ds.append((torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().cpu().numpy())
-        self.obs[example] = Observation(np.stack(hs), np.stack(ss), np.stack(qs), np.stack(ds) if ds else None)
+        self.obs[example] = Observation(np.stack(hs), np.stack(ss), np.stack(qs), np.stack(ds) if ds else None,
+                                        np.stack(sa), float(scale))

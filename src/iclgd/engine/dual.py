@@ -230,14 +230,65 @@ def per_layer(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- ΔW_ICL vs ΔW_FT
 
 
+def _cos_nan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine along the last axis in float64; NaN where either side is zero (an update that did not happen)."""
+    a, b = a.double(), b.double()
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    c = (a * b).sum(-1) / (na * nb)
+    return torch.where((na == 0) | (nb == 0), torch.full_like(c, float("nan")), c)
+
+
+def update_stats(dW_icl: torch.Tensor, dW_ft: torch.Tensor, q: torch.Tensor,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """ΔW_ICL (Eq. 7) against ΔW_FT (Eq. 8) per query head, each a (H, d, d) or per-KV-head (H_kv, d, d)
+    matrix (expanded to the H query heads of ``q``, (H, d)):
+
+    - cos_dW: cosine of the flattened matrices; norm_ratio_ft_over_icl: ‖ΔW_FT‖_F / ‖ΔW_ICL‖_F;
+    - cos_effect_on_q: cosine of their effects ΔW q on the query;
+    - with a ``generator``, the random-update baseline: R with i.i.d. N(0, 1) entries in ΔW_FT's place
+      (cos_dW_random, cos_effect_random; ≈ 0 for any ΔW_ICL).
+    Cosines are NaN where ΔW_FT is zero (a finetuning that changed nothing has no direction).
+    """
+    H = q.shape[0]
+    dW_icl = repeat_kv(dW_icl.double(), H // dW_icl.shape[0], dim=0)
+    dW_ft = repeat_kv(dW_ft.double(), H // dW_ft.shape[0], dim=0)
+    q = q.double()
+    eff_icl = torch.einsum("hde,he->hd", dW_icl, q)
+    out = {
+        "cos_dW": _cos_nan(dW_ft.flatten(1), dW_icl.flatten(1)),
+        "norm_ratio_ft_over_icl": dW_ft.flatten(1).norm(dim=1) / dW_icl.flatten(1).norm(dim=1),
+        "cos_effect_on_q": _cos_nan(torch.einsum("hde,he->hd", dW_ft, q), eff_icl),
+    }
+    if generator is not None:
+        R = torch.randn(dW_ft.shape, generator=generator, dtype=torch.float64)
+        out["cos_dW_random"] = _cos_nan(R.flatten(1), dW_icl.flatten(1))
+        out["cos_effect_random"] = _cos_nan(torch.einsum("hde,he->hd", R, q), eff_icl)
+    return out
+
+
+def kv_matrices(lm: LoadedModel, input_ids: list[int], span: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Per layer Σ_i v_i k_iᵀ per KV head, (H_kv, d, d), over the tokens of ``span`` [start, end) (all tokens
+    when None) of one forward pass of ``input_ids``: W_ZSL (Eq. 6) of a ZSL prompt, or ΔW_ICL (Eq. 7) of an
+    ICL prefix with ``span`` its demonstrations. Computed with the model's current weights."""
+    xs, _ = capture_layer_io(lm, input_ids)
+    pos = torch.arange(len(input_ids))
+    a, b = span if span is not None else (0, len(input_ids))
+    out = []
+    with torch.no_grad():
+        for layer in range(lm.n_layers):
+            _, k, v, _ = qkv(lm, layer, xs[layer], pos.to(xs[layer].device))
+            out.append(torch.einsum("htd,hte->hde", v[:, a:b].double(), k[:, a:b].double()).cpu())
+    return out
+
+
 @torch.no_grad()
 def compare_updates(before: LoadedModel, after: LoadedModel, input_ids: list[int], demo_span: tuple[int, int]
                     ) -> list[dict]:
     """ΔW_FT = W_ZSL(after) − W_ZSL(before) on the query tokens vs ΔW_ICL of the model before FT.
 
     Per layer and head: cosine of the flattened matrices, ‖ΔW_FT‖/‖ΔW_ICL‖, and the cosine of their
-    effects on the (before-FT) query, ΔW q. ``input_ids`` is the ICL prompt, ``demo_span`` the
-    [start, end) of its demonstrations; the ZSL prompt is the same without them.
+    effects on the (before-FT) query, ΔW q (:func:`update_stats`). ``input_ids`` is the ICL prompt,
+    ``demo_span`` the [start, end) of its demonstrations; the ZSL prompt is the same without them.
     """
     a, b = demo_span
     q_ids = input_ids[:a] + input_ids[b:]
@@ -255,17 +306,9 @@ def compare_updates(before: LoadedModel, after: LoadedModel, input_ids: list[int
         none = torch.zeros(len(q_ids), dtype=torch.bool)
         W_b, _ = dual_matrices(kv_b, none)
         W_a, _ = dual_matrices(kv_a, none)
-        dW_ft = W_a - W_b
-        q = kv_icl.q
-        eff_icl = torch.einsum("hde,he->hd", dW_icl, q)
-        eff_ft = torch.einsum("hde,he->hd", dW_ft, q)
-        for h in range(q.shape[0]):
-            rows.append({
-                "layer": layer, "head": h,
-                "cos_dW": F.cosine_similarity(dW_ft[h].flatten(), dW_icl[h].flatten(), dim=0).item(),
-                "norm_ratio_ft_over_icl": (dW_ft[h].norm() / dW_icl[h].norm()).item(),
-                "cos_effect_on_q": F.cosine_similarity(eff_ft[h], eff_icl[h], dim=0).item(),
-            })
+        st = update_stats(dW_icl, W_a - W_b, kv_icl.q)
+        for h in range(kv_icl.q.shape[0]):
+            rows.append({"layer": layer, "head": h, **{k: v[h].item() for k, v in st.items()}})
     return rows
 
 

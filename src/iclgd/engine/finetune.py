@@ -5,7 +5,10 @@
   tensor is a parameter but the gradient of its query slice is zeroed, so those entries never move.
 - ``all``: every parameter (full-model FT control).
 Plain SGD (no momentum, no weight decay), constant learning rate, one epoch, batch size 1: one step
-per demonstration, in the ICL prompt's order. Loss: the LM loss over all tokens of the demonstration
+per demonstration, in the ICL prompt's order: W ← W − lr·∂L/∂W. In float16/bfloat16 the step is taken
+on an fp32 master copy of each trained parameter and the model's weights are set to its rounding (the
+paper trains in fp16 with fp32 master weights); a step written straight into bfloat16 weights loses
+every change smaller than half their precision. Loss: the LM loss over all tokens of the demonstration
 (input and label; BOS is the context, not a target), mean per token.
 ``gd`` mode backpropagates the usual loss; ``lcgd`` (layer-causal GD, Deutch et al. 2024) sends each
 layer's output through the final norm and the unembedding for its own LM loss, with each layer's input
@@ -55,6 +58,8 @@ class FTRecord:
 
     lr: float
     losses: list[float] = field(default_factory=list)
+    scale: float = 1.0  # the attention score scale of the recorded queries (1/√d_head, or 1 for GPT-Neo)
+    master_fp32: bool = False  # steps taken on fp32 master copies of low-precision parameters
     q_train: list[list[np.ndarray]] = field(default_factory=list)  # per demo: (L, H, T_i, hd)
     k_train: list[list[np.ndarray]] = field(default_factory=list)  # per demo: (L, H_kv, T_i, hd)
 
@@ -66,21 +71,34 @@ class FTRecord:
         return np.concatenate([np.transpose(k, (0, 2, 1, 3)) for k in self.k_train], axis=1)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str = "kv", mode: str = "gd",
-             record: bool = True) -> FTRecord:
-    """One epoch of batch-1 SGD over the demonstrations (in order), in place. ``demo_ids`` exclude BOS."""
+             record: bool = True, master_fp32: bool = True) -> FTRecord:
+    """One epoch of batch-1 SGD over the demonstrations (in order), in place. ``demo_ids`` exclude BOS.
+
+    Low-precision (float16/bfloat16) parameters are stepped on fp32 master copies (``master_fp32``, the
+    paper's setup); with ``master_fp32=False`` low precision is refused rather than silently losing updates.
+    """
     if mode not in ("gd", "lcgd"):
         raise IclgdError(f"--ft-mode {mode!r}: expected gd or lcgd")
     if not lr > 0:
         raise IclgdError(f"--lr {lr}: expected a positive learning rate")
     chosen = trainable_parameters(lm, params)
+    low = sorted({str(p.dtype).removeprefix("torch.") for _, p, _ in chosen if p.dtype in LOW_PRECISION})
+    if low and not master_fp32:
+        raise IclgdError(f"finetuning {', '.join(low)} weights without fp32 master copies would lose every update "
+                         "smaller than their precision; use --dtype float32 or keep the master copies")
     model = lm.model
     for p in model.parameters():
         p.requires_grad_(False)
     for _, p, _ in chosen:
         p.requires_grad_(True)
-    opt = torch.optim.SGD([p for _, p, _ in chosen], lr=lr, momentum=0.0, weight_decay=0.0)
-    rec = FTRecord(lr)
+    # what SGD steps: the parameter itself, or its fp32 master copy (low precision)
+    stepped = [nn.Parameter(p.detach().float().clone()) if p.dtype in LOW_PRECISION else p for _, p, _ in chosen]
+    opt = torch.optim.SGD(stepped, lr=lr, momentum=0.0, weight_decay=0.0)
+    rec = FTRecord(lr, master_fp32=bool(low))
     dev = next(model.parameters()).device
     try:
         for d in demo_ids:
@@ -94,17 +112,26 @@ def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str 
                 if record:  # the training tokens' q/k as the model sees them at this step (before its update)
                     pos = torch.arange(len(ids))
                     with torch.no_grad():
-                        qk = [qkv(lm, l, r.acts[f"attn_in.{l}"][0], pos)[:2] for l in range(lm.n_layers)]
+                        qkvs = [qkv(lm, l, r.acts[f"attn_in.{l}"][0], pos) for l in range(lm.n_layers)]
+                    qk = [x[:2] for x in qkvs]
+                    rec.scale = float(qkvs[0][3])
                     rec.q_train.append(np.stack([q[:, 1:].double().cpu().numpy() for q, _ in qk]))
                     rec.k_train.append(np.stack([k[:, 1:].double().cpu().numpy() for _, k in qk]))
             if not torch.isfinite(loss):
                 raise IclgdError(f"finetuning: loss became {loss.item()} at step {len(rec.losses) + 1} (lr {lr}); "
                                  "lower --lr")
             loss.backward()
-            for _, p, mask in chosen:
+            for (_, p, mask), s in zip(chosen, stepped):
                 if mask is not None and p.grad is not None:
                     p.grad.mul_(mask)
+                if s is not p:  # the step is taken on the master; the model's own gradient is spent
+                    s.grad = None if p.grad is None else p.grad.float()
+                    p.grad = None
             opt.step()
+            with torch.no_grad():
+                for (_, p, _), s in zip(chosen, stepped):
+                    if s is not p:
+                        p.copy_(s)  # the model's weights: the rounding of the fp32 master
             rec.losses.append(float(loss.item()))
     finally:
         for p in model.parameters():
@@ -117,6 +144,10 @@ class Snapshot:
 
     def __init__(self, lm: LoadedModel, params: str = "kv"):
         self.saved = [(p, p.detach().clone()) for _, p, _ in trainable_parameters(lm, params)]
+
+    def changed(self) -> bool:
+        """Whether any saved parameter now differs from its saved value."""
+        return any(not torch.equal(p, v) for p, v in self.saved)
 
     def restore(self) -> None:
         with torch.no_grad():

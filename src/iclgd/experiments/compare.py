@@ -20,6 +20,7 @@ from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, atomic_write_jsonl, library_versions
 from iclgd.core.models import LoadedModel, load_model, repeat_kv
 from iclgd.core.tasks import TaskData, load_tasks, sample_demos
+from iclgd.engine import dual
 from iclgd.engine.capture import Observer
 from iclgd.engine.finetune import FTRecord, Snapshot, finetune, reinit_untrained
 from iclgd.engine.scoring import Prompts, build_prompts, score_options
@@ -42,6 +43,10 @@ class CompareConfig:
     ft_mode: str = "gd"
     position: str = "last"  # or "label-token" (the official code)
     kendall_n: int = 100
+    simam_segment: str = "after-context"  # the official slice attn_map[:, :, -1, c_len:]; or "input-only"
+    kendall_scale: str = "paper"  # FT side scale²·q·q as the official code; or "none" (unscaled q·q)
+    updates_n: int = 100  # test examples on which ΔW_ICL is compared with ΔW_FT
+    untrained_seed: int | None = None  # the untrained control's init seed; None: the run seed
     balanced: bool = False
     separator: str = "\n"
     max_len: int = 2048
@@ -54,11 +59,51 @@ class CompareConfig:
             raise IclgdError(f"--ft-params {self.ft_params!r}: expected kv or all")
         if self.ft_mode not in ("gd", "lcgd"):
             raise IclgdError(f"--ft-mode {self.ft_mode!r}: expected gd or lcgd")
+        if self.simam_segment not in ("after-context", "input-only"):
+            raise IclgdError(f"--simam-segment {self.simam_segment!r}: expected after-context or input-only")
+        if self.kendall_scale not in ("paper", "none"):
+            raise IclgdError(f"--kendall-scale {self.kendall_scale!r}: expected paper or none")
+        if self.kendall_n < 1 or self.updates_n < 0:
+            raise IclgdError("--kendall-n must be at least 1 and --updates-n at least 0")
 
 
-def _stats(per_layer: np.ndarray) -> dict:
+def _stats(per_layer: np.ndarray, per_example: np.ndarray | None = None) -> dict:
+    """Overall (mean over the layers where the metric is defined) and per layer, with what they rest on:
+    ``n_layers`` defined layers, and with ``per_example`` (n_examples, n_layers) the defined examples per layer."""
     per_layer = np.asarray(per_layer, dtype=float)
-    return {"overall": float(np.nanmean(per_layer)), "per_layer": [float(x) for x in per_layer]}
+    overall, n_layers = M.mean_defined(per_layer)
+    out = {"overall": float(overall), "per_layer": [float(x) for x in per_layer], "n_layers": int(n_layers)}
+    if per_example is not None:
+        out["n_examples_per_layer"] = [int(x) for x in (~np.isnan(np.asarray(per_example, dtype=float))).sum(0)]
+    return out
+
+
+def _stats_ex(per_example: np.ndarray) -> dict:
+    """:func:`_stats` of a per-example metric (n_examples, n_layers): its per-layer means over defined examples."""
+    return _stats(M.mean_defined(per_example, axis=0)[0], per_example)
+
+
+# Deviations from the paper's code that hold for every compare run (each results file and report lists them)
+FT_DEMOS_DEVIATION = ("FT demonstrations: finetuning uses the demonstrations that fit in the ICL prompt (the same "
+                      "ones on both sides); the paper's FT loader used all k, its ICL prompt only those that fit")
+
+
+def compare_deviations(cfg: CompareConfig) -> list[str]:
+    """The deviations from the paper's code that a compare run with ``cfg`` applies."""
+    out = [FT_DEMOS_DEVIATION,
+           "SimAOU and SimAM_Δ: an example whose FT update is zero is left out as undefined (the paper's code "
+           "counts cosine 0); every figure records how many layers and examples it rests on"]
+    if cfg.position == "last":
+        out.append("prediction position: the last prompt token (the paper's code: the appended label token of "
+                   "option 0; --position label-token)")
+    if cfg.simam_segment != "after-context":
+        out.append("SimAM over the test input's tokens only (the paper's code: every position after the context, "
+                   "including the label token in its convention)")
+    if cfg.kendall_scale != "paper":
+        out.append("Kendall FT side: unscaled q·q logits (the paper's code: head_dim^-1 · q·q)")
+    if cfg.untrained_seed is not None:
+        out.append(f"untrained control initialised with seed {cfg.untrained_seed} for every run seed")
+    return out
 
 
 def _choose_lr(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, demos: list[dict],
@@ -124,21 +169,40 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     lap("icl")
     lr, search = _choose_lr(lm, data, cfg, seed, icl.demos, demo_ids)
     lap("lr_search")
+    # ΔW_ICL vs ΔW_FT, the side before FT: ΔW_ICL (Eq. 7) of the demonstrations, W_ZSL (Eq. 6) of each ZSL prompt
+    n_upd = min(cfg.updates_n, len(data.eval_rows))
+    label_tok = icl.option_ids[0][:1] if cfg.position == "label-token" else []
+    upd_ids = [zsl.prefix_ids + zsl.query_ids[j] + label_tok for j in range(n_upd)]
+    if n_upd:
+        dW_icl = dual.kv_matrices(lm, icl.prefix_ids, (len(zsl.prefix_ids), len(icl.prefix_ids)))
+        W_before = [dual.kv_matrices(lm, ids) for ids in upd_ids]
+    lap("updates_before")
     snap = Snapshot(lm, cfg.ft_params)
     try:
         ft = finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode)
+        ft_params_changed = snap.changed()
         lap("ft")
         lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT")
         lap("ft_zsl")
+        W_after = [dual.kv_matrices(lm, ids) for ids in upd_ids]
+        lap("updates_after")
     finally:
         snap.restore()
     labels = np.array(icl.labels)
-    kendall = _kendall(icl, obs_i, obs_f, ft, min(cfg.kendall_n, len(labels)), seed)
+    kendall = _kendall(icl, obs_i, obs_f, ft, min(cfg.kendall_n, len(labels)), seed, cfg.kendall_scale)
+    updates = _updates(dW_icl, W_before, W_after, [obs_i.obs[j].q for j in range(n_upd)], seed) if n_upd else None
     lap("metrics")
+    outcomes = _outcomes(labels, (lp_z, lp_i, lp_f), len(spec.label_words))
+    # a finetuning that changed no prediction and no hidden state: its similarities are undefined, not 0
+    Hz, Hf = (np.stack([o.obs[j].h for j in range(len(labels))]) for o in (obs_z, obs_f))
+    ft_changed = {"params": ft_params_changed, "predictions": int((lp_f.argmax(1) != lp_z.argmax(1)).sum()),
+                  "attn_outputs": int(np.any(Hf != Hz, axis=(1, 2)).sum())}
+    ft_changed["nothing"] = ft_changed["predictions"] == 0 and ft_changed["attn_outputs"] == 0
     result = {"seed": seed, "n": len(labels), "k_true": icl.k_true, "demo_idx": [d.get("idx") for d in icl.demos],
               "position": cfg.position, "lr": lr, "lr_search": search, "ft_losses": [round(x, 6) for x in ft.losses],
-              **_outcomes(labels, (lp_z, lp_i, lp_f), len(spec.label_words)),
-              **_similarities((obs_z, obs_i, obs_f), len(labels), seed), "kendall": kendall}
+              "ft_master_fp32": ft.master_fp32, "ft_changed": ft_changed, **outcomes,
+              **_similarities((obs_z, obs_i, obs_f), len(labels), seed, cfg.simam_segment), "kendall": kendall,
+              "updates": updates}
     records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "label": int(labels[j]),
                 **{f"{s}_pred": int(lp[j].argmax()) for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
                 **{f"{s}_logprobs": [round(float(x), 6) for x in lp[j]] for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))}}
@@ -159,39 +223,75 @@ def _outcomes(labels: np.ndarray, logprobs: tuple[np.ndarray, ...], C: int) -> d
             "rec2ftp": {"value": r2f, "denominator": den}}
 
 
-def _similarities(observers: tuple[Observer, ...], N: int, seed: int) -> dict:
-    """SimAOU and SimAM per layer, with their baselines."""
+def _similarities(observers: tuple[Observer, ...], N: int, seed: int, segment: str) -> dict:
+    """SimAOU and SimAM per layer, with their baselines and the layers and examples each rests on."""
     Hz, Hi, Hf = (np.stack([o.obs[j].h for j in range(N)]) for o in observers)
-    Sz, Si, Sf = ([o.obs[j].s_query for j in range(N)] for o in observers)
-    return {"simaou": {**_stats(M.simaou_per_layer(Hz, Hi, Hf)),
+    Sz, Si, Sf = ([o.obs[j].simam_scores(segment) for j in range(N)] for o in observers)
+    return {"simaou": {**_stats_ex(M.simaou_per_example(Hz, Hi, Hf)),
                        "baseline_uniform": _stats(M.simaou_uniform_baseline(Hz, Hi, seed)),
                        "baseline_gaussian": _stats(M.simaou_gaussian_baseline(Hz, Hi, seed))},
             "simam": {"icl_ft": _stats(M.simam_per_layer(Si, Sf)), "icl_zsl": _stats(M.simam_per_layer(Si, Sz)),
-                      "delta": _stats(M.simam_delta_per_layer(Sz, Si, Sf))}}
+                      "delta": _stats_ex(M.simam_delta_per_example(Sz, Si, Sf)), "segment": segment}}
 
 
-def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: int, seed: int) -> dict:
+def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: int, seed: int, scale: str) -> dict:
     """ICL attention over the demonstration tokens vs FT attention over the same (training) tokens, for the
-    first ``nk`` test examples: token and example level, FT keyed by q·q (official) and by q·k (dual form)."""
+    first ``nk`` test examples: token and example level, FT keyed by q·q (official; ``scale`` "paper": the
+    official code's scale²·q·q) and by scale·q·k (dual form)."""
     Q, K = ft.train_queries(), ft.train_keys()  # (L, T_train, H or H_kv, hd)
     if Q.shape[1] != sum(b - a for a, b in icl.demo_spans):
         raise AssertionError("training tokens and demonstration tokens are misaligned")
     K = repeat_kv(K, Q.shape[2] // K.shape[2], dim=2)
     lengths = [b - a for a, b in icl.demo_spans]
     spans = list(zip(np.cumsum([0] + lengths[:-1]), np.cumsum(lengths)))
+    sc = obs_f.obs[0].scale
     icl_tok = [M.softmax(obs_i.obs[j].s_demo) for j in range(nk)]
-    ft_qq = [M.softmax(np.einsum("lhd,lthd->lt", obs_f.obs[j].q, Q)) for j in range(nk)]
-    ft_qk = [M.softmax(np.einsum("lhd,lthd->lt", obs_f.obs[j].q, K)) for j in range(nk)]
+    ft_qq = [M.softmax(M.ft_query_logits(obs_f.obs[j].q, Q, sc, scale == "paper")) for j in range(nk)]
+    ft_qq_unscaled = [M.softmax(M.ft_query_logits(obs_f.obs[j].q, Q, sc, False)) for j in range(nk)]
+    # the dual-form variant: the attention logits scale · q·k of the test query on the training keys
+    ft_qk = [M.softmax(sc * np.einsum("lhd,lthd->lt", obs_f.obs[j].q, K)) for j in range(nk)]
     per_demo = lambda xs: [M.sum_per_span(x, spans) for x in xs]  # noqa: E731
+    rng_tok, rng_ex = np.random.default_rng(seed), np.random.default_rng(seed)
     return {
-        "token_qq": _stats(M.kendall_per_layer(icl_tok, ft_qq)),
-        "token_qk": _stats(M.kendall_per_layer(icl_tok, ft_qk)),
-        "example_qq": _stats(M.kendall_per_layer(per_demo(icl_tok), per_demo(ft_qq))),
-        "example_qk": _stats(M.kendall_per_layer(per_demo(icl_tok), per_demo(ft_qk))),
-        "random_token": _stats(M.kendall_random_baseline(icl_tok, seed)),
-        "random_example": _stats(M.kendall_random_baseline(per_demo(icl_tok), seed)),
+        "token_qq": _stats_ex(M.kendall_per_example(icl_tok, ft_qq)),
+        "token_qk": _stats_ex(M.kendall_per_example(icl_tok, ft_qk)),
+        "example_qq": _stats_ex(M.kendall_per_example(per_demo(icl_tok), per_demo(ft_qq))),
+        "example_qq_unscaled": _stats_ex(M.kendall_per_example(per_demo(icl_tok), per_demo(ft_qq_unscaled))),
+        "example_qk": _stats_ex(M.kendall_per_example(per_demo(icl_tok), per_demo(ft_qk))),
+        "random_token": _stats_ex(M.kendall_per_example(icl_tok, [rng_tok.random(a.shape) for a in icl_tok])),
+        "random_example": _stats_ex(M.kendall_per_example(per_demo(icl_tok),
+                                                          [rng_ex.random(a.shape) for a in per_demo(icl_tok)])),
         "n_examples": nk,
+        "ft_logits": "scale^2 * q.q (paper)" if scale == "paper" else "q.q (unscaled)",
     }
+
+
+def _updates(dW_icl, W_before, W_after, q_icl, seed: int) -> dict:
+    """ΔW_ICL (Eq. 7) against ΔW_FT = W_ZSL(after FT) − W_ZSL(before) (Eq. 8) on each test example's ZSL prompt,
+    per layer and head (:func:`iclgd.engine.dual.update_stats`), with the random-update baseline (seeded by the
+    run seed). Cosines: mean over the examples where ΔW_FT ≠ 0; norm ratio: median over examples."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n, L = len(W_before), len(dW_icl)
+    keys = ("cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q", "cos_dW_random", "cos_effect_random")
+    acc = {k: [] for k in keys}  # each (n, L, H)
+    for j in range(n):
+        per_l = [dual.update_stats(dW_icl[l], W_after[j][l] - W_before[j][l], torch.from_numpy(q_icl[j][l]), g)
+                 for l in range(L)]
+        for k in keys:
+            acc[k].append(np.stack([st[k].numpy() for st in per_l]))
+    out = {"n_examples": n, "per_head": {}}
+    for k in keys:
+        a = np.asarray(acc[k])  # (n, L, H)
+        if k == "norm_ratio_ft_over_icl":
+            ph = np.median(a, axis=0)
+            out[k] = _stats(np.median(a.transpose(1, 0, 2).reshape(L, -1), axis=1))
+        else:
+            ph = M.mean_defined(a, axis=0)[0]
+            out[k] = _stats_ex(M.mean_defined(a, axis=2)[0])
+        out["per_head"][k] = [[round(float(x), 6) for x in row] for row in ph]
+    return out
 
 
 def config_dict(cfg: CompareConfig) -> dict:
@@ -235,6 +335,8 @@ def run(job: CompareJob, progress: bool = True) -> Iterator[TaskResult]:
     data are checked here, before any model is loaded; the models load when the first task is asked for."""
     if not job.seeds:
         raise IclgdError("--seeds: expected a comma list of integers, e.g. 1,2,3")
+    if job.compare.untrained_seed is not None and not job.untrained:
+        raise IclgdError("--untrained-seed applies to the untrained control only: add --untrained")
     datas, ddir = load_tasks(job.task, job.task_spec, job.data_dir, job.n_test)
     return _run(job, datas, ddir, progress)
 
@@ -244,25 +346,32 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
     control_lm = None
     if job.untrained:
         control_lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
-        reinit_untrained(control_lm, seed=0)
     for data in datas:
         t0 = time.time()
         results, records, phases = [], [], []
         for s in job.seeds:
             r, rec, ph = compare_seed(lm, data, job.compare, s, progress)
             results.append(r), records.extend(rec), phases.append(ph)
-        control = ([compare_seed(control_lm, data, job.compare, s, progress)[0] for s in job.seeds]
-                   if control_lm else None)
+        control = None
+        if control_lm is not None:
+            control = []
+            for s in job.seeds:  # the init seed follows the run seed, so the control's CI includes init variance
+                init_seed = s if job.compare.untrained_seed is None else job.compare.untrained_seed
+                reinit_untrained(control_lm, seed=init_seed)
+                c = compare_seed(control_lm, data, job.compare, s, progress)[0]
+                control.append({**c, "untrained_init_seed": init_seed})
         doc = {
             "kind": "iclgd.compare",
             "config": {"model": job.model, "model_source": lm.source, "model_type": lm.model_type, "dtype": job.dtype,
                        "device": job.device, "start_token": lm.start, "task": data.spec.to_dict(), "seeds": job.seeds, "n_test": job.n_test,
                        "data_dir": str(ddir) if ddir else "hf-hub", **config_dict(job.compare),
                        "untrained_control": job.untrained,
-                       "untrained_recipe": UNTRAINED_RECIPE if job.untrained else None},
+                       "untrained_recipe": (UNTRAINED_RECIPE + "; init seed " + (
+                           "= the run seed" if job.compare.untrained_seed is None
+                           else f"{job.compare.untrained_seed} for every run seed")) if job.untrained else None},
             "versions": library_versions(),
             "data_sha256": data.files,
-            "deviations": lm.start_deviations() + data.deviations,
+            "deviations": lm.start_deviations() + data.deviations + compare_deviations(job.compare),
             "seeds": results,
             "aggregate": M.aggregate(results),
             "untrained": {"seeds": control, "aggregate": M.aggregate(control)} if control else None,

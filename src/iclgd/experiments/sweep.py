@@ -138,13 +138,19 @@ def run_unit(unit: Unit, models: _Models, data_dir, progress: bool) -> dict:
 
 def _compare_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
     from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task
-    from iclgd.experiments.compare import CompareConfig, compare_seed
+    from iclgd.engine.finetune import reinit_untrained
+    from iclgd.experiments.compare import CompareConfig, compare_deviations, compare_seed
 
     data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
     lm = models.get("untrained" if p["untrained"] else "trained")
-    result, _, phases = compare_seed(lm, data, CompareConfig(k=p["k"]), p["seed"], progress)
-    return {"result": result, "data_sha256": data.files, "deviations": lm.start_deviations() + data.deviations,
-            "_timing": phases}
+    cfg = CompareConfig(k=p["k"])
+    if p["untrained"]:  # the control's init follows the run seed, so its CI includes init variance
+        reinit_untrained(lm, seed=p["seed"])
+    result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress)
+    if p["untrained"]:
+        result["untrained_init_seed"] = p["seed"]
+    return {"result": result, "data_sha256": data.files,
+            "deviations": lm.start_deviations() + data.deviations + compare_deviations(cfg), "_timing": phases}
 
 
 def _dual_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from iclgd.core.io import atomic_write_text, read_result
-from iclgd.core.metrics import METRICS, fmt_mean_ci, scalar
+from iclgd.core.metrics import METRICS, fmt_mean_ci, per_layer_of, scalar
 from iclgd.core.tasks import TASKS
 from iclgd.report.plots import plot_compare, plot_curves, plot_verify
 from iclgd.report.tables import calibration_table
@@ -108,10 +108,14 @@ def compare_section(sw: Sweep) -> list[str]:
               "uniform random ranking. Untrained: the same pipeline on the model with attention and MLP "
               "weights re-initialised (Deutch et al. 2024). \"SimAOU − untrained\" is the paired difference, seed by "
               "seed, on the same demonstrations and test examples. A metric no higher than its untrained "
-              "control does not speak for ICL ≈ GD in this model.", ""]
+              "control does not speak for ICL ≈ GD in this model. ΔW columns: ΔW_ICL (Eq. 7) against ΔW_FT = "
+              "W_ZSL(after FT) − W_ZSL(before) (Eq. 8) per layer and head on the test examples' prompts, cosine "
+              "of the matrices and of their effects on the test query, beside a random update R ~ N(0, I) "
+              "(LMOps issue #22).", ""]
     lines += ["Per-layer plots: " + ", ".join(f"[{t}](plots/{t}/simaou_layers.png) "
                                               f"([SimAM](plots/{t}/simam_layers.png), "
-                                              f"[Kendall](plots/{t}/kendall_layers.png))" for t in tasks), ""]
+                                              f"[Kendall](plots/{t}/kendall_layers.png), "
+                                              f"[ΔW](plots/{t}/updates_layers.png))" for t in tasks), ""]
     return lines + _paper_table(sw, tasks)
 
 
@@ -142,6 +146,9 @@ def _metrics_row(t: str, rs: list[dict], us: list[dict]) -> dict:
         "SimAM untrained": u("simam_ft"),
         "Kendall": g("kendall_token"), "Kendall random": g("kendall_random"),
         "Kendall untrained": u("kendall_token"),
+        "cos(ΔW_ICL, ΔW_FT)": g("dw_cos"), "cos ΔW random": g("dw_cos_random"), "cos ΔW untrained": u("dw_cos"),
+        "cos(ΔW_ICL q, ΔW_FT q)": g("dw_cos_effect"), "cos ΔWq random": g("dw_cos_effect_random"),
+        "cos ΔWq untrained": u("dw_cos_effect"), "‖ΔW_FT‖/‖ΔW_ICL‖": g("dw_norm_ratio"),
     }
 
 
@@ -150,14 +157,8 @@ def _csv_compare(sw: Sweep, unit: str, r: dict) -> None:
         sw.csv(unit, name, "all", scalar(r, name))
     for name, m in METRICS.items():
         if m.csv_layers:
-            for layer, x in enumerate(_at(r, m.path[:-1])["per_layer"]):
+            for layer, x in enumerate(per_layer_of(r, name)):
                 sw.csv(unit, m.csv_layers, layer, x)
-
-
-def _at(result: dict, path: tuple[str, ...]):
-    for key in path:
-        result = result[key]
-    return result
 
 
 def _paper_table(sw: Sweep, tasks: list[str]) -> list[str]:
@@ -256,8 +257,10 @@ def deviations(cfg: dict, units: dict) -> list[str]:
         out.append(f"Test examples: the first {cfg['n_test']} of each evaluation split after the seed-1 shuffle "
                    "(the paper: up to 2,000).")
     out.append(f"Seeds: {cfg['seeds']} (the paper's per-task seeds were 2–5, one run each).")
-    out.append("Prediction position: the last prompt token (the official code appends option 0's label token and "
-               "reads there; `iclgd compare --position label-token` reproduces it).")
+    if not any(u["unit"]["kind"] == "compare" and any(d.startswith("prediction position")
+                                                        for d in u.get("deviations", [])) for u in units.values()):
+        out.append("Prediction position: the last prompt token (the official code appends option 0's label token "
+                   "and reads there; `iclgd compare --position label-token` reproduces it).")
     out.append("Separator after each demonstration: a newline (the paper's code: the `</s>` token).")
     lrs = sorted({(u["unit"]["params"]["task"], u["result"]["lr"]) for u in units.values()
                   if u["unit"]["kind"] == "compare"})

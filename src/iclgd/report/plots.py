@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iclgd.core.metrics import mean_defined
 from iclgd.report.tables import CALIBRATED
 
 
@@ -27,14 +28,16 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _mean_layers(results: list[dict], *keys) -> np.ndarray:
+def _mean_layers(results: list[dict], *keys) -> np.ndarray | None:
+    """Per-layer values, mean over the seeds where they are defined; None where no seed has them."""
     rows = []
     for r in results:
         v = r
         for k in keys:
-            v = v[k]
-        rows.append(v["per_layer"])
-    return np.nanmean(np.asarray(rows, dtype=float), axis=0)
+            v = v.get(k) if isinstance(v, dict) else None
+        if v is not None:
+            rows.append(v["per_layer"])
+    return mean_defined(np.asarray(rows, dtype=float), axis=0)[0] if rows else None
 
 
 def plot_compare(results: list[dict], out_dir: Path, title: str, control: list[dict] | None = None) -> list[str]:
@@ -51,15 +54,23 @@ def plot_compare(results: list[dict], out_dir: Path, title: str, control: list[d
         "kendall_layers.png": ("Kendall τ per layer", [
             (("kendall", "token_qq"), "token, q·q (official)"), (("kendall", "token_qk"), "token, q·k (dual form)"),
             (("kendall", "example_qq"), "example level, q·q"), (("kendall", "random_token"), "random")]),
+        "updates_layers.png": ("ΔW_ICL vs ΔW_FT per layer", [
+            (("updates", "cos_dW"), "cos(ΔW_ICL, ΔW_FT)"), (("updates", "cos_dW_random"), "random: cos(ΔW_ICL, R)"),
+            (("updates", "cos_effect_on_q"), "cos(ΔW_ICL q, ΔW_FT q)"),
+            (("updates", "cos_effect_random"), "random: cos(ΔW_ICL q, R q)")]),
     }
     written = []
     for fname, (ttl, lines) in panels.items():
+        if _mean_layers(results, *lines[0][0]) is None:  # e.g. --updates-n 0: nothing to draw
+            continue
         fig, ax = plt.subplots(figsize=(7, 3.6))
         for i, (keys, label) in enumerate(lines):
             y = _mean_layers(results, *keys)
+            if y is None:
+                continue
             ax.plot(range(len(y)), y, "o-", ms=3, color=f"C{i}", label=label)
-            if control:
-                yc = _mean_layers(control, *keys)
+            yc = _mean_layers(control, *keys) if control else None
+            if yc is not None:
                 ax.plot(range(len(yc)), yc, "--", color=f"C{i}", alpha=0.6, label=f"{label} [untrained]")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xlabel("layer"), ax.set_title(f"{ttl} · {title}", fontsize=9)

@@ -49,6 +49,10 @@ def _compare_row(task: str, agg: dict, results: list[dict]) -> dict:
         "SimAM | ZSL SimAM": f"{f('simam_ft')} | {f('simam_zsl')}",
         "SimAM_Δ": f("simam_delta"),
         "Kendall | rand": f"{f('kendall_token')} | {f('kendall_random')}",
+        "Kendall ex. | unscaled": f"{f('kendall_example')} | {f('kendall_example_unscaled')}",
+        "cos ΔW | rand": f"{f('dw_cos')} | {f('dw_cos_random')}",
+        "cos ΔWq | rand": f"{f('dw_cos_effect')} | {f('dw_cos_effect_random')}",
+        "‖ΔW_FT‖/‖ΔW_ICL‖": f("dw_norm_ratio"),
         "k": results[0]["k_true"], "lr": results[0]["lr"],
     }
 
