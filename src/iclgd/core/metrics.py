@@ -199,6 +199,7 @@ def scalar(result: dict, name: str) -> float:
 
 
 def per_layer_of(result: dict, name: str) -> list[float]:
+    """The per-layer values of metric ``name`` (the ``per_layer`` list beside its overall value)."""
     return _at(result, METRICS[name].path[:-1])["per_layer"]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from iclgd.core.io import atomic_write_text, read_result
-from iclgd.core.metrics import METRICS, fmt_mean_ci, scalar
+from iclgd.core.metrics import METRICS, fmt_mean_ci, per_layer_of, scalar
 from iclgd.core.tasks import TASKS
 from iclgd.report.plots import plot_compare, plot_curves, plot_verify
 from iclgd.report.tables import calibration_table
@@ -150,14 +150,8 @@ def _csv_compare(sw: Sweep, unit: str, r: dict) -> None:
         sw.csv(unit, name, "all", scalar(r, name))
     for name, m in METRICS.items():
         if m.csv_layers:
-            for layer, x in enumerate(_at(r, m.path[:-1])["per_layer"]):
+            for layer, x in enumerate(per_layer_of(r, name)):
                 sw.csv(unit, m.csv_layers, layer, x)
-
-
-def _at(result: dict, path: tuple[str, ...]):
-    for key in path:
-        result = result[key]
-    return result
 
 
 def _paper_table(sw: Sweep, tasks: list[str]) -> list[str]:
