@@ -257,6 +257,8 @@ def scalar(result: dict, name: str) -> float:
 
 
 def per_layer_of(result: dict, name: str) -> list[float]:
+    """The per-layer values of metric ``name`` (the ``per_layer`` list beside its overall value); [] where the
+    run did not compute it."""
     v = _at(result, METRICS[name].path[:-1])
     return [] if v is None else v["per_layer"]
 
