@@ -156,7 +156,8 @@ def kendall_per_example(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -
 
 
 def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
-    """Kendall τ per layer: the mean over examples of :func:`kendall_per_example` (defined ones only) -> (n_layers,)."""
+    """Kendall τ per layer: the mean over examples of :func:`kendall_per_example` (defined ones only),
+    (n_layers,)."""
     return mean_defined(kendall_per_example(icl_attn, ft_attn), axis=0)[0]
 
 
