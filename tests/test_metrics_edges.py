@@ -83,3 +83,6 @@ def test_bootstrap_ci_uses_its_arguments():
     _, lo50, hi50 = M.bootstrap_ci(v, level=0.5)
     assert default[1] < lo50 and hi50 < default[2]
     assert M.bootstrap_ci([2, 4]) == pytest.approx((3.0, 2.0, 4.0))  # integers are values too
+    # the percentile method, by hand: a resampled mean of nine 0s and one 10 is K ~ Binomial(10, 0.1);
+    # P(K = 0) = 0.35 > 2.5%, P(K ≤ 2) = 0.930 < 97.5% < P(K ≤ 3) = 0.987: the CI is [0, 3] (BCa gives another)
+    assert M.bootstrap_ci([0.0] * 9 + [10.0]) == (1.0, 0.0, 3.0)
