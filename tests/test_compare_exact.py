@@ -59,8 +59,11 @@ def test_simam_segment_is_everything_after_the_context_label_token_included(sst2
                 q, k, _, scale = qkv(lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(len(ids)))
             s = (torch.einsum("hd,htd->ht", q[:, -1], k[:, P:]) * scale).double().numpy()  # after the context
             np.testing.assert_allclose(o.s_after[l], s, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(o.simam_scores(), o.s_after)  # the paper's segment is the default
         np.testing.assert_array_equal(o.simam_scores("after-context"), o.s_after)
         np.testing.assert_array_equal(o.simam_scores("input-only"), o.s_after[..., :nq])
+        with pytest.raises(ValueError, match="SimAM segment 'all'"):
+            o.simam_scores("all")
 
 
 def test_updates_equal_dual_compare_updates_on_each_example(sst2):

@@ -175,3 +175,39 @@ def test_untrained_control_reinitialises_every_layer_and_follows_its_seed():
     assert all(torch.equal(a, b) for a, b in zip(w3, _kv(lm)))
     reinit_untrained(lm, seed=4)
     assert all(not torch.equal(a, b) for a, b in zip(w3, _kv(lm)))
+
+
+def test_fused_gpt2_mask_is_zero_on_queries_and_one_on_keys_values():
+    lm = load_model("tiny-random-gpt2")
+    d = lm.head_counts()[0] * lm.head_counts()[2]
+    for name, p, mask in trainable_parameters(lm):
+        expected = torch.zeros_like(p)
+        expected[..., d:] = 1.0  # Conv1D columns [q | k | v]: the step moves k and v at full rate, q not at all
+        assert torch.equal(mask, expected), name
+
+
+def test_snapshot_of_all_parameters_restores_them_all():
+    lm = load_model("tiny-random-gpt2")
+    emb = lm.model.get_input_embeddings().weight.detach().clone()
+    snap = Snapshot(lm, "all")
+    finetune(lm, [D1], lr=0.5, params="all")
+    assert not torch.equal(lm.model.get_input_embeddings().weight, emb)
+    snap.restore()
+    assert torch.equal(lm.model.get_input_embeddings().weight, emb)
+
+
+@pytest.mark.parametrize("init_range,expected_std", [(0.05, 0.05), (0.0, 0.02)])
+def test_untrained_control_uses_the_configs_initializer_range_and_seed_0_by_default(init_range, expected_std):
+    lm = load_model("tiny-random-llama")
+    lm.config.initializer_range = init_range
+    reinit_untrained(lm)
+    w = lm.attention(0).k_proj.weight.detach().clone()
+    assert abs(w.std().item() - expected_std) < 0.25 * expected_std
+    reinit_untrained(lm, seed=0)
+    assert torch.equal(lm.attention(0).k_proj.weight, w)
+
+
+def test_refusal_names_the_dtype():
+    lm = load_model("tiny-random-llama", dtype="float16")
+    with pytest.raises(IclgdError, match=r"^finetuning float16 weights without fp32 master"):
+        finetune(lm, [D1], lr=0.1, master_fp32=False)

@@ -61,7 +61,8 @@ def rec2ftp(zsl_correct, ft_correct, icl_correct) -> tuple[float, int]:
 
 
 def simaou_per_example(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray:
-    """SimAOU (Dai et al. 2022, Sec. 5.2 / official code) per example and layer, (n_examples, n_layers).
+    """SimAOU (Dai et al. 2022, as the official code defines it; paper-notes.md) per example and layer,
+    (n_examples, n_layers).
 
     Inputs (n_examples, n_layers, d): attention outputs after the output projection at the prediction
     position. Per layer each vector is L2-normalised; ΔICL = ĥ_ICL − ĥ_ZSL, ΔFT = ĥ_FT − ĥ_ZSL;
@@ -158,7 +159,8 @@ def kendall_per_example(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -
 
 
 def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
-    """Kendall τ per layer: the mean over examples of :func:`kendall_per_example` (defined ones only) -> (n_layers,)."""
+    """Kendall τ per layer: the mean over examples of :func:`kendall_per_example` (defined ones only),
+    (n_layers,)."""
     return mean_defined(kendall_per_example(icl_attn, ft_attn), axis=0)[0]
 
 
