@@ -21,9 +21,11 @@ class Observation:
     """What one setting (ZSL, ICL or FT) shows at one test example's prediction position."""
 
     h: np.ndarray  # (L, d_model) attention output after the output projection
-    s_query: np.ndarray  # (L, H, T_query) raw scores q·k·scale over the test input's own tokens
+    s_query: np.ndarray  # (L, H, T_query) raw scores q·k·scale (soft-capped where the model caps) over the
+    #                      test input's own tokens
     q: np.ndarray  # (L, H, d_head) the prediction position's query (unscaled)
-    s_demo: np.ndarray | None = None  # (L, n_demo_tokens) scores over demonstration tokens, summed over heads
+    s_demo: np.ndarray | None = None  # (L, n_demo_tokens) scores over demonstration tokens, summed over heads;
+    #                                   -inf where a sliding-window layer does not see the token
 
 
 @dataclass
@@ -58,10 +60,16 @@ class Observer:
             H, Hkv = q.shape[0], k.shape[0]
             q_pred = q[:, pos]  # (H, hd)
             k_query = repeat_kv(k[:, :n_query], H // Hkv, dim=0)  # (H, Tq, hd)
-            ss.append((torch.einsum("hd,htd->ht", q_pred, k_query) * scale).double().cpu().numpy())
+            cap = self.lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
+            capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
+            ss.append(capped(torch.einsum("hd,htd->ht", q_pred, k_query) * scale).double().cpu().numpy())
             qs.append(q_pred.double().cpu().numpy())
             hs.append(rec.acts[f"attn_out.{l}"][row, pos].double().cpu().numpy())
             if len(dpos):
                 kp = repeat_kv(self._k_prefix[l][:, dpos], H // Hkv, dim=0)  # (H, n_demo_tok, hd)
-                ds.append((torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().cpu().numpy())
+                sd = capped(torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().cpu().numpy()
+                W = self.lm.window(l)
+                if W is not None:  # the prediction position P + pos sees keys j > P + pos − W only
+                    sd[dpos.numpy() <= P + pos - W] = -np.inf
+                ds.append(sd)
         self.obs[example] = Observation(np.stack(hs), np.stack(ss), np.stack(qs), np.stack(ds) if ds else None)
