@@ -21,7 +21,10 @@ def sst2(data_dir):
 
 
 @pytest.mark.parametrize("name,position", [("tiny-random-llama", "last"), ("tiny-random-gpt2", "label-token"),
-                                           ("tiny-random-opt", "last")])
+                                           ("tiny-random-opt", "last"), ("tiny-random-gemma3", "last"),
+                                           ("tiny-random-gemma2", "label-token"), ("tiny-random-phi3", "last"),
+                                           ("tiny-random-olmo2", "last"), ("tiny-random-mistral", "last"),
+                                           ("tiny-random-qwen3", "last")])
 def test_captures_from_cached_batches_equal_a_plain_forward(name, position, sst2):
     """The observer reads the batched, prefix-cached pass; recompute from one uncached forward of the full prompt."""
     lm = load_model(name)
@@ -40,8 +43,14 @@ def test_captures_from_cached_batches_equal_a_plain_forward(name, position, sst2
                 q, k, _, scale = qkv(lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(len(ids)))
             H, Hkv = q.shape[0], k.shape[0]
             kk = k.repeat_interleave(H // Hkv, 0)
-            s_query = torch.einsum("hd,htd->ht", q[:, pos], kk[:, P: P + len(p.query_ids[j])]) * scale
-            s_demo = (torch.einsum("hd,htd->ht", q[:, pos], kk[:, demo_pos]) * scale).sum(0)
+            cap = lm.softcap(l)  # Gemma-2 caps scores at ±cap
+            capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)  # noqa: B023
+            s_query = capped(torch.einsum("hd,htd->ht", q[:, pos], kk[:, P: P + len(p.query_ids[j])]) * scale)
+            s_demo = capped(torch.einsum("hd,htd->ht", q[:, pos], kk[:, demo_pos]) * scale).sum(0)
+            W = lm.window(l)
+            if W is not None:  # tokens the sliding window hides from the prediction position
+                s_demo[torch.tensor(demo_pos) <= pos - W] = -torch.inf
+                assert (s_demo == -torch.inf).any()  # the prompts are longer than the tiny window (8)
             o = obs.obs[j]
             np.testing.assert_allclose(o.s_query[l], s_query.double().numpy(), rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(o.s_demo[l], s_demo.double().numpy(), rtol=1e-4, atol=1e-5)

@@ -81,8 +81,8 @@ def test_nan_loss_is_a_one_line_error():
 def test_untrained_control_keeps_embeddings_and_norms():
     lm = load_model("tiny-random-llama")
     emb = lm.model.get_input_embeddings().weight.clone()
-    norm = lm.attention_norm(0).weight.clone()
+    norm = lm.blocks()[0].input_layernorm.weight.clone()
     k = lm.attention(0).k_proj.weight.clone()
     reinit_untrained(lm, seed=3)
-    assert torch.equal(lm.model.get_input_embeddings().weight, emb) and torch.equal(lm.attention_norm(0).weight, norm)
+    assert torch.equal(lm.model.get_input_embeddings().weight, emb) and torch.equal(lm.blocks()[0].input_layernorm.weight, norm)
     assert not torch.equal(lm.attention(0).k_proj.weight, k)

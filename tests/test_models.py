@@ -2,13 +2,38 @@ import pytest
 import torch
 
 from iclgd.core.errors import IclgdError
-from iclgd.core.models import ADAPTERS, adapter_for, load_model, tiny_configs
+from iclgd.core.hooks import Recorder
+from iclgd.core.models import OVERRIDES, adapter_for, load_model, supported_families, tiny_configs
 
 TINY = list(tiny_configs())
 
 
-def test_every_adapter_has_a_tiny_model():
-    assert {tiny_configs()[n].model_type for n in TINY} == set(ADAPTERS)
+def test_layouts_are_derived_for_thirteen_families_with_few_overrides():
+    """Every tiny family's layout comes from its modules; only two facts are listed by hand."""
+    fams = supported_families()
+    assert len(fams) >= 13 and {"mistral", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neo",
+                                "opt", "xglm", "llama", "qwen2", "gpt_neox"} <= set(fams)
+    assert set(OVERRIDES) == {"gpt_neo", "gpt_neox"}
+    lay = {f: adapter_for(f) for f in fams}
+    assert (lay["phi3"].fused, lay["phi3"].fused_kind) == ("qkv_proj", "concat")
+    assert (lay["gpt2"].fused_kind, lay["gpt_neox"].fused_kind) == ("gpt2_conv1d", "neox")
+    assert lay["gemma3_text"].qk_norm == ("q_norm", "k_norm") and lay["gemma3_text"].qk_norm_per_head
+    assert lay["gemma3_text"].rotary_by_layer_type and lay["gemma3_text"].rotary == "model.rotary_emb"
+    assert lay["olmo2"].qk_norm and not lay["olmo2"].qk_norm_per_head  # over the whole projection
+    assert lay["qwen3"].qk_norm_per_head and lay["llama"].qk_norm is None
+    assert lay["gemma2"].softcap and lay["gemma2"].attn_implementation == "eager"
+    assert lay["gpt_neo"].attn == "attn.attention" and not lay["gpt_neo"].attention_interface
+    assert lay["opt"].blocks == "model.decoder.layers" and lay["opt"].final_norm == "model.decoder.final_layer_norm"
+
+
+def test_per_layer_scale_window_and_softcap_come_from_the_modules(tiny):
+    g2, g3, mi, neo = (tiny(f"tiny-random-{n}") for n in ("gemma2", "gemma3", "mistral", "gpt-neo"))
+    assert g3.scale(0) == g2.scale(1) == 24 ** -0.5  # query_pre_attn_scalar, not head_dim (16)
+    assert tiny("tiny-random-llama").scale(0) == 8 ** -0.5 and neo.scale(0) == 1.0
+    assert [g3.window(l) for l in range(2)] == [8, None] and g3.windowed_layers() == [0]
+    assert [mi.window(l) for l in range(2)] == [8, 8] and tiny("tiny-random-qwen2").windowed_layers() == []
+    assert [neo.window(l) for l in range(2)] == [None, 4096]  # GPT-Neo's local layer
+    assert g2.softcap(0) == 5.0 and g3.softcap(0) is None
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -19,19 +44,9 @@ def test_projections_reproduce_the_modules_own_qkv(name, tiny):
     attention output before o_proj equals v of that token, so o(v) must equal the module output.
     """
     lm = tiny(name)
-    captured = {}
-    attn = lm.attention(0)
-
-    def keep(key):
-        def hook(module, args, output):
-            captured[key] = output[0] if isinstance(output, tuple) else output  # returns None: output unchanged
-        return hook
-
-    h = attn.register_forward_hook(keep("out"))
-    h2 = lm.attention_norm(0).register_forward_hook(keep("in"))
-    with torch.no_grad():
+    with torch.no_grad(), Recorder(lm, points=("attn_in", "attn_out")) as rec:
         lm.model(input_ids=torch.tensor([[5]]))
-    h.remove(), h2.remove()
+    captured = {"in": rec.acts["attn_in.0"], "out": rec.acts["attn_out.0"]}
     p = lm.projections(0)
     xin = captured["in"].reshape(-1)
     v = xin @ p.Wv.T + (p.bv if p.bv is not None else 0)
@@ -42,15 +57,18 @@ def test_projections_reproduce_the_modules_own_qkv(name, tiny):
     assert p.Wq.shape == (H * hd, xin.numel()) and p.Wk.shape == (Hkv * hd, xin.numel())
 
 
-def test_unsupported_layout_names_the_model_type(tmp_path):
+def test_underivable_layout_names_the_model_type_and_what_is_missing(tmp_path):
     import transformers as T
 
-    T.MistralConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                    vocab_size=50).save_pretrained(tmp_path)
-    with pytest.raises(IclgdError, match="model type 'mistral' is not supported"):
+    T.BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(IclgdError, match="model type 'bloom' is not supported: its fused projection "
+                                         "self_attention.query_key_value does not say how its rows split") as e:
         load_model(str(tmp_path))
-    with pytest.raises(IclgdError, match="'mamba'"):
+    assert "\n" not in str(e.value)
+    with pytest.raises(IclgdError, match="'mamba' is not supported: no self-attention module with separable"):
         adapter_for("mamba")
+    with pytest.raises(IclgdError, match="'no-such-type' is not supported: transformers does not know it"):
+        adapter_for("no-such-type")
 
 
 def test_unknown_model_name():

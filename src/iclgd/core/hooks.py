@@ -1,7 +1,8 @@
 """One registry of named hook points, read (or edited) without touching model code (TransformerLens-style).
 
 Hook points, per layer ``l`` (what the tensor is, where it is taken, its shape):
-  ``attn_in.{l}``    the attention's input: output of its input norm                (B, T, d_model)
+  ``attn_in.{l}``    the attention's input (the output of its input norm in pre-norm
+                     blocks; the block's input in OLMo-2's post-norm blocks)         (B, T, d_model)
   ``attn_heads.{l}`` the heads' outputs: input of the output projection             (B, T, H·d_head)
   ``attn_out.{l}``   the attention output: output of the output projection, before
                      the residual and dropout                                       (B, T, d_model)
@@ -22,7 +23,7 @@ from iclgd.core.models import LoadedModel
 
 # name -> (the module of layer l, whether the point is that module's "input" or its "output")
 HOOK_POINTS: dict[str, tuple[Callable[[LoadedModel, int], torch.nn.Module], str]] = {
-    "attn_in": (lambda lm, l: lm.attention_norm(l), "output"),
+    "attn_in": (lambda lm, l: lm.attention(l), "input"),
     "attn_heads": (lambda lm, l: lm.o_proj(l), "input"),
     "attn_out": (lambda lm, l: lm.o_proj(l), "output"),
     "block_in": (lambda lm, l: lm.blocks()[l], "input"),

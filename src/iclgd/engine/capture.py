@@ -21,14 +21,16 @@ class Observation:
     """What one setting (ZSL, ICL or FT) shows at one test example's prediction position."""
 
     h: np.ndarray  # (L, d_model) attention output after the output projection
-    s_query: np.ndarray  # (L, H, T_query) raw scores q·k·scale over the test input's own tokens ("input-only")
+    s_query: np.ndarray  # (L, H, T_query) raw scores q·k·scale (soft-capped where the model caps) over the
+    #                      test input's own tokens ("input-only")
     q: np.ndarray  # (L, H, d_head) the prediction position's query (unscaled)
-    s_demo: np.ndarray | None = None  # (L, n_demo_tokens) scores over demonstration tokens, summed over heads
+    s_demo: np.ndarray | None = None  # (L, n_demo_tokens) scores over demonstration tokens, summed over heads;
+    #                                   -inf where a sliding-window layer does not see the token
     # (L, H, T_after) raw scores over every position after the context up to the prediction position: the
     # official code's SimAM slice attn_map[:, :, -1, c_len:] ("after-context"); with --position label-token
     # it includes the appended label token itself, with --position last it equals s_query
     s_after: np.ndarray | None = None
-    scale: float = 1.0  # the score scale (1/√d_head, or 1 for GPT-Neo), for Kendall's FT side
+    scale: float = 1.0  # the score scale (1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo)
 
     def simam_scores(self, segment: str = "after-context") -> np.ndarray:
         """The scores SimAM compares: "after-context" (the official code, default) or "input-only"."""
@@ -71,13 +73,19 @@ class Observer:
             H, Hkv = q.shape[0], k.shape[0]
             q_pred = q[:, pos]  # (H, hd)
             k_after = repeat_kv(k[:, : pos + 1], H // Hkv, dim=0)  # (H, T_after, hd): all after the context
-            s_after = (torch.einsum("hd,htd->ht", q_pred, k_after) * scale).double().cpu().numpy()
+            cap = self.lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
+            capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
+            s_after = capped(torch.einsum("hd,htd->ht", q_pred, k_after) * scale).double().cpu().numpy()
             sa.append(s_after)
             ss.append(s_after[:, :n_query])  # the test input's own tokens only
             qs.append(q_pred.double().cpu().numpy())
             hs.append(rec.acts[f"attn_out.{l}"][row, pos].double().cpu().numpy())
             if len(dpos):
                 kp = repeat_kv(self._k_prefix[l][:, dpos], H // Hkv, dim=0)  # (H, n_demo_tok, hd)
-                ds.append((torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().cpu().numpy())
+                sd = capped(torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().cpu().numpy()
+                W = self.lm.window(l)
+                if W is not None:  # the prediction position P + pos sees keys j > P + pos − W only
+                    sd[dpos.numpy() <= P + pos - W] = -np.inf
+                ds.append(sd)
         self.obs[example] = Observation(np.stack(hs), np.stack(ss), np.stack(qs), np.stack(ds) if ds else None,
                                         np.stack(sa), float(scale))

@@ -106,13 +106,16 @@ class HeadKV:
     """One attention layer's keys, values and queries per head, as the layer computes them.
 
     k, v: (H_kv, T, d_head) after bias and rotary; q: (H, d_head) at the prediction position,
-    after bias and rotary, *without* the 1/√d scale.
+    after bias and rotary, *without* the 1/√d scale. In a sliding-window layer k and v hold only the
+    positions ``start`` … T − 1 that the prediction position sees; ``softcap``: Gemma-2's logit cap.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     q: torch.Tensor
     scale: float
+    start: int = 0
+    softcap: float | None = None
 
     @property
     def group(self) -> int:
@@ -126,7 +129,7 @@ def dual_matrices(kv: HeadKV, is_demo: torch.Tensor) -> tuple[torch.Tensor, torc
     zero-shot prompt also sees (BOS and the test input).
     """
     k, v = repeat_kv(kv.k, kv.group, dim=0), repeat_kv(kv.v, kv.group, dim=0)
-    d = is_demo.to(k.device)
+    d = is_demo[kv.start:].to(k.device)  # a sliding window sees only the last positions
     W_zsl = torch.einsum("htd,hte->hde", v[:, ~d], k[:, ~d])
     dW_icl = torch.einsum("htd,hte->hde", v[:, d], k[:, d])
     return W_zsl, dW_icl
@@ -148,7 +151,10 @@ def relaxed_attention(kv: HeadKV) -> torch.Tensor:
 def softmax_attention(kv: HeadKV) -> torch.Tensor:
     """The true attention at the prediction position (the last one, which sees every token): (H, d)."""
     k, v = repeat_kv(kv.k, kv.group, dim=0), repeat_kv(kv.v, kv.group, dim=0)
-    probs = torch.softmax(torch.einsum("hd,htd->ht", kv.q, k) * kv.scale, dim=-1)
+    scores = torch.einsum("hd,htd->ht", kv.q, k) * kv.scale
+    if kv.softcap:
+        scores = kv.softcap * torch.tanh(scores / kv.softcap)
+    probs = torch.softmax(scores, dim=-1)
     return torch.einsum("ht,htd->hd", probs, v)
 
 
@@ -160,9 +166,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, dim=-1) -> torch.Tensor:
 
 
 def project_heads(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor) -> HeadKV:
-    """Keys/values of every position and the query of the last one, from the attention's input ``x`` (T, d)."""
+    """Keys/values of every position the last one sees (all, or its sliding window) and the query of the last
+    one, from the attention's input ``x`` (T, d)."""
     q, k, v, scale = qkv(lm, layer, x, position_ids)
-    return HeadKV(k, v, q[:, -1], scale)
+    W = lm.window(layer)
+    start = max(0, x.shape[0] - W) if W else 0
+    return HeadKV(k[:, start:], v[:, start:], q[:, -1], scale, start, lm.softcap(layer))
 
 
 def capture_layer_io(lm: LoadedModel, input_ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

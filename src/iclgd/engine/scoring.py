@@ -87,11 +87,16 @@ def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def encode_prefix(lm: LoadedModel, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run the prefix once; return each layer's (keys, values), shape (1, n_kv_heads, P, head_dim)."""
+    """Run the prefix once; return each layer's (keys, values), shape (1, n_kv_heads, P, head_dim).
+
+    A plain DynamicCache keeps every key also in sliding-window layers (Gemma-2/3, Mistral), whose own
+    cache would keep only the last W; the masks of the later passes then hide what the window hides."""
+    from transformers import DynamicCache
+
     model = lm.model
     dev = next(model.parameters()).device
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True)
+        out = model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True, cache=DynamicCache())
     cache = out.cache
     return [(layer.keys, layer.values) for layer in cache.layers]
 
