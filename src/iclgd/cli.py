@@ -375,6 +375,7 @@ app.add_typer(dual_app, name="dual")
 def dual_verify(
     model: str = typer.Option("smollm2-135m"),
     task: str = typer.Option("sst2"),
+    task_spec: Path = typer.Option(None, help="JSON spec of a user task (e.g. an ICL-world task) instead of --task"),
     k: int = typer.Option(8),
     seed: int = typer.Option(1),
     layers: str = typer.Option("all", help="'all' or a comma list"),
@@ -392,7 +393,8 @@ def dual_verify(
     from iclgd.report.plots import plot_verify
 
     no_start_token(bos)
-    cfg = VerifyConfig(model=model, task=task, k=k, seed=seed, layers=layers, dtype=dtype, data_dir=data_dir, bos=bos)
+    cfg = VerifyConfig(model=model, task=task, k=k, seed=seed, layers=layers, dtype=dtype, data_dir=data_dir, bos=bos,
+                       task_spec=task_spec)
     if out is not None:
         ensure_dir(out)
     r = verify(cfg)
@@ -401,14 +403,14 @@ def dual_verify(
         typer.echo(json.dumps({"summary": summary, "rows": r["rows"]}, indent=1))
     else:
         print_table(r["per_layer"], ["layer", "identity_max", "recon_max", "dW/WZSL", "softmax_relerr", "softmax_cos"])
-        typer.echo(f"{model} {task} k_true={meta['k_true']} tokens={meta['n_tokens']} {dtype}: identity max "
+        typer.echo(f"{model} {meta['task']} k_true={meta['k_true']} tokens={meta['n_tokens']} {dtype}: identity max "
                    f"{summary['identity_max']:.2e} (tolerance {summary['tolerance']:g}: "
                    f"{'OK' if summary['within_tolerance'] else 'FAILED'}); median over layers: "
                    f"softmax cos {summary['median_softmax_cos']:.4f}, rel. error "
                    f"{summary['median_softmax_relerr']:.4g}, ‖ΔW_ICL‖/‖W_ZSL‖ {summary['median_dW_ratio']:.4g}")
     if out is not None:
         path = write_verify(r, out)
-        plot_verify(r["per_layer"], out / "dual_verify.png", f"{model} · {task} · k={meta['k_true']} · {dtype}")
+        plot_verify(r["per_layer"], out / "dual_verify.png", f"{model} · {meta['task']} · k={meta['k_true']} · {dtype}")
         typer.echo(f"wrote {path} and {out / 'dual_verify.png'}")
     if not summary["within_tolerance"]:
         raise typer.Exit(1)
@@ -435,6 +437,54 @@ def dual_compare_updates(
     typer.echo(table.reset_index().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     if out is not None:
         write_updates(r, out)
+
+
+# ----------------------------------------------------------------------------- the ICL world
+
+world_app = typer.Typer(no_args_is_help=True, help="The ICL world: few-shot classification models trained here.")
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("train")
+@user_errors
+def world_train(
+    attention: str = typer.Option("vanilla", help="vanilla or momentum"),
+    eta: float = typer.Option(0.9, help="momentum coefficient (fixed, or the initial value with --learnable-eta)"),
+    learnable_eta: bool = typer.Option(False, help="learn η per head (sigmoid-parameterised), starting at --eta"),
+    seed: int = typer.Option(1, help="initialisation and data order"),
+    size: str = typer.Option("default", help="default (the ICL >= 0.9 goal), demo (<= 3 min) or tiny (tests)"),
+    steps: int = typer.Option(None, help="training steps (default: the size's)"),
+    world_seed: int = typer.Option(0, help="the world: prototypes and evaluation tasks"),
+    ckpt_every: int = typer.Option(None, help="resume state and an HF checkpoint every N steps"),
+    threads: int = typer.Option(None, help="torch threads (default 1: faster than 2 on shared cores)"),
+    out: Path = typer.Option(..., help="world folder (resumes if it holds a checkpoint)"),
+):
+    """Train a world model; writes DIR/model (HF folder), DIR/tasks, DIR/data, DIR/checkpoints, DIR/log.csv."""
+    from iclgd.engine.world import sized, train
+
+    over = {k: v for k, v in dict(steps=steps, ckpt_every=ckpt_every, threads=threads).items() if v is not None}
+    cfg = sized(size, attention=attention, eta=eta, learnable_eta=learnable_eta, seed=seed, **over)
+    cfg.world.seed = world_seed
+    r = train(cfg, out)
+    f = r["final"]
+    typer.echo(f"step {cfg.steps}: ICL acc {f['icl_acc']:.3f}, ZSL acc {f['zsl_acc']:.3f} (chance "
+               f"{1 / cfg.world.n_labels:.3f}), eval loss {f['eval_loss']:.4f}, {f['wall_s']:.0f} s")
+    typer.echo(f"wrote {out / 'model'}, {out / 'tasks'}, {out / 'data'}, {out / 'log.csv'}")
+
+
+@world_app.command("tasks")
+@user_errors
+def world_tasks(
+    out: Path = typer.Argument(..., help="a world folder (its world.json is used), or a new folder"),
+    world_seed: int = typer.Option(0, help="for a folder without world.json"),
+):
+    """Write the world's evaluation tasks: DIR/tasks/world-T.json and DIR/data/world-T/{demo,eval}.jsonl."""
+    from iclgd.engine.world import write_world_tasks
+
+    for p in write_world_tasks(out, world_seed):
+        typer.echo(f"wrote {p}")
+    typer.echo(f"data under {out / 'data'}; e.g. iclgd compare --model {out / 'model'} --task-spec "
+               f"{out / 'tasks' / 'world-0.json'} --data-dir {out / 'data'} --k 16")
 
 
 def main() -> None:  # pragma: no cover

@@ -691,6 +691,11 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+# Set by iclgd.engine.momentum when it is imported (the engine layer owns momentum attention): gives a model
+# saved with it (config.momentum_eta, e.g. an `iclgd world train --attention momentum` folder) its momentum back.
+RESTORE_MOMENTUM: Callable | None = None
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
     """A model iclgd installs offline: where it comes from, how to get its HF folder, its start token."""
@@ -765,4 +770,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     lm = LoadedModel(name, model, tokenizer, layout, source)
     lm.set_start(REGISTRY[name].bos if name in REGISTRY else None)
     lm.set_start(bos)
+    if getattr(model.config, "momentum_eta", None) is not None:  # saved with momentum attention
+        if RESTORE_MOMENTUM is None:
+            raise IclgdError(f"--model {name}: saved with momentum attention, which iclgd.engine.momentum restores "
+                             "(import it first)")
+        RESTORE_MOMENTUM(lm, folder)  # else it would silently run as vanilla
     return lm

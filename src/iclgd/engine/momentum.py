@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from iclgd.core.errors import IclgdError
+from iclgd.core import models as _models
 from iclgd.core.models import momentum_families, repeat_kv
 
 ATTN_NAME = "iclgd_momentum"
@@ -136,3 +137,23 @@ def enable_momentum(lm, eta: float = 0.9, learnable: bool = False) -> None:
     lm.model.config.momentum_eta = eta
     lm.model.config.momentum_learnable = learnable
     lm.model.set_attn_implementation(ATTN_NAME)
+
+
+def restore_momentum(lm, folder) -> None:
+    """A model saved with momentum attention (config.momentum_eta) gets it back at load, learned η included."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    cfg = lm.model.config
+    learnable = bool(getattr(cfg, "momentum_learnable", False))
+    enable_momentum(lm, cfg.momentum_eta, learnable)
+    if learnable:
+        files = sorted(Path(folder).glob("*.safetensors")) if Path(str(folder)).is_dir() else []
+        sd = {k: v for f in files for k, v in load_file(str(f)).items() if k.endswith("momentum_theta")}
+        if len(sd) != lm.n_layers:
+            raise IclgdError(f"--model {lm.name}: saved with learnable momentum but its η parameters are missing")
+        lm.model.load_state_dict(sd, strict=False)
+
+
+_models.RESTORE_MOMENTUM = restore_momentum

@@ -21,10 +21,12 @@ from iclgd.engine.scoring import build_prompts
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 
 
-def icl_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None, example: int = 0
+def icl_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None, example: int = 0, task_spec=None
                ) -> tuple[list[int], tuple[int, int], dict]:
-    """A real ICL prompt: k demonstrations (seeded) and the ``example``-th test input of the task."""
-    spec = resolve_task(task)
+    """A real ICL prompt: k demonstrations (seeded) and the ``example``-th test input of the task
+    (a built-in task name, or a user task's JSON spec file ``task_spec``)."""
+    spec = resolve_task(task, str(task_spec) if task_spec else None)
+    task = spec.name
     data = load_task(spec, resolve_data_dir(data_dir), n_test=example + 1)
     p = build_prompts(lm, spec, sample_demos(data.demo_pool, k, seed), data.eval_rows[example:])
     ids = p.prefix_ids + p.query_ids[0]
@@ -56,6 +58,7 @@ class VerifyConfig:
     dtype: str = "float64"  # float64 (tolerance 1e-5) or float32 (1e-3)
     data_dir: Path | None = None
     bos: str | None = None  # the prompt's start token (None: the model's)
+    task_spec: Path | None = None  # a user task's JSON spec (e.g. an ICL-world task) instead of ``task``
 
     def __post_init__(self):
         if self.dtype not in ("float64", "float32"):
@@ -63,9 +66,9 @@ class VerifyConfig:
 
 
 def verify_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None,
-                  layers: list[int] | None = None) -> dict:
+                  layers: list[int] | None = None, task_spec=None) -> dict:
     """The dual-form check on one ICL prompt: per-head rows, the per-layer table and its summary."""
-    ids, span, meta = icl_prompt(lm, task, k, seed, data_dir)
+    ids, span, meta = icl_prompt(lm, task, k, seed, data_dir, task_spec=task_spec)
     rows = dual.verify_layers(lm, ids, span, layers)
     table = dual.per_layer(rows)
     return {"rows": rows, "per_layer": table, "summary": dual.summarize(rows, table),
@@ -79,7 +82,7 @@ def verify(cfg: VerifyConfig) -> dict:
     lm.model.to(torch_dtype)
     chosen = parse_layers(cfg.layers, lm.n_layers)
     t0 = time.time()
-    v = verify_prompt(lm, cfg.task, cfg.k, cfg.seed, cfg.data_dir, chosen)
+    v = verify_prompt(lm, cfg.task, cfg.k, cfg.seed, cfg.data_dir, chosen, task_spec=cfg.task_spec)
     tol = TOLERANCE[torch_dtype]
     ok = all(r["identity_rel_err"] <= tol for r in v["rows"])
     return {"kind": "iclgd.dual.verify",

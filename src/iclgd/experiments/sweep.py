@@ -47,6 +47,10 @@ class SweepConfig:
     device_map: str | None = None
     bos: str | None = None  # the prompts' start token; None: the model's
     preset: str | None = None
+    world: bool = False  # the ICL-world experiments (iclgd.experiments.world)
+    world_size: str = "demo"
+    world_momentum: bool = True
+    world_along: bool = True
 
     def apply_preset(self, name: str) -> None:
         """Overwrite the fields a preset sets (see :data:`PRESETS`)."""
@@ -60,7 +64,11 @@ class SweepConfig:
 PRESETS = {
     # make demo: offline, <= 15 min on 2 CPU cores
     "demo": dict(tasks=["sst2", "cb"], seeds=[1], n_test=100, k=32, untrained=True, dual=True, synthetic=True,
-                 synthetic_steps=1000, momentum=False),
+                 synthetic_steps=1000, momentum=False, world=True, world_momentum=False, world_along=False,
+                 world_size="demo"),
+    # the ICL world's three experiments (<= 45 min on 2 CPU cores): models trained here, no SmolLM2
+    "world": dict(model="world (trained here)", tasks=[], seeds=[1, 2, 3], n_test=200, k=8, untrained=False,
+                  dual=False, synthetic=False, momentum=False, world=True, world_size="demo"),
 }
 
 
@@ -84,7 +92,18 @@ def plan(cfg: SweepConfig) -> list[Unit]:
     if cfg.momentum:
         units.append(_unit("momentum-tinyshakespeare", "momentum", corpus="tinyshakespeare",
                            seeds=tuple(cfg.seeds), steps=cfg.momentum_steps, eta=0.9))
-    return units
+    return units + world_units(cfg)
+
+
+def world_units(cfg: SweepConfig) -> list[Unit]:
+    """The ICL world's units (iclgd.experiments.world); k and test size of their own in the demo preset."""
+    if not cfg.world:
+        return []
+    from iclgd.experiments.world import plan_units
+
+    k, n_test = (8, 200) if cfg.preset == "demo" else (cfg.k, cfg.n_test or 200)
+    return [_unit(uid, kind, **params) for uid, kind, params in
+            plan_units(cfg.world_size, cfg.seeds, k, n_test, cfg.world_momentum, cfg.world_along)]
 
 
 def parse_shard(value: str | None) -> tuple[int, int]:
@@ -179,7 +198,17 @@ def _momentum_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
 
 
 # unit kind -> the function that runs one unit of it: (params, models, data dir, progress) -> result fields
-UNIT_KINDS = {"compare": _compare_unit, "dual": _dual_unit, "synthetic": _synthetic_unit, "momentum": _momentum_unit}
+def _world_unit(kind: str):
+    def run(p: dict, models: _Models, data_dir, progress: bool) -> dict:
+        from iclgd.experiments.world import run_unit
+
+        return run_unit(kind, p, models.out, progress)
+
+    return run
+
+
+UNIT_KINDS = {"compare": _compare_unit, "dual": _dual_unit, "synthetic": _synthetic_unit, "momentum": _momentum_unit,
+              **{k: _world_unit(k) for k in ("world-train", "world-compare", "world-ckpt")}}
 
 
 def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, progress: bool = True) -> dict:
@@ -188,7 +217,7 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
 
     from iclgd.core.tasks import parse_task_list
 
-    cfg.tasks = parse_task_list(",".join(cfg.tasks))
+    cfg.tasks = parse_task_list(",".join(cfg.tasks)) if cfg.tasks or not cfg.world else []
     if not cfg.seeds:
         raise IclgdError("--seeds: expected a comma list of integers, e.g. 1,2,3")
     out = ensure_dir(out)

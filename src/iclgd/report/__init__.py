@@ -19,6 +19,7 @@ from iclgd.core.metrics import METRICS, fmt_mean_ci, per_layer_of, scalar
 from iclgd.core.tasks import TASKS
 from iclgd.report.plots import plot_compare, plot_curves, plot_verify
 from iclgd.report.tables import calibration_table
+from iclgd.report.world import report_lines as world_report_lines
 
 
 @dataclass
@@ -243,7 +244,11 @@ def momentum_section(sw: Sweep) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = (compare_section, synthetic_section, dual_section, momentum_section)
+def world_section(sw: Sweep) -> list[str]:
+    return world_report_lines(sw.units, sw.plots)
+
+
+SECTIONS = (compare_section, synthetic_section, dual_section, momentum_section, world_section)
 
 
 def deviations(cfg: dict, units: dict) -> list[str]:

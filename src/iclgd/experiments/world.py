@@ -1,0 +1,137 @@
+"""The three experiments the ICL world enables, as sweep units, and their report section.
+
+1. ICL vs FT where ICL works: ``compare`` (ZSL / ICL / K/V FT with --lr-search, the four metrics with their
+   random baselines) on each seed's vanilla world model, and the untrained control (same model re-initialised).
+2. Metrics along training: the same compare and the dual-form summary at every checkpoint of one run.
+3. Momentum where ICL exists: vanilla vs MoAttn (η 0.5, η 0.9 fixed, η learnable from 0.5), per seed the
+   same initialisation and data order; ICL accuracy against step, steps to 50% / 90%, final accuracy
+   and loss, paired differences (variant − vanilla) with 95% bootstrap CIs.
+
+This module knows nothing of the sweep: ``plan_units`` returns (id, kind, params) triples, ``run_unit``
+computes one; the report section (:mod:`iclgd.report.world`) reads finished unit results alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {  # name -> training options
+    "vanilla": dict(attention="vanilla"),
+    "momentum-0.5": dict(attention="momentum", eta=0.5),
+    "momentum-0.9": dict(attention="momentum", eta=0.9),
+    "momentum-learnable": dict(attention="momentum", eta=0.5, learnable_eta=True),
+}
+THRESHOLDS = (0.5, 0.9)
+KINDS = ("world-train", "world-compare", "world-ckpt")
+
+
+def plan_units(size: str, seeds: list[int], k: int, n_test: int, momentum: bool = True, along: bool = True
+               ) -> list[tuple[str, str, dict]]:
+    """Training runs first (every later unit reads a run folder; one that is missing is trained first)."""
+    from iclgd.engine.world import sized
+
+    units = []
+    variants = list(VARIANTS) if momentum else ["vanilla"]
+    for seed in seeds:
+        for v in variants:
+            units.append((f"world-train-{v}-s{seed}", "world-train", dict(variant=v, seed=seed, size=size)))
+    for seed in seeds:
+        for untrained in (False, True):
+            units.append((f"world-compare-s{seed}" + ("-untrained" if untrained else ""), "world-compare",
+                          dict(size=size, seed=seed, k=k, n_test=n_test, untrained=untrained, lr_search=True)))
+    if along:
+        cfg = sized(size)
+        for step in range(0, cfg.steps + 1, cfg.ckpt_every):
+            units.append((f"world-ckpt-{step:06d}", "world-ckpt",
+                          dict(size=size, seed=seeds[0], step=step, k=k, n_test=n_test)))
+    return units
+
+
+def run_dir(out: Path, size: str, variant: str, seed: int) -> Path:
+    return Path(out) / "world" / f"{size}-{variant}-s{seed}"
+
+
+def ensure_trained(out: Path, size: str, variant: str, seed: int, progress: bool) -> Path:
+    """The run folder of (size, variant, seed), trained (or resumed) if it is not finished."""
+    from iclgd.engine.world import sized, train
+
+    d = run_dir(out, size, variant, seed)
+    if not (d / "final.json").is_file():
+        train(sized(size, seed=seed, **VARIANTS[variant]), d, progress=progress)
+    return d
+
+
+def first_step(rows: list[dict], thr: float) -> int | None:
+    return next((int(r["step"]) for r in rows if r["icl_acc"] is not None and r["icl_acc"] >= thr), None)
+
+
+def _task_for(d: Path, seed: int) -> Path:
+    """Seed s is evaluated on task world-((s-1) mod n): each seed another fixed assignment."""
+    tasks = sorted((d / "tasks").glob("world-*.json"))
+    return tasks[(seed - 1) % len(tasks)]
+
+
+def _compare(lm, d: Path, seed: int, k: int, n_test: int, lr_search: bool, progress: bool) -> dict:
+    from iclgd.core.tasks import load_task, load_task_spec
+    from iclgd.experiments.compare import CompareConfig, compare_seed
+
+    spec_file = _task_for(d, seed)
+    data = load_task(load_task_spec(spec_file), d / "data", n_test)
+    cfg = CompareConfig(k=k, lr_search=lr_search, lr=None, balanced=True)  # every class of the task in the prompt
+    result, _, phases = compare_seed(lm, data, cfg, seed, progress)
+    return {"result": result, "task": data.spec.name, "data_sha256": data.files, "_timing": phases}
+
+
+def _dual_summary(lm, d: Path, seed: int, k: int) -> dict:
+    import torch
+
+    from iclgd.experiments.dual import verify_prompt
+
+    lm.model.to(torch.float64)
+    try:  # k random demonstrations of the seed's task
+        v = verify_prompt(lm, "", k, seed, None, task_spec=_task_for(d, seed))
+    finally:
+        lm.model.to(torch.float32)
+    return {**v["summary"], "n_tokens": v["meta"]["n_tokens"]}
+
+
+def run_unit(kind: str, p: dict, out: Path, progress: bool) -> dict:
+    import json
+
+    import torch
+
+    from iclgd.core.models import load_model
+    from iclgd.engine.finetune import reinit_untrained
+    from iclgd.engine.world import read_log, sized
+
+    torch.set_num_threads(sized(p["size"]).threads)
+    if kind == "world-train":
+        d = ensure_trained(out, p["size"], p["variant"], p["seed"], progress)
+        rows = read_log(d)
+        final = json.loads((d / "final.json").read_text())
+        eta = None
+        if VARIANTS[p["variant"]].get("learnable_eta"):
+            lm = load_model(str(d / "model"))
+            eta = [torch.sigmoid(lm.attention(l).momentum_theta).tolist() for l in range(lm.n_layers)]
+        return {"run_dir": str(d.relative_to(out)), "curve": rows, "final": final["final"],
+                "steps_to": {str(t): first_step(rows, t) for t in THRESHOLDS}, "eta_learned": eta,
+                "config": final["config"], "n_params": final["n_params"], "versions": final["versions"],
+                "_timing": {"train_wall_s": final["final"]["wall_s"], "steps_per_s": final["steps_per_s"]}}
+    if kind == "world-compare":
+        d = ensure_trained(out, p["size"], "vanilla", p["seed"], progress)
+        lm = load_model(str(d / "model"))
+        if p["untrained"]:
+            reinit_untrained(lm, seed=0)
+        return {**_compare(lm, d, p["seed"], p["k"], p["n_test"], p["lr_search"], progress),
+                "run_dir": str(d.relative_to(out))}
+    if kind == "world-ckpt":
+        d = ensure_trained(out, p["size"], "vanilla", p["seed"], progress)
+        folder = d / "checkpoints" / f"step-{p['step']:06d}"
+        lm = load_model(str(folder))
+        res = _compare(lm, d, p["seed"], p["k"], p["n_test"], True, progress)
+        res["dual"] = _dual_summary(lm, d, p["seed"], min(p["k"], 8))
+        res["checkpoint"] = str(folder.relative_to(out))
+        return res
+    raise AssertionError(kind)
