@@ -127,7 +127,10 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
 
     from iclgd.cli import app
 
-    res = CliRunner().invoke(app, ["pretrain", "--config", "tiny", "--steps", "2", "--out", str(pre)])
+    from test_runfolder import small_corpus
+
+    corpus = small_corpus(tmp)
+    res = CliRunner().invoke(app, ["pretrain", "--config", "tiny", "--steps", "2", "--corpus", corpus, "--out", str(pre)])
     assert res.exit_code == 0, res.output
     ro = tmp / "afile"
 
@@ -166,7 +169,8 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
         ("pretrain unknown size", ["pretrain", "--config", "huge", "--out", str(tmp / "p2")]),
         ("pretrain unknown attention", ["pretrain", "--attention", "sparse", "--out", str(tmp / "p3")]),
         ("pretrain into a folder of another attention",
-         ["pretrain", "--config", "tiny", "--steps", "2", "--attention", "momentum", "--out", str(pre)]),
+         ["pretrain", "--config", "tiny", "--steps", "2", "--corpus", corpus, "--attention", "momentum",
+          "--out", str(pre)]),
         ("pretrain into a folder of another corpus",
          ["pretrain", "--config", "tiny", "--steps", "2", "--corpus", "austen", "--out", str(pre)]),
         ("momentum compare duplicate seeds", ["momentum", "compare", "--seeds", "1,1", "--out", str(tmp / "m1")]),

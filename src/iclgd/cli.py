@@ -21,7 +21,6 @@ except ImportError:  # pragma: no cover
 
 from iclgd.core import options as check
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import ensure_dir
 from iclgd.core.runfolder import lock, refuse_existing
 
 
@@ -466,6 +465,7 @@ def dual_verify(
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write dual_verify.json and dual_verify.png here"),
+    overwrite: bool = typer.Option(False, help="replace an earlier dual_verify.json in --out"),
 ):
     """Check ICL = (W_ZSL + ΔW_ICL) q on every layer and head of a real model, and measure the softmax gap."""
     import json
@@ -478,7 +478,7 @@ def dual_verify(
     check.out_dir(out)
     cfg = VerifyConfig(model=model, task=task, k=k, seed=seed, layers=layers, dtype=dtype, data_dir=data_dir, bos=bos)
     if out is not None:
-        ensure_dir(out)
+        refuse_existing([out / "dual_verify.json"], overwrite)
     r = verify(cfg)
     summary, meta = r["summary"], r["config"]
     if json_out:
@@ -507,7 +507,8 @@ def dual_compare_updates(
     k: int = typer.Option(8, help="demonstrations in the prompt (>= 1)"),
     seed: int = typer.Option(1, help="seed of the demonstration shuffle"),
     data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
-    out: Path = typer.Option(None, help="write the per-layer comparison here"),
+    out: Path = typer.Option(None, help="write the per-layer comparison (dual_updates.json) here"),
+    overwrite: bool = typer.Option(False, help="replace an earlier dual_updates.json in --out"),
 ):
     """Compare ΔW_FT = W_ZSL(after) − W_ZSL(before) with ΔW_ICL, per layer (LMOps issue #22)."""
     import pandas as pd
@@ -515,6 +516,8 @@ def dual_compare_updates(
     from iclgd.experiments.dual import compare_updates, write_updates
 
     check.at_least("--k", k, 1), check.seed("--seed", seed), check.out_dir(out)
+    if out is not None:
+        refuse_existing([out / "dual_updates.json"], overwrite)
     r = compare_updates(before, after, task, k, seed, data_dir)
     table = pd.DataFrame(r["rows"]).groupby("layer")[["cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q"]].median()
     typer.echo(table.reset_index().to_string(index=False, float_format=lambda x: f"{x:.4g}"))

@@ -21,9 +21,15 @@ from iclgd.core.io import ensure_dir
 @contextmanager
 def lock(folder: Path, name: str = "writer", wait: bool = False) -> Iterator[None]:
     """Hold ``folder/.iclgd-<name>.lock`` for the block; a second holder is refused (or waits, ``wait``)."""
+    top = None  # the outermost folder this call creates
+    for p in [Path(folder), *Path(folder).parents]:
+        if p.exists():
+            break
+        top = p
     folder = ensure_dir(folder)
     path = folder / f".iclgd-{name}.lock"
     f = open(path, "a+")
+    ok = False
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -37,7 +43,14 @@ def lock(folder: Path, name: str = "writer", wait: bool = False) -> Iterator[Non
         f.write(str(os.getpid()))
         f.flush()
         yield
+        ok = True
     finally:
+        if not ok and top is not None and os.listdir(folder) == [path.name]:  # a failed first run leaves no folder
+            path.unlink()
+            for p in [folder, *folder.parents]:
+                p.rmdir()
+                if p == top:
+                    break
         f.close()  # closing releases the lock
 
 

@@ -307,6 +307,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
 
     cfg.check()
+    check_run_folder(cfg, out, data_dir)  # never resume (or describe) a run of another configuration
     out = ensure_dir(out)
     corpus = corpus or load_corpus(cfg.corpus, data_dir)
     s = SIZES[cfg.size]
@@ -331,6 +332,8 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start = _load_checkpoint(out, model, opt)
+    if start >= cfg.steps and (out / "final.json").is_file():  # finished: rewriting would record a NaN loss
+        return json.loads((out / "final.json").read_text(encoding="utf-8"))
     log_path = out / "log.csv"
     rows = []
     if start and log_path.is_file():
