@@ -131,3 +131,47 @@ def test_synthetic_options_never_crash(tmp_path, steps, dim, layers, heads, mlp,
     res = _invoke(["synthetic", "--steps", steps, "--dim", dim, "--layers", layers, "--heads", heads, "--mlp-hidden",
                    mlp, "--n-eval", n_eval, "--n-context", 3, *(["--seeds", seeds] if seeds else []), "--out", out])
     assert res.exit_code == 2 and (out / "summary.json").read_text() == SENTINEL  # refused, not replaced
+
+
+# required options of each command, on tiny models; every other integer option is then given a negative value
+_BASE = {
+    "eval": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],
+    "compare": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],
+    "pretrain": ["--config", "tiny", "--steps", "1"],
+    "momentum compare": ["--config", "tiny", "--steps", "1", "--seeds", "1"],
+    "momentum apply": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],
+    "synthetic": ["--steps", "1", "--n-eval", "4"],
+    "reproduce": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],
+    "dual verify": ["--model", "tiny-random-llama", "--k", "1"],
+    "dual compare-updates": ["--before", "tiny-random-llama", "--after", "tiny-random-llama", "--k", "1"],
+}
+
+
+def test_the_property_test_covers_every_command():
+    assert {name for name, _ in _commands()} - {"report"} == set(_BASE)
+
+
+@pytest.mark.parametrize("command", sorted(_BASE))
+@settings(max_examples=4, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_negative_integer_is_refused_before_anything_is_written(tmp_path, command, data):
+    cmd = dict(_commands())[command]
+    ints = sorted(p.opts[0] for p in cmd.params if p.param_type_name == "option" and _is_int(p))
+    option = data.draw(st.sampled_from(ints), label="option")
+    value = data.draw(st.integers(-2**40, -1), label="value")
+    out = tmp_path / f"{command.replace(' ', '-')}{option}{value}"
+    out.mkdir()
+    (out / "results.json").write_text(SENTINEL)
+    before = _files(out)
+    args = [*command.split(), *_BASE[command], option, value, "--out", out]
+    res = _invoke(args)
+    assert res.exit_code == 2 and option in res.output, (args, res.output)
+    assert _files(out) == before  # nothing written, nothing replaced
+
+
+def _is_int(p) -> bool:
+    td = getattr(p, "type_descriptor", None)  # typer >= 0.26
+    if td is not None:
+        return td.annotation is int
+    return getattr(getattr(p, "type", None), "name", None) == "integer"

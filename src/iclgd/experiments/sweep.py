@@ -196,8 +196,9 @@ def check_units(out) -> None:
         if uid not in planned or unit.get("params") != planned[uid]:
             raise IclgdError(f"{f}: this unit's configuration differs from {out / 'sweep.json'} "
                              "(not planned by it); remove the unit, or run reproduce --overwrite")
-        for path, sha in (doc.get("data_sha256") or {}).items() if files is not None else ():
-            if files.get(path) != sha:
+        used = doc.get("data_sha256") if isinstance(doc.get("data_sha256"), dict) else {}
+        for path, sha in used.items() if isinstance(files, dict) else ():
+            if files.get(str(Path(path).resolve())) != sha:
                 raise IclgdError(f"{f}: computed from data file {path} (sha256 {str(sha)[:12]}), not the sweep's "
                                  "data; remove the unit, or run reproduce --overwrite")
 
@@ -216,7 +217,7 @@ def data_fingerprint(tasks: list[str], data_dir) -> dict:
         for rel in (spec.eval_file, spec.demo_file):
             p = ddir / rel
             if p.is_file():
-                files[str(p)] = sha256_file(p)
+                files[str(p.resolve())] = sha256_file(p)  # resolved: another spelling of the same folder is equal
     return {"data_dir": str(ddir.resolve()), "sha256": files}
 
 
