@@ -9,10 +9,12 @@ from typer.testing import CliRunner
 
 from iclgd.cli import app
 
+from bad_inputs import extra_cases
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 
 
-def _cases(tmp: Path) -> list[tuple[str, list[str]]]:
+def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
     bad = tmp / "bad"
     (bad / "sst2").mkdir(parents=True)
     (bad / "sst2" / "glue_train.jsonl").write_text('{"text": "fine", "label": 0}\n' * 3)
@@ -39,7 +41,7 @@ def _cases(tmp: Path) -> list[tuple[str, list[str]]]:
     return [
         ("unknown task", ["eval", "--task", "imdb"]),
         ("unknown model", ["eval", "--model", "gpt-17"]),
-        ("unsupported attention layout", ["eval", "--model", str(tmp / "mistral")]),
+        ("unsupported attention layout", ["compare", "--model", str(tmp / "mistral")]),
         ("missing data directory", ["eval", *tiny, "--data-dir", str(tmp / "nowhere")]),
         ("missing data file", ["eval", *tiny, "--data-dir", str(empty)]),
         ("malformed JSON line", ["eval", *tiny, "--data-dir", str(bad)]),
@@ -58,20 +60,22 @@ def _cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("sweep folder of another configuration", [*sweep[:-2], "--seeds", "2", "--out", str(rep)]),
         ("bad shard", ["reproduce", "--shard", "3/2", "--out", str(tmp / "shard")]),
         ("unknown synthetic attention", ["synthetic", "--attention", "cosine", "--steps", "1"]),
-    ]
+    ] + extra_cases(tmp, data_dir, sweep, rep)
 
 
-def test_bad_inputs_one_line_exit_2_nothing_half_written(tmp_path):
+def test_bad_inputs_one_line_exit_2_nothing_half_written(tmp_path, data_dir):
     (tmp_path / "afile").parent.mkdir(exist_ok=True)
     rows = []
-    for what, args in _cases(tmp_path):
+    cases = _cases(tmp_path, data_dir)
+    assert len({w for w, _ in cases}) == len(cases), "each row a distinct bad input"
+    for what, args in cases:
         res = CliRunner().invoke(app, args)
         lines = [x for x in res.output.splitlines() if x.strip() and not x.startswith(("\\r", "\r"))]
         errors = [x for x in lines if x.startswith("error: ")]
         assert res.exit_code == 2, (what, res.output)
         assert len(errors) == 1 and "Traceback" not in res.output, (what, res.output)
         rows.append((what, " ".join(args).replace(str(tmp_path), "<tmp>"), errors[0].replace(str(tmp_path), "<tmp>")))
-    assert len(rows) >= 12
+    assert len(rows) >= 60
     # nothing half-written: no temporary files, and no results file from a failed run
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
     for d in ("nan", "eta"):

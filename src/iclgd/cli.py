@@ -8,14 +8,52 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from contextlib import nullcontext as _nothing
 from pathlib import Path
 
 import typer
+import typer.core
 
+try:  # typer >= 0.26 carries its own copy of click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
+
+from iclgd.core import options as check
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import ensure_dir
+from iclgd.core.runfolder import lock, refuse_existing
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors of the option parser in the same one-line ``error: ...`` form (exit 2) as IclgdError."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except _cx.NoArgsIsHelpError as e:
+            e.show()
+            rv = 2
+        except _cx.ClickException as e:
+            msg = " ".join(e.format_message().split()) or type(e).__name__
+            hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) is not None else ""
+            typer.echo(f"error: {msg}{hint}", err=True)
+            rv = e.exit_code if e.exit_code else 2
+        except _cx.Abort:
+            typer.echo("error: aborted", err=True)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], cls=OneLineErrors)
+_QUIET = {"on": False}
+
+
+def progress() -> bool:
+    """Progress bars only on a terminal, and never with ``--quiet``."""
+    return not _QUIET["on"] and sys.stderr.isatty()
 
 
 def _print_version(value: bool) -> None:
@@ -30,8 +68,10 @@ def _print_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="print the version and exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (they appear only on a terminal)"),
 ) -> None:
     """iclgd: in-context learning as implicit gradient descent, measured on real models."""
+    _QUIET["on"] = quiet
 
 
 def _quiet_libraries() -> None:
@@ -98,38 +138,45 @@ def eval_cmd(
     balanced: bool = typer.Option(False, help="class-balanced demonstrations (round robin over labels)"),
     separator: str = typer.Option("\n", help="text after each demonstration"),
     max_len: int = typer.Option(2048, help="context limit in tokens (the paper's 2048)"),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(8, help="prompts scored per forward pass (>= 1)"),
     data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
-    dtype: str = typer.Option("float32"),
-    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary, or 'none' "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write results.json here"),
+    overwrite: bool = typer.Option(False, help="replace an earlier results.json in --out"),
 ):
     """Zero-shot and in-context accuracy of a causal LM on the paper's tasks."""
     from iclgd.engine.scoring import EvalConfig
     from iclgd.experiments.eval import SUMMARY, EvalJob, run, summary_rows, write
 
+    check.at_least("--k", k, 0), check.seed("--seed", seed), check.at_least("--n-test", n_test, 1)
+    check.at_least("--max-len", max_len, 1), check.at_least("--batch-size", batch_size, 1)
+    check.dtype(dtype), check.device(device), check.out_dir(out), check.text("--separator", separator)
     job = EvalJob(model=model, task=task, task_spec=task_spec, n_test=n_test, data_dir=data_dir, dtype=dtype,
                   device=device, bos=bos, eval=EvalConfig(k=k, seed=seed, balanced=balanced, separator=separator,
                                                  max_len=max_len, batch_size=batch_size))
     if out is not None:
-        ensure_dir(out)
-    doc = run(job)
+        refuse_existing([out / "results.json"], overwrite)
+    with lock(out) if out is not None else _nothing():
+        doc = run(job, progress=progress())
+        if out is not None:
+            path = write(doc, out)
     print_table(summary_rows(doc), list(SUMMARY))
     if out is not None:
-        typer.echo(f"wrote {write(doc, out)}")
+        typer.echo(f"wrote {path}")
 
 
 @app.command("compare")
 @user_errors
 def compare_cmd(
-    model: str = typer.Option("smollm2-135m"),
+    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
     task: str = typer.Option("sst2", help="task name, comma list, or 'all'"),
-    task_spec: Path = typer.Option(None),
-    k: int = typer.Option(32),
-    seeds: str = typer.Option("1", help="comma list: mean and 95% bootstrap CI over seeds"),
-    n_test: int = typer.Option(None),
+    task_spec: Path = typer.Option(None, help="JSON spec of a user task (template, label_words, files)"),
+    k: int = typer.Option(32, help="demonstrations (>= 1: finetuning needs at least one)"),
+    seeds: str = typer.Option("1", help="comma list of distinct seeds: mean and 95% bootstrap CI over seeds"),
+    n_test: int = typer.Option(None, help="evaluate only the first N test examples"),
     lr: float = typer.Option(None, help="FT learning rate (default: the paper's per-task rate)"),
     lr_search: bool = typer.Option(False, help="pick the rate from a grid on held-out train examples"),
     ft_params: str = typer.Option("kv", help="kv (the paper) or all (full-model control)"),
@@ -138,21 +185,22 @@ def compare_cmd(
     untrained: bool = typer.Option(False, help="also run the untrained-model control"),
     untrained_seed: int = typer.Option(None, help="init seed of the untrained control for every run seed "
                                                   "(default: the run seed)"),
-    kendall_n: int = typer.Option(100),
+    kendall_n: int = typer.Option(100, help="test examples of the Kendall rank correlation (>= 1)"),
     simam_segment: str = typer.Option("after-context", help="after-context (the paper's code: every position after "
                                                             "the context) or input-only (the test input's tokens)"),
     kendall_scale: str = typer.Option("paper", help="FT-side logits: paper (head_dim^-1 · q·q) or none (q·q)"),
     updates_n: int = typer.Option(100, help="test examples on which ΔW_ICL is compared with ΔW_FT (0: skip)"),
-    balanced: bool = typer.Option(False),
-    separator: str = typer.Option("\n"),
-    max_len: int = typer.Option(2048),
-    batch_size: int = typer.Option(8),
-    data_dir: Path = typer.Option(None),
-    dtype: str = typer.Option("float32"),
-    device: str = typer.Option("cpu"),
+    balanced: bool = typer.Option(False, help="class-balanced demonstrations (round robin over labels)"),
+    separator: str = typer.Option("\n", help="text after each demonstration"),
+    max_len: int = typer.Option(2048, help="context limit in tokens"),
+    batch_size: int = typer.Option(8, help="prompts scored per forward pass (>= 1)"),
+    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
+    dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
-    out: Path = typer.Option(None),
+    out: Path = typer.Option(None, help="write results.json, records.jsonl and per-layer plots here"),
+    overwrite: bool = typer.Option(False, help="replace an earlier results.json in --out"),
 ):
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
     import pandas as pd
@@ -162,6 +210,10 @@ def compare_cmd(
     from iclgd.report.tables import compare_rows
 
     seed_list = int_list(seeds, "--seeds")
+    check.seed_list("--seeds", seed_list), check.at_least("--k", k, 1), check.at_least("--n-test", n_test, 1)
+    check.positive_float("--lr", lr), check.at_least("--kendall-n", kendall_n, 1)
+    check.at_least("--max-len", max_len, 1), check.at_least("--batch-size", batch_size, 1)
+    check.dtype(dtype), check.device(device), check.out_dir(out), check.text("--separator", separator)
     no_start_token(bos)
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
                         kendall_n=kendall_n, simam_segment=simam_segment, kendall_scale=kendall_scale,
@@ -169,14 +221,14 @@ def compare_cmd(
                         max_len=max_len, batch_size=batch_size)
     job = CompareJob(model=model, task=task, seeds=seed_list, n_test=n_test, untrained=untrained,
                      task_spec=task_spec, data_dir=data_dir, dtype=dtype, device=device, bos=bos, compare=cfg)
-    results = run(job)
     if out is not None:
-        ensure_dir(out)
+        refuse_existing([out / "results.json"], overwrite)
     rows = []
-    for r in results:
-        rows += compare_rows(r.doc)
-        if out is not None:
-            plot_compare_file(write(r, out))
+    with lock(out) if out is not None else _nothing():
+        for r in run(job, progress=progress()):
+            rows += compare_rows(r.doc)
+            if out is not None:
+                plot_compare_file(write(r, out))
     typer.echo(f"prediction position: {position}; FT: {ft_params} params, {ft_mode}")
     typer.echo(pd.DataFrame(rows).to_string(index=False))
     if out is not None:
@@ -188,19 +240,25 @@ def compare_cmd(
 def pretrain_cmd(
     corpus: str = typer.Option("tinyshakespeare", help="tinyshakespeare, austen, kjv, a text file, or hf:DATASET"),
     attention: str = typer.Option("vanilla", help="vanilla or momentum"),
-    eta: float = typer.Option(0.9),
-    learnable_eta: bool = typer.Option(False),
+    eta: float = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1"),
+    learnable_eta: bool = typer.Option(False, help="learn eta per layer (starting from --eta)"),
     config: str = typer.Option("small", help="tiny or small"),
-    steps: int = typer.Option(150),
-    seed: int = typer.Option(1),
-    data_dir: Path = typer.Option(None),
-    out: Path = typer.Option(..., help="run folder (resumes if it holds a checkpoint)"),
+    steps: int = typer.Option(150, help="optimizer steps (>= 1)"),
+    seed: int = typer.Option(1, help="seed of the initialization and the data order"),
+    data_dir: Path = typer.Option(None, help="data directory holding the corpora"),
+    out: Path = typer.Option(..., help="run folder (resumes if it holds a checkpoint of the same configuration)"),
+    overwrite: bool = typer.Option(False, help="start over in a folder that holds a run of another configuration"),
 ):
     """Train a small Llama-style LM from scratch, with vanilla or momentum attention."""
-    from iclgd.engine.train import TrainConfig, pretrain
+    from iclgd.engine.train import TrainConfig, check_run_folder, pretrain
 
-    r = pretrain(TrainConfig(corpus=corpus, attention=attention, eta=eta, learnable_eta=learnable_eta, size=config,
-                             steps=steps, seed=seed), out, data_dir)
+    check.seed("--seed", seed), check.out_dir(out)
+    cfg = TrainConfig(corpus=corpus, attention=attention, eta=eta, learnable_eta=learnable_eta, size=config,
+                      steps=steps, seed=seed)
+    cfg.check()
+    with lock(out):
+        check_run_folder(cfg, out, data_dir, overwrite)
+        r = pretrain(cfg, out, data_dir, progress=progress())
     typer.echo(f"final train loss {r['final_train_loss']:.4f}; log in {out / 'log.csv'}")
 
 
@@ -211,28 +269,36 @@ app.add_typer(momentum_app, name="momentum")
 @momentum_app.command("compare")
 @user_errors
 def momentum_compare(
-    corpus: str = typer.Option("tinyshakespeare"),
-    seeds: str = typer.Option("1,2,3"),
-    eta: float = typer.Option(0.9),
-    learnable_eta: bool = typer.Option(False),
-    config: str = typer.Option("small"),
-    steps: int = typer.Option(150),
-    lengths: str = typer.Option("128,256,512"),
-    data_dir: Path = typer.Option(None),
-    out: Path = typer.Option(...),
+    corpus: str = typer.Option("tinyshakespeare", help="tinyshakespeare, austen, kjv, a text file, or hf:DATASET"),
+    seeds: str = typer.Option("1,2,3", help="comma list of distinct seeds (one vanilla and one momentum run each)"),
+    eta: float = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1"),
+    learnable_eta: bool = typer.Option(False, help="learn eta per layer (starting from --eta)"),
+    config: str = typer.Option("small", help="tiny or small"),
+    steps: int = typer.Option(150, help="optimizer steps per run (>= 1)"),
+    lengths: str = typer.Option("128,256,512", help="comma list of distinct context lengths for perplexity"),
+    data_dir: Path = typer.Option(None, help="data directory holding the corpora"),
+    out: Path = typer.Option(..., help="folder of the runs, results.json and val_curves.png"),
 ):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
+    from iclgd.engine.train import TrainConfig
+
+    seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
+    check.seed_list("--seeds", seed_list), check.distinct("--lengths", list(length_list)), check.out_dir(out)
+    for L in length_list:
+        check.at_least("--lengths", L, 2)
+    TrainConfig(corpus=corpus, attention="momentum", eta=eta, learnable_eta=learnable_eta, size=config,
+                steps=steps).check()
     import pandas as pd
 
     from iclgd.experiments.momentum import MomentumConfig, run, write
     from iclgd.report.plots import plot_curves
     from iclgd.report.tables import momentum_rows
 
-    seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
     cfg = MomentumConfig(corpus=corpus, seeds=seed_list, eta=eta, size=config, steps=steps, lengths=length_list,
                          learnable_eta=learnable_eta, data_dir=data_dir)
-    doc = run(cfg, out)
-    path = write(doc, out)
+    with lock(out):
+        doc = run(cfg, out, progress=progress())
+        path = write(doc, out)
     plot_curves(out, seed_list)
     typer.echo(f"{len(seed_list)} seeds, mean [95% bootstrap CI]")
     typer.echo(pd.DataFrame(momentum_rows(doc)).to_string(index=False))
@@ -242,19 +308,23 @@ def momentum_compare(
 @momentum_app.command("apply")
 @user_errors
 def momentum_apply(
-    model: str = typer.Option("smollm2-135m"),
-    eta: float = typer.Option(0.9),
-    corpus: str = typer.Option("austen"),
-    task: str = typer.Option("all"),
-    n_test: int = typer.Option(50),
-    k: int = typer.Option(8),
-    data_dir: Path = typer.Option(None),
-    out: Path = typer.Option(None),
+    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
+    eta: float = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1"),
+    corpus: str = typer.Option("austen", help="corpus of the perplexity: tinyshakespeare, austen, kjv or a file"),
+    task: str = typer.Option("all", help="task name, comma list, or 'all'"),
+    n_test: int = typer.Option(50, help="test examples per task (>= 1)"),
+    k: int = typer.Option(8, help="demonstrations per prompt (>= 0)"),
+    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
+    out: Path = typer.Option(None, help="write results.json here"),
 ):
     """Add the EMA to a pretrained model without training: perplexity and ICL accuracy vs vanilla."""
     from iclgd.experiments.momentum import apply_pretrained
 
-    doc = apply_pretrained(model, eta, corpus, task, n_test, k, data_dir=data_dir, out=out)
+    if not 0 < eta < 1:
+        raise IclgdError(f"--eta {eta}: expected a momentum coefficient strictly between 0 and 1")
+    check.at_least("--n-test", n_test, 1), check.at_least("--k", k, 0), check.out_dir(out)
+    with lock(out) if out is not None else _nothing():
+        doc = apply_pretrained(model, eta, corpus, task, n_test, k, data_dir=data_dir, out=out)
     import pandas as pd
 
     r = doc["results"]
@@ -269,18 +339,19 @@ def momentum_apply(
 @app.command("synthetic")
 @user_errors
 def synthetic_cmd(
-    layers: int = typer.Option(1),
-    dim: int = typer.Option(10),
-    n_context: int = typer.Option(20),
-    steps: int = typer.Option(2000),
-    seed: int = typer.Option(1),
-    seeds: str = typer.Option(None, help="several seeds, e.g. 1,2,3: a table of means with 95% bootstrap CIs"),
-    n_eval: int = typer.Option(2048),
+    layers: int = typer.Option(1, help="attention layers (>= 1)"),
+    dim: int = typer.Option(10, help="input dimension of the regression tasks (>= 1)"),
+    n_context: int = typer.Option(20, help="in-context examples per task (>= 1)"),
+    steps: int = typer.Option(2000, help="training steps (>= 1)"),
+    seed: int = typer.Option(1, help="seed of the training and evaluation tasks"),
+    seeds: str = typer.Option(None, help="several distinct seeds, e.g. 1,2,3: a table of means with 95% bootstrap CIs"),
+    n_eval: int = typer.Option(2048, help="fresh tasks of the evaluation (>= 2)"),
     lr: float = typer.Option(1e-3, help="Adam learning rate of the training"),
     attention: str = typer.Option("linear", help="linear (LSA, has an exact GD construction) or softmax"),
-    heads: int = typer.Option(1),
+    heads: int = typer.Option(1, help="attention heads per layer (>= 1)"),
     mlp_hidden: int = typer.Option(0, help="width of an MLP after each attention layer (0: none)"),
-    out: Path = typer.Option(None),
+    out: Path = typer.Option(None, help="write results.json (or seed-*/ and summary.json) and plots here"),
+    overwrite: bool = typer.Option(False, help="replace earlier results in --out"),
 ):
     """In-context linear regression: a trained attention model vs GD, and the metrics' calibration."""
     import pandas as pd
@@ -289,8 +360,17 @@ def synthetic_cmd(
     from iclgd.report.plots import plot_calibration, plot_synthetic
     from iclgd.report.tables import calibration_table, summary_table
 
+    seed_list = int_list(seeds, "--seeds") if seeds else [seed]
+    check.seed_list("--seeds" if seeds else "--seed", seed_list)
+    for opt, v, low in (("--layers", layers, 1), ("--dim", dim, 1), ("--n-context", n_context, 1),
+                        ("--steps", steps, 1), ("--n-eval", n_eval, 2), ("--heads", heads, 1),
+                        ("--mlp-hidden", mlp_hidden, 0)):
+        check.at_least(opt, v, low)
+    check.positive_float("--lr", lr), check.out_dir(out)
+    if out is not None:
+        refuse_existing([out / "results.json", out / "summary.json"], overwrite)
     runs = [S.run(S.SyntheticConfig(dim, n_context, layers, steps, s, n_eval, lr=lr, attention=attention, heads=heads,
-                                    mlp_hidden=mlp_hidden)) for s in (int_list(seeds, "--seeds") if seeds else [seed])]
+                                    mlp_hidden=mlp_hidden), progress=progress()) for s in seed_list]
     for r in runs:
         typer.echo(f"seed {r['config']['seed']}: {r['config']['model']}; losses on {n_eval} fresh tasks "
                    "(mean squared error of the query prediction):")
@@ -319,51 +399,63 @@ def synthetic_cmd(
 @app.command("reproduce")
 @user_errors
 def reproduce_cmd(
-    model: str = typer.Option("smollm2-135m"),
+    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
     tasks: str = typer.Option("all", help="comma list or 'all'"),
-    seeds: str = typer.Option("1"),
-    n_test: int = typer.Option(200),
-    k: int = typer.Option(32),
+    seeds: str = typer.Option("1", help="comma list of distinct seeds (one compare unit per task and seed)"),
+    n_test: int = typer.Option(200, help="test examples per task (>= 1)"),
+    k: int = typer.Option(32, help="demonstrations (>= 1)"),
     untrained: bool = typer.Option(True, help="the untrained-model control units"),
-    dual: bool = typer.Option(True),
-    synthetic: bool = typer.Option(True),
+    dual: bool = typer.Option(True, help="the dual-form check unit"),
+    synthetic: bool = typer.Option(True, help="the synthetic calibration unit"),
     momentum: bool = typer.Option(False, help="also train vanilla vs momentum LMs (minutes per seed)"),
     preset: str = typer.Option(None, help="'demo': sst2 and cb, 100 test examples, one seed (<= 15 min on 2 cores)"),
     shard: str = typer.Option(None, help="i/n: run every n-th unit from i (job arrays)"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 (GPU) ..."),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
-    device_map: str = typer.Option(None, help="'auto': spread a large model over the GPUs (HF Accelerate)"),
+    dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
+    device_map: str = typer.Option(None, help="'auto': spread a large model over the GPUs (HF Accelerate; "
+                                              "needs --device cuda)"),
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
-    data_dir: Path = typer.Option(None),
-    out: Path = typer.Option(Path("runs/repro")),
+    data_dir: Path = typer.Option(None, help="data directory (recorded with its checksums in sweep.json)"),
+    out: Path = typer.Option(Path("runs/repro"), help="the sweep folder (resumes a run of the same configuration)"),
+    overwrite: bool = typer.Option(False, help="discard the finished units of another configuration in --out"),
 ):
     """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
-    from iclgd.experiments.sweep import SweepConfig, reproduce
+    from iclgd.experiments.sweep import SweepConfig, check_units, parse_shard, reproduce
     from iclgd.report import write_report
 
     seed_list = int_list(seeds, "--seeds")
+    check.seed_list("--seeds", seed_list), check.at_least("--n-test", n_test, 1), check.at_least("--k", k, 1)
+    check.dtype(dtype), check.device(device), check.device_map(device_map, device), check.out_dir(out)
     no_start_token(bos)
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
                       dtype=dtype, device=device, device_map=device_map, bos=bos)
     if preset is not None:
         cfg.apply_preset(preset)
-    r = reproduce(cfg, out, data_dir, shard)
-    report = write_report(out)
+    i, n = parse_shard(shard)
+    with lock(out, f"shard-{i}-of-{n}"):
+        r = reproduce(cfg, out, data_dir, shard, progress=progress(), overwrite=overwrite)
+        check_units(out)
+        report = write_report(out)
     typer.echo(f"{r['ran']} units run, {r['skipped']} already finished (shard: {r['this_shard']} of {r['units']}); "
                f"report: {report}")
 
 
 @app.command("report")
 @user_errors
-def report_cmd(out: Path = typer.Argument(..., help="a reproduce folder")):
+def report_cmd(out: Path = typer.Argument(..., help="a reproduce folder (holding sweep.json and units/)")):
     """Regenerate report.md, results.csv and plots from a reproduce folder's results files alone."""
     from iclgd.report import write_report
 
+    from iclgd.experiments.sweep import check_units
+
     if not (out / "sweep.json").is_file():
         raise IclgdError(f"{out}: not a reproduce folder (no sweep.json)")
-    typer.echo(f"wrote {write_report(out)}")
+    check.out_dir(out, "report")
+    check_units(out)
+    with lock(out, "report"):
+        typer.echo(f"wrote {write_report(out)}")
 
 
 dual_app = typer.Typer(no_args_is_help=True, help="The dual form between attention and gradient descent.")
@@ -373,18 +465,19 @@ app.add_typer(dual_app, name="dual")
 @dual_app.command("verify")
 @user_errors
 def dual_verify(
-    model: str = typer.Option("smollm2-135m"),
-    task: str = typer.Option("sst2"),
+    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
+    task: str = typer.Option("sst2", help="task name"),
     task_spec: Path = typer.Option(None, help="JSON spec of a user task (e.g. an ICL-world task) instead of --task"),
-    k: int = typer.Option(8),
-    seed: int = typer.Option(1),
+    k: int = typer.Option(8, help="demonstrations in the prompt (>= 1)"),
+    seed: int = typer.Option(1, help="seed of the demonstration shuffle"),
     layers: str = typer.Option("all", help="'all' or a comma list"),
     dtype: str = typer.Option("float64", help="float64 (tolerance 1e-5) or float32 (1e-3)"),
-    data_dir: Path = typer.Option(None),
+    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
     json_out: bool = typer.Option(False, "--json", help="print the per-head rows as JSON"),
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write dual_verify.json and dual_verify.png here"),
+    overwrite: bool = typer.Option(False, help="replace an earlier dual_verify.json in --out"),
 ):
     """Check ICL = (W_ZSL + ΔW_ICL) q on every layer and head of a real model, and measure the softmax gap."""
     import json
@@ -393,10 +486,12 @@ def dual_verify(
     from iclgd.report.plots import plot_verify
 
     no_start_token(bos)
+    check.at_least("--k", k, 1), check.seed("--seed", seed), check.dtype(dtype, ("float64", "float32"))
+    check.out_dir(out)
     cfg = VerifyConfig(model=model, task=task, k=k, seed=seed, layers=layers, dtype=dtype, data_dir=data_dir, bos=bos,
                        task_spec=task_spec)
     if out is not None:
-        ensure_dir(out)
+        refuse_existing([out / "dual_verify.json"], overwrite)
     r = verify(cfg)
     summary, meta = r["summary"], r["config"]
     if json_out:
@@ -421,17 +516,21 @@ def dual_verify(
 def dual_compare_updates(
     before: str = typer.Option(..., help="model (name or folder) before finetuning"),
     after: str = typer.Option(..., help="model folder after K/V finetuning, or a state-dict file (.pt/.safetensors)"),
-    task: str = typer.Option("sst2"),
-    k: int = typer.Option(8),
-    seed: int = typer.Option(1),
-    data_dir: Path = typer.Option(None),
-    out: Path = typer.Option(None),
+    task: str = typer.Option("sst2", help="task name"),
+    k: int = typer.Option(8, help="demonstrations in the prompt (>= 1)"),
+    seed: int = typer.Option(1, help="seed of the demonstration shuffle"),
+    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
+    out: Path = typer.Option(None, help="write the per-layer comparison (dual_updates.json) here"),
+    overwrite: bool = typer.Option(False, help="replace an earlier dual_updates.json in --out"),
 ):
     """Compare ΔW_FT = W_ZSL(after) − W_ZSL(before) with ΔW_ICL, per layer (LMOps issue #22)."""
     import pandas as pd
 
     from iclgd.experiments.dual import compare_updates, write_updates
 
+    check.at_least("--k", k, 1), check.seed("--seed", seed), check.out_dir(out)
+    if out is not None:
+        refuse_existing([out / "dual_updates.json"], overwrite)
     r = compare_updates(before, after, task, k, seed, data_dir)
     table = pd.DataFrame(r["rows"]).groupby("layer")[["cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q"]].median()
     typer.echo(table.reset_index().to_string(index=False, float_format=lambda x: f"{x:.4g}"))

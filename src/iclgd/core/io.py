@@ -91,6 +91,12 @@ def read_result(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise IclgdError(f"{path}: corrupted result file (not valid JSON); delete it to recompute that unit") from None
+    except OSError as e:
+        raise IclgdError(f"{path}: cannot read the result file ({e.strerror})") from None
+    if not isinstance(doc, dict):
+        raise IclgdError(f"{path}: not an iclgd result file (a JSON {type(doc).__name__}, expected an object); "
+                         "delete it to recompute that unit")
+    return doc

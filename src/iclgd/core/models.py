@@ -719,6 +719,36 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return t
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_folder(folder: Path) -> None:
+    """A local model folder holds a config.json with a model_type, weights and a tokenizer (one line if not)."""
+    import json
+
+    if not any(folder.iterdir()):
+        raise IclgdError(f"--model {folder}: the folder is empty (expected config.json, weights and a tokenizer)")
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise IclgdError(f"--model {folder}: no config.json (expected a Hugging Face model folder)")
+    try:
+        doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IclgdError(f"{cfg}: not valid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_type"), str):
+        raise IclgdError(f"{cfg}: field model_type is missing (expected e.g. \"llama\")")
+
+
+def check_model_files(folder: Path) -> None:
+    """Weights and a tokenizer beside the config (checked once the family is known to be supported)."""
+    if not any((folder / f).is_file() for f in WEIGHT_FILES) and not list(folder.glob("*.safetensors")):
+        raise IclgdError(f"--model {folder}: no weights (expected {' or '.join(WEIGHT_FILES[::2])})")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise IclgdError(f"--model {folder}: no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
                device_map: str | None = None, bos: str | None = None, need_layout: bool = True) -> LoadedModel:
     """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
@@ -729,9 +759,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     any ``AutoModelForCausalLM``, also of a family the adapter table lacks; captures, finetuning and the dual form
     need its attention layout, so by default such a family is refused before its weights load.
     """
+    torch_dtype = _torch_dtype(dtype)
     if name in tiny_configs():  # built in fp32 on the CPU; then the requested dtype and device, as for any model
         lm = build_tiny(name)
-        lm.model.to(device=device, dtype=_torch_dtype(dtype))
+        lm.model.to(device=device, dtype=torch_dtype)  # the dtype and device recorded are the ones applied
         lm.set_start(bos)
         return lm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -739,6 +770,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     if name in REGISTRY:
         folder, source = REGISTRY[name].folder(), REGISTRY[name].source
     elif Path(name).is_dir():
+        check_model_folder(Path(name))
         folder, source = Path(name), f"local folder {Path(name).resolve()}"
     elif "/" in name:
         folder, source = name, f"hub {name}"
@@ -749,7 +781,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         )
     try:
         config = AutoConfig.from_pretrained(folder)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:
         raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
     try:
         layout = layout_for_config(config)
@@ -757,13 +789,26 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         if need_layout:
             raise
         layout = None
-    torch_dtype = _torch_dtype(dtype)
+    if isinstance(folder, Path) and name not in REGISTRY:
+        check_model_files(folder)
     impl = attn_implementation or (layout and layout.attn_implementation)
     kw = {"device_map": device_map} if device_map else {}
     if impl:  # a family without a layout keeps transformers' own choice
         kw["attn_implementation"] = impl
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
+    except Exception as e:  # noqa: BLE001 - truncated or damaged weights: the user's file, not an iclgd bug
+        if not isinstance(folder, Path):
+            raise
+        raise IclgdError(f"--model {name}: cannot load its weights ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:160]}); the files may be truncated or damaged") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001
+        if not isinstance(folder, Path):
+            raise
+        raise IclgdError(f"--model {name}: cannot load its tokenizer ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:160]})") from None
     if not device_map:
         model.to(device)
     model.eval()

@@ -98,14 +98,20 @@ def load_task_spec(path: str | Path, builtin: bool = False) -> TaskSpec:
     if not path.is_file():
         raise IclgdError(f"--task-spec {path}: file not found")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IclgdError(f"{path}: not UTF-8 text (byte {e.start}); save the task spec as UTF-8") from None
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise IclgdError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise IclgdError(f"{path}: a task spec is a JSON object, got a {type(raw).__name__}")
     required = ["name", "template", "label_words", "demo_file", "eval_file"]
     missing = [k for k in required if k not in raw]
     if missing:
         raise IclgdError(f"{path}: task spec lacks {', '.join(missing)} (expected keys {', '.join(required)})")
-    placeholders = [f for _, f, _, _ in string.Formatter().parse(raw["template"]) if f]
+    placeholders = validate_spec(path, text, raw)
     fields = raw.get("fields") or {p: p for p in placeholders}
     for key in ("demo_file", "eval_file"):
         p = Path(raw[key])
@@ -117,6 +123,80 @@ def load_task_spec(path: str | Path, builtin: bool = False) -> TaskSpec:
                   hub=HubSource(**raw["hub"]) if raw.get("hub") else None,
                   deviations=tuple(raw.get("deviations", ())), notes=tuple(raw.get("notes", ())))
     return TaskSpec(**kwargs)
+
+
+def _line_of(text: str, key: str) -> int:
+    """The line of ``"key"`` in a JSON file (1 if not found), so that spec errors name a line."""
+    i = text.find(f'"{key}"')
+    return text.count("\n", 0, i) + 1 if i >= 0 else 1
+
+
+def _placeholders(fmt: str, where: str) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as e:
+        raise IclgdError(f"{where}: not a valid format string ({e}; write literal braces as {{{{ and }}}})") from None
+    names = [f for _, f, _, _ in parsed if f is not None]
+    bad = [f for f in names if not f.isidentifier()]
+    if bad:
+        raise IclgdError(f"{where}: placeholder {{{bad[0]}}} is not a name (expected e.g. {{sentence}})")
+    return names
+
+
+def validate_spec(path: Path, text: str, raw: dict) -> list[str]:
+    """Types and placeholders of a task spec; returns the template's placeholders."""
+    def where(key: str) -> str:
+        return f"{path}:{_line_of(text, key)}: field {key}"
+
+    allowed = {f.name for f in TaskSpec.__dataclass_fields__.values()}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise IclgdError(f"{where(unknown[0])}: unknown field (expected some of {', '.join(sorted(allowed))})")
+    for key in ("name", "template", "demo_file", "eval_file", "answer_format"):
+        if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
+            raise IclgdError(f"{where(key)}: expected a non-empty string, got {json.dumps(raw[key])[:40]}")
+    placeholders = _placeholders(raw["template"], where("template"))
+    if not placeholders:
+        raise IclgdError(f"{where('template')}: has no placeholder, so every prompt would be the same text "
+                         "(expected e.g. \"Review: {sentence} Sentiment:\")")
+    answer = _placeholders(raw.get("answer_format", " {label}"), where("answer_format"))
+    if answer != ["label"]:
+        raise IclgdError(f"{where('answer_format')}: expected exactly one placeholder {{label}}, e.g. \" {{label}}\"")
+    words = raw["label_words"]
+    if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+        raise IclgdError(f"{where('label_words')}: expected a list of non-empty strings, e.g. [\"negative\", "
+                         f"\"positive\"], got {json.dumps(words)[:40]}")
+    if len(words) < 2:
+        raise IclgdError(f"{where('label_words')}: expected at least two label words (a classification task)")
+    dup = [w for i, w in enumerate(words) if w in words[:i]]
+    if dup:
+        raise IclgdError(f"{where('label_words')}: label word {dup[0]!r} appears twice (the labels could not be told "
+                         "apart)")
+    if "fields" in raw:
+        f = raw["fields"]
+        if not isinstance(f, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in f.items()):
+            raise IclgdError(f"{where('fields')}: expected an object of placeholder -> data key strings")
+        if f and set(f) != set(placeholders):
+            raise IclgdError(f"{where('fields')}: its keys {sorted(f)} differ from the template's placeholders "
+                             f"{sorted(set(placeholders))}")
+    for key, typ, what in (("eval_shuffle_seed", int, "a non-negative integer"),
+                           ("eval_cap", int, "a positive integer"), ("lr", (int, float), "a positive number")):
+        v = raw.get(key)
+        if v is None and key == "lr":
+            continue
+        if key in raw and (not isinstance(v, typ) or isinstance(v, bool) or v < (0 if key == "eval_shuffle_seed" else 1e-300)):
+            raise IclgdError(f"{where(key)}: expected {what}, got {json.dumps(v)[:40]}")
+    for key in ("deviations", "notes"):
+        if key in raw and (not isinstance(raw[key], list) or not all(isinstance(x, str) for x in raw[key])):
+            raise IclgdError(f"{where(key)}: expected a list of strings")
+    if "hub" in raw and raw["hub"] is not None:
+        hub_keys = {f.name for f in HubSource.__dataclass_fields__.values()}
+        if not isinstance(raw["hub"], dict) or set(raw["hub"]) - hub_keys or \
+                not {"path", "demo_split", "eval_split", "columns"} <= set(raw["hub"]):
+            raise IclgdError(f"{where('hub')}: expected an object with path, name, demo_split, eval_split, columns")
+    if "demo_fallback" in raw and raw["demo_fallback"] is not None and not isinstance(raw["demo_fallback"], str):
+        raise IclgdError(f"{where('demo_fallback')}: expected a string or null")
+    return placeholders
 
 
 SPEC_DIR = Path(__file__).resolve().parent / "task_specs"
@@ -175,8 +255,13 @@ def load_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
         raise IclgdError(f"{path}: data file not found (task {spec.name})")
     needed = set(spec.fields.values()) | {"label"}
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw_line in enumerate(f, 1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise IclgdError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line); save the data "
+                                 "file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -188,6 +273,10 @@ def load_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
             lacking = needed - row.keys()
             if lacking:
                 raise IclgdError(f"{path}:{lineno}: missing field(s) {', '.join(sorted(lacking))}")
+            for key in sorted(set(spec.fields.values())):
+                if not isinstance(row[key], str):
+                    raise IclgdError(f"{path}:{lineno}: field {key} is {json.dumps(row[key])[:30]}, expected a string "
+                                     "of text")
             label = row["label"]
             if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(spec.label_words):
                 raise IclgdError(

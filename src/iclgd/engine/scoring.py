@@ -121,6 +121,10 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     With an ``observer`` (:class:`iclgd.engine.capture.Observer`), the same forward passes also record, per
     example, what the ICL-vs-FT metrics need at the prediction position.
     """
+    if batch_size < 1:  # a batch size <= 0 would score nothing and leave NaN log-probabilities
+        from iclgd.core.errors import IclgdError
+
+        raise IclgdError(f"--batch-size {batch_size}: expected a positive integer")
     if observer is not None and not (reuse_prefix and prompts.prefix_ids):
         raise ValueError("captures are taken on the prefix-reuse path only (a prompt with a start token)")
     reuse_prefix = reuse_prefix and bool(prompts.prefix_ids)  # --bos none and no demonstrations: nothing to reuse

@@ -297,6 +297,45 @@ def _train_step(model, opt, cfg: TrainConfig, train_ids: torch.Tensor, step: int
     return loss_t.item()
 
 
+RUN_FILES = ("ckpt", ".ckpt.old", "tokenizer.json", "log.csv", "config.json", "final.json")
+
+
+def check_run_folder(cfg: TrainConfig, out: Path, data_dir=None, overwrite: bool = False) -> None:
+    """A run folder resumes only a run of the same configuration on the same corpus: otherwise its
+    config.json and final.json would describe data the weights never saw. ``overwrite`` starts over."""
+    from iclgd.core.runfolder import differing_keys
+
+    out = Path(out)
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if not present:
+        return
+    differ = ["(no config.json)"]
+    if (out / "config.json").is_file():
+        try:
+            old = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            differ = ["(config.json is not a JSON object)"]
+        else:
+            differ = differing_keys(old, asdict(cfg))
+    if not differ and (out / "final.json").is_file():
+        try:
+            final = json.loads((out / "final.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            final = None
+        files = final.get("data_sha256") if isinstance(final, dict) else None
+        if files is None or files != load_corpus(cfg.corpus, data_dir).files:
+            differ = ["corpus data (its files or their sha256)"]
+    if not differ:
+        return
+    if not overwrite:
+        raise IclgdError(f"--out {out}: holds a pretraining run of another configuration (differs in "
+                         f"{', '.join(differ)}); use another --out, or --overwrite to start over")
+    for n in present:
+        (shutil.rmtree if (out / n).is_dir() else os.unlink)(out / n)
+
+
 def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, stop_after: int | None = None,
              tokenizer=None, corpus: Corpus | None = None) -> dict:
     """Train (or resume) into ``out``; returns the summary also written to ``out/final.json``.
@@ -309,6 +348,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
 
     cfg.check()
+    check_run_folder(cfg, out, data_dir)  # never resume (or describe) a run of another configuration
     out = ensure_dir(out)
     corpus = corpus or load_corpus(cfg.corpus, data_dir)
     s = SIZES[cfg.size]
@@ -320,12 +360,14 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     model = lm.model.train()
     opt = _optimizer(model, cfg)
     start = _load_checkpoint(out, model, opt)
+    if start >= cfg.steps and (out / "final.json").is_file():  # finished: rewriting would record a NaN loss
+        return json.loads((out / "final.json").read_text(encoding="utf-8"))
     log_path = out / "log.csv"
     rows = []
     if start and log_path.is_file():
         with open(log_path) as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
+    atomic_write_json(out / "config.json", asdict(cfg))
     bar = tqdm(range(start, cfg.steps), desc=f"{cfg.attention} seed {cfg.seed}", disable=not progress,
                initial=start, total=cfg.steps)
     loss = float("nan")

@@ -104,13 +104,24 @@ def load_after(before: str, after: str) -> LoadedModel:
     p = Path(after)
     if p.is_dir() or not p.exists():
         return load_model(after)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file is the user's to know about
+        raise IclgdError(f"--after {p}: not a readable state dict ({type(e).__name__}; expected a .pt or "
+                         ".safetensors file of tensors)") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise IclgdError(f"--after {p}: not a state dict (expected a mapping of parameter names to tensors)")
     lm = load_model(before)
+    own = lm.model.state_dict()
+    for key, v in sd.items():
+        if key in own and own[key].shape != v.shape:
+            raise IclgdError(f"--after {p}: tensor {key} has shape {tuple(v.shape)}, the model's is "
+                             f"{tuple(own[key].shape)} (a state dict of another model?)")
     missing, unexpected = lm.model.load_state_dict(sd, strict=False)
     if unexpected:
         raise IclgdError(f"--after {p}: state dict has keys the model lacks, e.g. {unexpected[0]}")

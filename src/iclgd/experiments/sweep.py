@@ -211,10 +211,64 @@ UNIT_KINDS = {"compare": _compare_unit, "dual": _dual_unit, "synthetic": _synthe
               **{k: _world_unit(k) for k in ("world-train", "world-compare", "world-ckpt")}}
 
 
-def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, progress: bool = True) -> dict:
-    """Run this shard's unfinished units (the CLI then writes the report from every finished unit)."""
+def check_units(out) -> None:
+    """Every finished unit must belong to the folder's sweep: its parameters those the sweep's configuration
+    plans for its id, its data files those the sweep recorded. A unit of another configuration (copied in,
+    or written by a run with other data) is refused rather than averaged into the report."""
+    from iclgd.core.runfolder import read_json_object
+
+    out = Path(out)
+    sweep = read_json_object(out / "sweep.json", "sweep file", ("config", "units"))
+    if not isinstance(sweep["config"], dict) or not isinstance(sweep["units"], list):
+        raise IclgdError(f"{out / 'sweep.json'}: not an iclgd sweep file (config must be an object, units a list)")
+    try:
+        planned = {u.id: json.loads(json.dumps(u.p())) for u in plan(SweepConfig(**sweep["config"]))}
+    except TypeError as e:
+        raise IclgdError(f"{out / 'sweep.json'}: not an iclgd sweep configuration ({e})") from None
+    files = (sweep.get("data") or {}).get("sha256")
+    for f in sorted((out / "units").glob("*/result.json")):
+        doc = read_json_object(f, "unit result", ("unit",))
+        unit = doc["unit"] if isinstance(doc["unit"], dict) else {}
+        uid = f.parent.name
+        if uid not in planned or unit.get("params") != planned[uid]:
+            raise IclgdError(f"{f}: this unit's configuration differs from {out / 'sweep.json'} "
+                             "(not planned by it); remove the unit, or run reproduce --overwrite")
+        used = doc.get("data_sha256") if isinstance(doc.get("data_sha256"), dict) else {}
+        for path, sha in used.items() if isinstance(files, dict) else ():
+            if files.get(str(Path(path).resolve())) != sha:
+                raise IclgdError(f"{f}: computed from data file {path} (sha256 {str(sha)[:12]}), not the sweep's "
+                                 "data; remove the unit, or run reproduce --overwrite")
+
+
+def data_fingerprint(tasks: list[str], data_dir) -> dict:
+    """The data directory and the sha256 of every data file the sweep's tasks read (part of its identity)."""
+    from iclgd.core.io import sha256_file
+    from iclgd.core.tasks import resolve_data_dir, resolve_task
+
+    ddir = resolve_data_dir(data_dir)
+    if ddir is None:
+        return {"data_dir": "hf-hub", "sha256": {}}
+    files = {}
+    for t in tasks:
+        spec = resolve_task(t)
+        for rel in (spec.eval_file, spec.demo_file):
+            p = ddir / rel
+            if p.is_file():
+                files[str(p.resolve())] = sha256_file(p)  # resolved: another spelling of the same folder is equal
+    return {"data_dir": str(ddir.resolve()), "sha256": files}
+
+
+def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, progress: bool = True,
+              overwrite: bool = False) -> dict:
+    """Run this shard's unfinished units (the CLI then writes the report from every finished unit).
+
+    ``sweep.json`` records the configuration, the data directory and the data checksums; a folder holding
+    finished units of another one is refused, unless ``overwrite`` discards them."""
+    import shutil
+
     from tqdm.auto import tqdm
 
+    from iclgd.core.runfolder import differing_keys, lock, read_json_object
     from iclgd.core.tasks import parse_task_list
 
     cfg.tasks = parse_task_list(",".join(cfg.tasks)) if cfg.tasks or not cfg.world else []
@@ -225,18 +279,30 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
     units = plan(cfg)
     mine = units[i::n]
     sweep_doc = {"kind": "iclgd.reproduce", "config": {k: v for k, v in vars(cfg).items()},
+                 "data": data_fingerprint(cfg.tasks, data_dir),
                  "units": [u.id for u in units], "versions": library_versions()}
     sweep_file = out / "sweep.json"
-    old = read_result(sweep_file)
-    if old is not None and old["config"] != json.loads(json.dumps(sweep_doc["config"])):
-        raise IclgdError(f"{sweep_file}: this folder holds a sweep with another configuration; use another --out")
-    atomic_write_json(sweep_file, sweep_doc)
+    with lock(out, "sweep", wait=True):  # shards started together agree on one sweep.json
+        old = read_json_object(sweep_file, "sweep file", ("config",))
+        new = {"config": sweep_doc["config"], "data": sweep_doc["data"]}
+        differ = [] if old is None else differing_keys(
+            {**(old["config"] if isinstance(old["config"], dict) else {}), "data": old.get("data", new["data"])},
+            {**new["config"], "data": new["data"]})
+        if differ:
+            finished = sorted((out / "units").glob("*/result.json"))
+            if finished and not overwrite:
+                raise IclgdError(f"{sweep_file}: this folder holds a sweep with another configuration (differs in "
+                                 f"{', '.join(differ)}; {len(finished)} finished units); use another --out, or "
+                                 "--overwrite to discard them")
+            shutil.rmtree(out / "units", ignore_errors=True)  # nothing finished, or discarded on request
+        atomic_write_json(sweep_file, sweep_doc)
     models = _Models(cfg, out)
     done = skipped = 0
     for unit in tqdm(mine, desc="units", disable=not progress):
         d = out / "units" / unit.id
         prev = read_result(d / "result.json")
-        if prev is not None and prev.get("unit", {}).get("params") == json.loads(json.dumps(unit.p())):
+        header = prev.get("unit") if prev is not None else None
+        if isinstance(header, dict) and header.get("params") == json.loads(json.dumps(unit.p())):
             skipped += 1
             continue
         t0 = time.time()
