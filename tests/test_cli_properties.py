@@ -144,7 +144,10 @@ _BASE = {
     "reproduce": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],
     "dual verify": ["--model", "tiny-random-llama", "--k", "1"],
     "dual compare-updates": ["--before", "tiny-random-llama", "--after", "tiny-random-llama", "--k", "1"],
+    "world train": ["--size", "tiny", "--steps", "1"],
+    "world tasks": [],  # its folder is an argument, not --out
 }
+_FOLDER_ARGUMENT = {"world tasks"}
 
 
 def test_the_property_test_covers_every_command():
@@ -164,7 +167,8 @@ def test_a_negative_integer_is_refused_before_anything_is_written(tmp_path, comm
     out.mkdir()
     (out / "results.json").write_text(SENTINEL)
     before = _files(out)
-    args = [*command.split(), *_BASE[command], option, value, "--out", out]
+    where = [out] if command in _FOLDER_ARGUMENT else ["--out", out]
+    args = [*command.split(), *_BASE[command], option, value, *where]
     res = _invoke(args)
     assert res.exit_code == 2 and option in res.output, (args, res.output)
     assert _files(out) == before  # nothing written, nothing replaced

@@ -561,10 +561,14 @@ def world_train(
     """Train a world model; writes DIR/model (HF folder), DIR/tasks, DIR/data, DIR/checkpoints, DIR/log.csv."""
     from iclgd.engine.world import sized, train
 
+    check.seed("--seed", seed), check.seed("--world-seed", world_seed), check.at_least("--steps", steps, 1)
+    check.at_least("--ckpt-every", ckpt_every, 1), check.at_least("--threads", threads, 1), check.out_dir(out)
     over = {k: v for k, v in dict(steps=steps, ckpt_every=ckpt_every, threads=threads).items() if v is not None}
     cfg = sized(size, attention=attention, eta=eta, learnable_eta=learnable_eta, seed=seed, **over)
     cfg.world.seed = world_seed
-    r = train(cfg, out)
+    cfg.check()
+    with lock(out):
+        r = train(cfg, out, progress=progress())
     f = r["final"]
     typer.echo(f"step {cfg.steps}: ICL acc {f['icl_acc']:.3f}, ZSL acc {f['zsl_acc']:.3f} (chance "
                f"{1 / cfg.world.n_labels:.3f}), eval loss {f['eval_loss']:.4f}, {f['wall_s']:.0f} s")
@@ -580,7 +584,10 @@ def world_tasks(
     """Write the world's evaluation tasks: DIR/tasks/world-T.json and DIR/data/world-T/{demo,eval}.jsonl."""
     from iclgd.engine.world import write_world_tasks
 
-    for p in write_world_tasks(out, world_seed):
+    check.seed("--world-seed", world_seed), check.out_dir(out, "DIR")
+    with lock(out):
+        written = write_world_tasks(out, world_seed)
+    for p in written:
         typer.echo(f"wrote {p}")
     typer.echo(f"data under {out / 'data'}; e.g. iclgd compare --model {out / 'model'} --task-spec "
                f"{out / 'tasks' / 'world-0.json'} --data-dir {out / 'data'} --k 16")

@@ -149,7 +149,7 @@ def validate_spec(path: Path, text: str, raw: dict) -> list[str]:
         return f"{path}:{_line_of(text, key)}: field {key}"
 
     allowed = {f.name for f in TaskSpec.__dataclass_fields__.values()}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(k for k in set(raw) - allowed if not k.startswith("_"))  # "_..." fields: notes for people
     if unknown:
         raise IclgdError(f"{where(unknown[0])}: unknown field (expected some of {', '.join(sorted(allowed))})")
     for key in ("name", "template", "demo_file", "eval_file", "answer_format"):
