@@ -115,6 +115,7 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
     earlier = tmp / "earlier"
     earlier.mkdir()
     (earlier / "results.json").write_text('{"kind": "iclgd.eval"}\n')
+    (earlier / "momentum_apply.json").write_text('{"kind": "iclgd.momentum_apply"}\n')
     busy = tmp / "busy"
     busy.mkdir()
     f = open(busy / ".iclgd-writer.lock", "a+")
@@ -201,6 +202,8 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
         # run folders
         ("eval --out over an earlier results file", ["eval", *small, "--out", str(earlier)]),
         ("a second writer on the same folder", ["eval", *small, "--out", str(busy)]),
+        ("momentum apply --out over an earlier result", ["momentum", "apply", *tiny, "--n-test", "1", "--out",
+                                                           str(earlier)]),
         # dual
         ("dual verify --k 0", ["dual", "verify", *tiny, "--k", "0"]),
         ("dual verify unsupported dtype", ["dual", "verify", *tiny, "--dtype", "bfloat16"]),

@@ -315,7 +315,8 @@ def momentum_apply(
     n_test: int = typer.Option(50, help="test examples per task (>= 1)"),
     k: int = typer.Option(8, help="demonstrations per prompt (>= 0)"),
     data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
-    out: Path = typer.Option(None, help="write results.json here"),
+    out: Path = typer.Option(None, help="write momentum_apply.json here"),
+    overwrite: bool = typer.Option(False, help="replace an earlier momentum_apply.json in --out"),
 ):
     """Add the EMA to a pretrained model without training: perplexity and ICL accuracy vs vanilla."""
     from iclgd.experiments.momentum import apply_pretrained
@@ -323,6 +324,8 @@ def momentum_apply(
     if not 0 < eta < 1:
         raise IclgdError(f"--eta {eta}: expected a momentum coefficient strictly between 0 and 1")
     check.at_least("--n-test", n_test, 1), check.at_least("--k", k, 0), check.out_dir(out)
+    if out is not None:
+        refuse_existing([out / "momentum_apply.json"], overwrite)
     with lock(out) if out is not None else _nothing():
         doc = apply_pretrained(model, eta, corpus, task, n_test, k, data_dir=data_dir, out=out)
     import pandas as pd
