@@ -33,7 +33,7 @@ def test_smollm2_eval_runs(smol, data_dir):
 
 
 def test_missing_or_damaged_model_wheel_is_one_line_error(tmp_path, monkeypatch):
-    from iclgd import models
+    from iclgd.core import models
     from iclgd.core.errors import IclgdError
 
     monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "cache"))
