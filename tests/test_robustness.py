@@ -28,8 +28,8 @@ def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
     (tmp / "afile").write_text("x")
     import transformers as T
 
-    T.MistralConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                    vocab_size=50).save_pretrained(tmp / "mistral")
+    # BLOOM's fused query_key_value: no attention layout can be derived (Mistral now is)
+    T.BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50).save_pretrained(tmp / "bloom")
     blank = tmp / "blank.txt"
     blank.write_text("\n\n")
     rep = tmp / "rep"
@@ -41,7 +41,7 @@ def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
     return [
         ("unknown task", ["eval", "--task", "imdb"]),
         ("unknown model", ["eval", "--model", "gpt-17"]),
-        ("unsupported attention layout", ["compare", "--model", str(tmp / "mistral")]),
+        ("unsupported attention layout", ["compare", "--model", str(tmp / "bloom"), "--n-test", "2"]),
         ("missing data directory", ["eval", *tiny, "--data-dir", str(tmp / "nowhere")]),
         ("missing data file", ["eval", *tiny, "--data-dir", str(empty)]),
         ("malformed JSON line", ["eval", *tiny, "--data-dir", str(bad)]),
