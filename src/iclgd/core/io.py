@@ -47,6 +47,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
+    """A CSV with a header row of ``fields``, written atomically (training logs)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def to_json(obj: Any) -> str:
     """Deterministic JSON (sorted keys, fixed float repr) so equal results give equal bytes."""
     return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=True) + "\n"

@@ -10,7 +10,6 @@ the data order is a pure function of (seed, step), and initialisation of the see
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -247,13 +246,9 @@ LOG_FIELDS = ["step", "lr", "train_loss", "val_loss", "val_ppl"]
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    from iclgd.core.io import atomic_write_text
+    from iclgd.core.io import atomic_write_csv
 
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, LOG_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, LOG_FIELDS)
 
 
 def _tokenizer(out: Path, corpus: Corpus, vocab_size: int, tokenizer=None):

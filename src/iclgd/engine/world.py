@@ -26,7 +26,6 @@ writes DIR/tasks/*.json and DIR/data/<task>/{demo,eval}.jsonl.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -392,13 +391,9 @@ LOG_FIELDS = ["step", "wall_s", "lr", "train_loss", "eval_loss", "icl_acc", "zsl
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    from iclgd.core.io import atomic_write_text
+    from iclgd.core.io import atomic_write_csv
 
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, LOG_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, LOG_FIELDS)
 
 
 def read_log(out: Path) -> list[dict]:
