@@ -160,3 +160,21 @@ def test_world_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "--size" in r.output
     r = CliRunner().invoke(app, ["world", "tasks", str(tmp_path / "w")])
     assert r.exit_code == 0 and (tmp_path / "w/tasks/world-3.json").is_file()
+
+
+def test_a_world_sweep_reports_with_the_data_it_wrote_itself(tmp_path):
+    """The world units read task data they generated inside the sweep folder: the report's check that every
+    unit was computed from the sweep's data must accept those files (make demo failed on this once)."""
+    from iclgd.experiments.sweep import SweepConfig, check_units, reproduce
+    from iclgd.report import write_report
+
+    cfg = SweepConfig(model="world (trained here)", tasks=[], seeds=[1], n_test=16, k=4, untrained=False,
+                      dual=False, synthetic=False, world=True, world_size="tiny", world_momentum=False,
+                      world_along=False)
+    r = reproduce(cfg, tmp_path, progress=False)
+    assert r["ran"] == 3  # the training run and the compare of the model and of its untrained control
+    check_units(tmp_path)
+    report = write_report(tmp_path).read_text()
+    assert "## ICL world" in report and "### 1. ICL vs finetuning where ICL works" in report
+    used = json.loads((tmp_path / "units" / "world-compare-s1" / "result.json").read_text())["data_sha256"]
+    assert used and all(str(tmp_path.resolve()) in p for p in used)
