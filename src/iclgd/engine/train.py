@@ -208,7 +208,9 @@ def perplexity(model, data: torch.Tensor, length: int, max_tokens: int | None = 
     return math.exp(total / count)
 
 
-def _save_checkpoint(out: Path, model, opt, step: int) -> None:
+def save_checkpoint(out: Path, model, opt, meta: dict) -> None:
+    """``out/ckpt``: weights, optimizer state and ``meta`` (its step, ...), swapped in whole (a crash at any
+    moment leaves the previous checkpoint or the new one)."""
     from safetensors.torch import save_model
 
     tmp = out / f".ckpt.tmp{os.getpid()}"
@@ -217,9 +219,8 @@ def _save_checkpoint(out: Path, model, opt, step: int) -> None:
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    final = out / "ckpt"
-    old = out / ".ckpt.old"
+    (tmp / "step.json").write_text(json.dumps(meta))
+    final, old = out / "ckpt", out / ".ckpt.old"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -227,19 +228,20 @@ def _save_checkpoint(out: Path, model, opt, step: int) -> None:
         shutil.rmtree(old)
 
 
-def _load_checkpoint(out: Path, model, opt) -> int:
+def load_checkpoint(out: Path, model, opt) -> dict | None:
+    """Restore ``out/ckpt`` into ``model`` and ``opt``; its meta, or None when there is no checkpoint."""
     from safetensors.torch import load_model
 
     ck = out / "ckpt"
     if not (ck / "step.json").is_file():
-        return 0
+        return None
     try:
-        step = json.loads((ck / "step.json").read_text())["step"]
+        meta = json.loads((ck / "step.json").read_text())
         load_model(model, str(ck / "model.safetensors"))
         opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
     except Exception as e:  # noqa: BLE001 - any damage to the checkpoint is the user's to know about
         raise IclgdError(f"{ck}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
-    return int(step)
+    return meta
 
 
 LOG_FIELDS = ["step", "lr", "train_loss", "val_loss", "val_ppl"]
@@ -354,7 +356,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     lm = build_model(cfg, len(tokenizer))
     model = lm.model.train()
     opt = _optimizer(model, cfg)
-    start = _load_checkpoint(out, model, opt)
+    start = int((load_checkpoint(out, model, opt) or {"step": 0})["step"])
     if start >= cfg.steps and (out / "final.json").is_file():  # finished: rewriting would record a NaN loss
         return json.loads((out / "final.json").read_text(encoding="utf-8"))
     log_path = out / "log.csv"
@@ -376,7 +378,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
             bar.set_postfix(val_ppl=f"{ppl:.2f}")
         rows.append(row)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(out, model, opt, step + 1)
+            save_checkpoint(out, model, opt, {"step": step + 1})
             _write_log(log_path, rows)
         if stop_after is not None and done_here >= stop_after and step + 1 < cfg.steps:
             bar.close()

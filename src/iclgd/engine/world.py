@@ -401,39 +401,6 @@ def read_log(out: Path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def _save_state(out: Path, model, opt, step: int, wall: float) -> None:
-    from safetensors.torch import save_model
-
-    tmp = out / f".ckpt.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step, "wall_s": wall}))
-    final, old = out / "ckpt", out / ".ckpt.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _load_state(out: Path, model, opt) -> tuple[int, float]:
-    from safetensors.torch import load_model
-
-    ck = out / "ckpt"
-    if not (ck / "step.json").is_file():
-        return 0, 0.0
-    try:
-        meta = json.loads((ck / "step.json").read_text())
-        load_model(model, str(ck / "model.safetensors"))
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
-    except Exception as e:  # noqa: BLE001 - a damaged checkpoint is the user's to know about
-        raise IclgdError(f"{ck}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
-    return int(meta["step"]), float(meta["wall_s"])
-
-
 def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) a world model into ``out``; returns the summary written to ``out/final.json``.
 
@@ -443,6 +410,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     from tqdm.auto import tqdm
 
     from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
+    from iclgd.engine.train import load_checkpoint, save_checkpoint
 
     cfg.check()
     out = ensure_dir(out)
@@ -461,7 +429,8 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start, wall0 = _load_state(out, model, opt)
+    meta = load_checkpoint(out, model, opt) or {"step": 0, "wall_s": 0.0}
+    start, wall0 = int(meta["step"]), float(meta["wall_s"])
     rows = [r for r in csv.DictReader(open(out / "log.csv"))] if start and (out / "log.csv").is_file() else []
     rows = [r for r in rows if int(r["step"]) <= start]
     if start == 0:
@@ -495,7 +464,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             t_pause = time.perf_counter()
             save_hf(lm, out / "checkpoints" / f"step-{step + 1:06d}")
-            _save_state(out, model, opt, step + 1, t_pause - t0)
+            save_checkpoint(out, model, opt, {"step": step + 1, "wall_s": t_pause - t0})
             _write_log(out / "log.csv", rows)
             t0 += time.perf_counter() - t_pause
         if stop_after is not None and done >= stop_after and step + 1 < cfg.steps:
