@@ -270,8 +270,8 @@ def _tokenizer(out: Path, corpus: Corpus, vocab_size: int, tokenizer=None):
     return tokenizer
 
 
-def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, weight decay on matrices only (nanoGPT's split)."""
+def optimizer(model, cfg) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only (nanoGPT's split); ``cfg`` has ``lr`` and ``weight_decay``."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -285,11 +285,16 @@ def _train_step(model, opt, cfg: TrainConfig, train_ids: torch.Tensor, step: int
     xy = batch_at(train_ids, step, cfg.seed, cfg.batch_size, block)
     logits = model(input_ids=xy[:, :-1]).logits  # logits at t predict token t+1 = xy[:, 1:]
     loss_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
+    return descend(model, opt, loss_t, cfg.grad_clip, step, "training")
+
+
+def descend(model, opt, loss_t: torch.Tensor, grad_clip: float, step: int, what: str) -> float:
+    """One optimizer step on ``loss_t`` with gradient clipping; a non-finite loss is refused in one line."""
     if not torch.isfinite(loss_t):
-        raise IclgdError(f"training: loss became {loss_t.item()} at step {step}; lower --lr")
+        raise IclgdError(f"{what}: loss became {loss_t.item()} at step {step}; lower --lr")
     opt.zero_grad(set_to_none=True)
     loss_t.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     return loss_t.item()
 
@@ -355,7 +360,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
         raise IclgdError(f"--corpus {cfg.corpus}: train split has {len(train_ids)} tokens, fewer than one block")
     lm = build_model(cfg, len(tokenizer))
     model = lm.model.train()
-    opt = _optimizer(model, cfg)
+    opt = optimizer(model, cfg)
     start = int((load_checkpoint(out, model, opt) or {"step": 0})["step"])
     if start >= cfg.steps and (out / "final.json").is_file():  # finished: rewriting would record a NaN loss
         return json.loads((out / "final.json").read_text(encoding="utf-8"))

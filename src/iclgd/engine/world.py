@@ -410,7 +410,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     from tqdm.auto import tqdm
 
     from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
-    from iclgd.engine.train import load_checkpoint, save_checkpoint
+    from iclgd.engine.train import descend, load_checkpoint, optimizer, save_checkpoint
 
     cfg.check()
     out = ensure_dir(out)
@@ -425,10 +425,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     world.write_tasks(out)
     lm = build_model(cfg)
     model = lm.model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = optimizer(model, cfg)
     meta = load_checkpoint(out, model, opt) or {"step": 0, "wall_s": 0.0}
     start, wall0 = int(meta["step"]), float(meta["wall_s"])
     rows = [r for r in csv.DictReader(open(out / "log.csv"))] if start and (out / "log.csv").is_file() else []
@@ -446,14 +443,8 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         seq, mask = batch_at(world, step, cfg.seed, cfg.batch_size, is_copy_step(cfg, step))  # (B, T), (B, T)
-        loss_t = masked_loss(model, seq, mask)
-        if not torch.isfinite(loss_t):
-            raise IclgdError(f"world training: loss became {loss_t.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loss, done = loss_t.item(), done + 1
+        loss = descend(model, opt, masked_loss(model, seq, mask), cfg.grad_clip, step, "world training")
+        done += 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             ev = evaluate_proxy(lm, world, cfg.eval_n)
             rows.append({"step": step + 1, "wall_s": round(time.perf_counter() - t0, 2), "lr": f"{lr_at(cfg, step):.6g}",
