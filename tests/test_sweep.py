@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -74,13 +75,29 @@ def test_report_regenerates_from_files_alone(tmp_path):
     assert res.exit_code == 0 and (tmp_path / "report.md").read_text() == first
 
 
-def test_shards_partition_the_units():
+def test_plan_ids_are_unique():
     from iclgd.experiments.sweep import SweepConfig, plan
 
     units = plan(SweepConfig(tasks=["sst2", "cb"], seeds=[1, 2]))
-    shards = [units[i::3] for i in range(3)]
-    assert sorted(u.id for s in shards for u in s) == sorted(u.id for u in units)
     assert len({u.id for u in units}) == len(units) == 1 + 2 * 2 * 2 + 1
+
+
+def test_queue_runs_longest_first_and_skips_a_unit_claimed_by_another_process(tmp_path):
+    from iclgd.core.runfolder import claim
+    from iclgd.experiments.sweep import SweepConfig, plan, queue, reproduce
+
+    cfg = SweepConfig(model="tiny-random-llama", tasks=["sst2"], seeds=[1], n_test=3, k=2, synthetic=False)
+    assert [u.kind for u in queue(plan(cfg))] == ["compare", "compare", "dual"]  # compare units before the dual check
+    held = tmp_path / "units" / "compare-sst2-s1"
+    with claim(held) as mine:  # as another process running that unit would
+        assert mine
+        with claim(held) as again:
+            assert not again  # a second claim on the same unit is refused
+        r = reproduce(cfg, tmp_path, progress=False)
+    assert (r["ran"], r["elsewhere"], r["unfinished"]) == (2, 1, ["compare-sst2-s1"])
+    assert not (held / "result.json").exists()
+    r = reproduce(cfg, tmp_path, progress=False)  # claim released: the next process takes it
+    assert (r["ran"], r["skipped"], r["unfinished"]) == (1, 2, [])
 
 
 def test_accelerate_launch_ranks_become_shards(monkeypatch):
@@ -106,9 +123,34 @@ def test_two_processes_under_accelerate_launch_equal_one_process_byte_for_byte(t
     res = subprocess.run([*launch, *ARGS, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [line for line in res.stdout.splitlines() if "units run" in line]
-    assert len(ranks) == 2 and {line.split("(shard: ")[1].split(" of")[0] for line in ranks} == {"3", "2"}
+    assert len(ranks) == 2 and sum(int(line.split(" units run")[0]) for line in ranks) == 5  # each unit once
     rep = subprocess.run([sys.executable, "-m", "iclgd.cli", "report", str(out)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert _results(out) == _results(single_process_run)  # every unit, byte for byte (timings live elsewhere)
     assert "Units finished: 5 of 5" in (out / "report.md").read_text()
+
+
+def test_eval_only_sweep_scores_zsl_once_and_equals_iclgd_eval(tmp_path, data_dir):
+    from iclgd.core.tasks import TASKS, load_task
+    from iclgd.engine.scoring import EvalConfig, evaluate
+    from iclgd.experiments.sweep import _Models, SweepConfig, reproduce
+    from iclgd.report import load_units
+
+    cfg = SweepConfig(model="tiny-random-llama", tasks=["sst2"], seeds=[1, 2], n_test=4, k=2, eval_only=True,
+                      dual=False, synthetic=False)
+    r = reproduce(cfg, tmp_path, progress=False)
+    units = load_units(tmp_path)
+    assert sorted(units) == ["icl-sst2-s1", "icl-sst2-s2", "zsl-sst2"] and r["ran"] == 3  # one ZSL for both seeds
+    lm = _Models(cfg, tmp_path).get("trained")
+    for seed in (1, 2):
+        ref = evaluate(lm, load_task(TASKS["sst2"], data_dir, 4), EvalConfig(k=2, seed=seed), progress=False)
+        icl = units[f"icl-sst2-s{seed}"]["result"]
+        assert icl["acc"] == ref["acc_icl"] and icl["pred_counts"] == ref["icl_pred_counts"]
+        assert [x["logprobs"] for x in icl["records"]] == [x["icl_logprobs"] for x in ref["records"]]
+        assert units["zsl-sst2"]["result"]["acc"] == ref["acc_zsl"]
+    report = (tmp_path / "report.md")
+    from iclgd.report import write_report
+
+    write_report(tmp_path)
+    assert "## Accuracy (%): ZSL and ICL" in report.read_text() and (tmp_path / "plots" / "accuracy.png").is_file()

@@ -412,7 +412,7 @@ def reproduce_cmd(
     synthetic: bool = typer.Option(True, help="the synthetic calibration unit"),
     momentum: bool = typer.Option(False, help="also train vanilla vs momentum LMs (minutes per seed)"),
     preset: str = typer.Option(None, help="'demo': sst2 and cb, 100 test examples, one seed (<= 15 min on 2 cores)"),
-    shard: str = typer.Option(None, help="i/n: run every n-th unit from i (job arrays)"),
+    shard: str = typer.Option(None, help="i/n: process i of n sharing the sweep's unit queue (job arrays)"),
     dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
     device_map: str = typer.Option(None, help="'auto': spread a large model over the GPUs (HF Accelerate; "
@@ -422,6 +422,9 @@ def reproduce_cmd(
     data_dir: Path = typer.Option(None, help="data directory (recorded with its checksums in sweep.json)"),
     out: Path = typer.Option(Path("runs/repro"), help="the sweep folder (resumes a run of the same configuration)"),
     overwrite: bool = typer.Option(False, help="discard the finished units of another configuration in --out"),
+    eval_only: bool = typer.Option(False, "--eval-only", help="ZSL/ICL accuracy units (one ZSL per task, one ICL per "
+                                                             "task and seed) instead of compare units; any causal LM"),
+    batch_size: int = typer.Option(8, help="prompts scored per forward pass (>= 1)"),
 ):
     """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
     from iclgd.experiments.sweep import SweepConfig, check_units, parse_shard, reproduce
@@ -430,19 +433,38 @@ def reproduce_cmd(
     seed_list = int_list(seeds, "--seeds")
     check.seed_list("--seeds", seed_list), check.at_least("--n-test", n_test, 1), check.at_least("--k", k, 1)
     check.dtype(dtype), check.device(device), check.device_map(device_map, device), check.out_dir(out)
+    check.at_least("--batch-size", batch_size, 1)
     no_start_token(bos)
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
-                      dtype=dtype, device=device, device_map=device_map, bos=bos)
+                      dtype=dtype, device=device, device_map=device_map, bos=bos, eval_only=eval_only,
+                      batch_size=batch_size)
     if preset is not None:
         cfg.apply_preset(preset)
     i, n = parse_shard(shard)
     with lock(out, f"shard-{i}-of-{n}"):
         r = reproduce(cfg, out, data_dir, shard, progress=progress(), overwrite=overwrite)
+    done = (f"{r['ran']} units run by process {r['process']}, {r['skipped']} already finished, {r['elsewhere']} taken "
+            f"by other processes (of {r['units']})")
+    if r["unfinished"]:  # the process that finishes the last unit writes the report
+        typer.echo(f"{done}; {len(r['unfinished'])} still running elsewhere, so no report yet (the last process to "
+                   f"finish writes it; or run `iclgd report {out}`)")
+        return
+    with lock(out, "report", wait=True):  # one report writer: a second process finding it written skips
         check_units(out)
-        report = write_report(out)
-    typer.echo(f"{r['ran']} units run, {r['skipped']} already finished (shard: {r['this_shard']} of {r['units']}); "
-               f"report: {report}")
+        fresh = report_is_fresh(out)
+        report = out / "report.md" if fresh else write_report(out)
+    typer.echo(f"{done}; report: {report}" + (" (written by another process)" if fresh else ""))
+
+
+def report_is_fresh(out: Path) -> bool:
+    """report.md is newer than sweep.json (rewritten by every reproduce start) and than every unit result."""
+    rep = out / "report.md"
+    if not rep.is_file():
+        return False
+    newest = max([(out / "sweep.json").stat().st_mtime_ns,
+                  *(f.stat().st_mtime_ns for f in (out / "units").glob("*/result.json"))])
+    return rep.stat().st_mtime_ns > newest
 
 
 @app.command("report")

@@ -54,6 +54,21 @@ def lock(folder: Path, name: str = "writer", wait: bool = False) -> Iterator[Non
         f.close()  # closing releases the lock
 
 
+@contextmanager
+def claim(folder: Path, name: str = "claim") -> Iterator[bool]:
+    """Non-blocking: True while holding ``folder/.iclgd-<name>.lock``, False when another process holds it.
+
+    A sweep's processes claim each unit so; the kernel releases the claim of a process that dies."""
+    folder = ensure_dir(folder)
+    with open(folder / f".iclgd-{name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def refuse_existing(paths: list[Path], overwrite: bool) -> None:
     """An earlier run's result file is never replaced without ``--overwrite``."""
     for p in paths:

@@ -218,33 +218,48 @@ class EvalConfig:
     batch_size: int = 8
 
 
+def score_split(lm: LoadedModel, data: TaskData, cfg: EvalConfig, icl: bool, progress: bool = True) -> dict:
+    """ZSL (``icl=False``) or ICL accuracy of one task: accuracy, prediction counts and per-example records.
+
+    ZSL depends on the test set only, not on the seed: a sweep scores it once and shares it across seeds."""
+    spec = data.spec
+    demos = sample_demos(data.demo_pool, cfg.k, cfg.seed, cfg.balanced, len(spec.label_words)) if icl else []
+    prompts = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
+    name = f"{spec.name} ICL k={prompts.k_true}" if icl else f"{spec.name} ZSL"
+    lp = score_options(lm, prompts, cfg.batch_size, progress=progress and name)
+    labels, pred = np.array(prompts.labels), lp.argmax(1)
+    out = {"task": spec.name, "n": len(labels), "acc": float((pred == labels).mean()),
+           "majority_baseline": float(np.bincount(labels).max() / len(labels)),
+           # a model that always answers one label sits at the majority baseline: the counts show it
+           "pred_counts": np.bincount(pred, minlength=len(spec.label_words)).tolist(),
+           "records": [{"idx": row.get("idx"), "label": int(labels[j]), "pred": int(pred[j]),
+                        "logprobs": [round(float(x), 6) for x in lp[j]]} for j, row in enumerate(data.eval_rows)]}
+    if icl:
+        out.update({"seed": cfg.seed, "k_requested": cfg.k, "k_true": prompts.k_true,
+                    "prefix_tokens": len(prompts.prefix_ids), "demo_idx": [d.get("idx") for d in prompts.demos]})
+    return out
+
+
 def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = True) -> dict:
     """ZSL and ICL accuracy of one task for one seed, with per-example records."""
-    spec = data.spec
-    demos = sample_demos(data.demo_pool, cfg.k, cfg.seed, cfg.balanced, len(spec.label_words))
-    icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
-    zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len)
-    lp_zsl = score_options(lm, zsl, cfg.batch_size, progress=progress and f"{spec.name} ZSL")
-    lp_icl = score_options(lm, icl, cfg.batch_size, progress=progress and f"{spec.name} ICL k={icl.k_true}")
-    labels = np.array(icl.labels)
-    pred_zsl, pred_icl = lp_zsl.argmax(1), lp_icl.argmax(1)
+    zsl = score_split(lm, data, cfg, icl=False, progress=progress)
+    icl = score_split(lm, data, cfg, icl=True, progress=progress)
     records = [
-        {"idx": row.get("idx"), "label": int(labels[j]), "zsl_pred": int(pred_zsl[j]), "icl_pred": int(pred_icl[j]),
-         "zsl_logprobs": [round(float(x), 6) for x in lp_zsl[j]], "icl_logprobs": [round(float(x), 6) for x in lp_icl[j]]}
-        for j, row in enumerate(data.eval_rows)
+        {"idx": z["idx"], "label": z["label"], "zsl_pred": z["pred"], "icl_pred": i["pred"],
+         "zsl_logprobs": z["logprobs"], "icl_logprobs": i["logprobs"]}
+        for z, i in zip(zsl["records"], icl["records"])
     ]
     return {
-        "task": spec.name,
-        "n": len(labels),
+        "task": data.spec.name,
+        "n": icl["n"],
         "k_requested": cfg.k,
-        "k_true": icl.k_true,
-        "prefix_tokens": len(icl.prefix_ids),
-        "demo_idx": [d.get("idx") for d in icl.demos],
-        "acc_zsl": float((pred_zsl == labels).mean()),
-        "acc_icl": float((pred_icl == labels).mean()),
-        "majority_baseline": float(np.bincount(labels).max() / len(labels)),
-        # a model that always answers one label sits at the majority baseline: the counts show it
-        "zsl_pred_counts": np.bincount(pred_zsl, minlength=len(spec.label_words)).tolist(),
-        "icl_pred_counts": np.bincount(pred_icl, minlength=len(spec.label_words)).tolist(),
+        "k_true": icl["k_true"],
+        "prefix_tokens": icl["prefix_tokens"],
+        "demo_idx": icl["demo_idx"],
+        "acc_zsl": zsl["acc"],
+        "acc_icl": icl["acc"],
+        "majority_baseline": icl["majority_baseline"],
+        "zsl_pred_counts": zsl["pred_counts"],
+        "icl_pred_counts": icl["pred_counts"],
         "records": records,
     }

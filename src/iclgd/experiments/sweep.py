@@ -4,7 +4,9 @@ A unit is one (model × task × seed) compare (and its untrained control), the m
 the synthetic calibration, or (with ``--momentum``) the momentum study. Each unit writes
 ``units/<id>/result.json`` atomically (timings go to ``timing.json`` beside it), so after ``kill -9`` at
 any moment the same command skips every finished unit and completes the rest with results identical to
-an uninterrupted run. ``--shard i/n`` runs every n-th unit starting at i (for job arrays).
+an uninterrupted run. Processes of one sweep (``--shard i/n``, job arrays, ``accelerate launch``) share one
+queue: each takes the longest unclaimed unit first and claims it through a lock file in its folder, so no
+two run the same unit and they finish together; the process that finds every unit finished writes the report.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class SweepConfig:
     world_size: str = "demo"
     world_momentum: bool = True
     world_along: bool = True
+    eval_only: bool = False  # ZSL/ICL accuracy units instead of compare units (no captures, no finetuning)
+    batch_size: int = 8  # prompts scored per forward pass
 
     def apply_preset(self, name: str) -> None:
         """Overwrite the fields a preset sets (see :data:`PRESETS`)."""
@@ -81,7 +85,12 @@ def plan(cfg: SweepConfig) -> list[Unit]:
     if cfg.dual:
         units.append(_unit(f"dual-{cfg.tasks[0]}", "dual", model=cfg.model, task=cfg.tasks[0], k=8, seed=1,
                            dtype="float64"))
-    for task in cfg.tasks:
+    for task in cfg.tasks if cfg.eval_only else []:
+        # ZSL depends on the test set only: one unit per task, shared by every seed's ICL unit
+        base = dict(model=cfg.model, task=task, n_test=cfg.n_test, dtype=cfg.dtype)
+        units.append(_unit(f"zsl-{task}", "zsl", **base))
+        units += [_unit(f"icl-{task}-s{seed}", "icl", seed=seed, k=cfg.k, **base) for seed in cfg.seeds]
+    for task in [] if cfg.eval_only else cfg.tasks:
         for seed in cfg.seeds:
             base = dict(model=cfg.model, task=task, seed=seed, n_test=cfg.n_test, k=cfg.k, dtype=cfg.dtype)
             units.append(_unit(f"compare-{task}-s{seed}", "compare", untrained=False, **base))
@@ -104,6 +113,21 @@ def world_units(cfg: SweepConfig) -> list[Unit]:
     k, n_test = (8, 200) if cfg.preset == "demo" else (cfg.k, cfg.n_test or 200)
     return [_unit(uid, kind, **params) for uid, kind, params in
             plan_units(cfg.world_size, cfg.seeds, k, n_test, cfg.world_momentum, cfg.world_along)]
+
+
+def unit_cost(unit: Unit) -> float:
+    """A rough relative cost, only for ordering the queue longest first (it never changes a result). A world
+    model's training comes first: the world's other units read its folder (and wait for it)."""
+    p = unit.p()
+    n = p.get("n_test") or 200
+    cost = {"world-train": 1e9, "momentum": 1e8, "compare": 3 * n, "world-compare": 3 * n, "icl": n, "zsl": n / 2,
+            "world-ckpt": n, "synthetic": p.get("steps", 0) / 10, "dual": 5}
+    return cost.get(unit.kind, 100)
+
+
+def queue(units: list[Unit]) -> list[Unit]:
+    """The sweep's units, longest first (ties in plan order)."""
+    return sorted(units, key=lambda u: -unit_cost(u))
 
 
 def parse_shard(value: str | None) -> tuple[int, int]:
@@ -141,7 +165,7 @@ class _Models:
             if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per launched process
                 device = f"cuda:{os.environ['LOCAL_RANK']}"
             lm = load_model(self.cfg.model, dtype=dtype, device=device, device_map=self.cfg.device_map,
-                            bos=self.cfg.bos)
+                            bos=self.cfg.bos, need_layout=not self.cfg.eval_only or variant == "dual")
             if variant == "untrained":
                 reinit_untrained(lm, seed=0)
             if variant == "dual":
@@ -162,7 +186,7 @@ def _compare_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
 
     data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
     lm = models.get("untrained" if p["untrained"] else "trained")
-    cfg = CompareConfig(k=p["k"])
+    cfg = CompareConfig(k=p["k"], batch_size=models.cfg.batch_size)
     if p["untrained"]:  # the control's init follows the run seed, so its CI includes init variance
         reinit_untrained(lm, seed=p["seed"])
     result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress)
@@ -170,6 +194,23 @@ def _compare_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
         result["untrained_init_seed"] = p["seed"]
     return {"result": result, "data_sha256": data.files,
             "deviations": lm.start_deviations() + data.deviations + compare_deviations(cfg), "_timing": phases}
+
+
+def _eval_unit(icl: bool):
+    def run(p: dict, models: _Models, data_dir, progress: bool) -> dict:
+        from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task
+        from iclgd.engine.scoring import EvalConfig, score_split
+
+        data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
+        lm = models.get("trained")
+        cfg = EvalConfig(k=p.get("k", 0), seed=p.get("seed", 0), batch_size=models.cfg.batch_size)
+        t0 = time.time()
+        res = score_split(lm, data, cfg, icl=icl, progress=progress)
+        return {"result": res, "start_token": lm.start, "data_sha256": data.files,
+                "deviations": lm.start_deviations() + data.deviations,
+                "_timing": {"scoring": round(time.time() - t0, 2)}}
+
+    return run
 
 
 def _dual_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
@@ -207,7 +248,8 @@ def _world_unit(kind: str):
     return run
 
 
-UNIT_KINDS = {"compare": _compare_unit, "dual": _dual_unit, "synthetic": _synthetic_unit, "momentum": _momentum_unit,
+UNIT_KINDS = {"compare": _compare_unit, "zsl": _eval_unit(icl=False), "icl": _eval_unit(icl=True), "dual": _dual_unit,
+              "synthetic": _synthetic_unit, "momentum": _momentum_unit,
               **{k: _world_unit(k) for k in ("world-train", "world-compare", "world-ckpt")}}
 
 
@@ -270,7 +312,7 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
 
     from tqdm.auto import tqdm
 
-    from iclgd.core.runfolder import differing_keys, lock, read_json_object
+    from iclgd.core.runfolder import claim, differing_keys, lock, read_json_object
     from iclgd.core.tasks import parse_task_list
 
     cfg.tasks = parse_task_list(",".join(cfg.tasks)) if cfg.tasks or not cfg.world else []
@@ -279,7 +321,6 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
     out = ensure_dir(out)
     i, n = parse_shard(shard)
     units = plan(cfg)
-    mine = units[i::n]
     sweep_doc = {"kind": "iclgd.reproduce", "config": {k: v for k, v in vars(cfg).items()},
                  "data": data_fingerprint(cfg.tasks, data_dir),
                  "units": [u.id for u in units], "versions": library_versions()}
@@ -299,19 +340,33 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
             shutil.rmtree(out / "units", ignore_errors=True)  # nothing finished, or discarded on request
         atomic_write_json(sweep_file, sweep_doc)
     models = _Models(cfg, out)
-    done = skipped = 0
-    for unit in tqdm(mine, desc="units", disable=not progress):
+    done = skipped = elsewhere = 0
+    for unit in tqdm(queue(units), desc="units", disable=not progress):
         d = out / "units" / unit.id
-        prev = read_result(d / "result.json")
-        header = prev.get("unit") if prev is not None else None
-        if isinstance(header, dict) and header.get("params") == json.loads(json.dumps(unit.p())):
+        if _finished(d, unit):
             skipped += 1
             continue
-        t0 = time.time()
-        res = run_unit(unit, models, data_dir, progress)
-        timing = res.pop("_timing", None)
-        atomic_write_json(d / "result.json", {"unit": {"id": unit.id, "kind": unit.kind, "params": unit.p()}, **res})
-        atomic_write_json(d / "timing.json", {"wall_s": round(time.time() - t0, 2), "phases_s": timing,
-                                              "finished_unix": round(time.time())})
+        with claim(d) as mine:
+            if not mine:  # another process of this sweep runs it
+                elsewhere += 1
+                continue
+            if _finished(d, unit):  # finished by another process since the check above
+                skipped += 1
+                continue
+            t0 = time.time()
+            res = run_unit(unit, models, data_dir, progress)
+            timing = res.pop("_timing", None)
+            atomic_write_json(d / "result.json", {"unit": {"id": unit.id, "kind": unit.kind, "params": unit.p()},
+                                                  **res})
+            atomic_write_json(d / "timing.json", {"wall_s": round(time.time() - t0, 2), "phases_s": timing,
+                                                  "finished_unix": round(time.time()), "process": f"{i}/{n}"})
         done += 1
-    return {"units": len(units), "this_shard": len(mine), "ran": done, "skipped": skipped}
+    unfinished = [u.id for u in units if not _finished(out / "units" / u.id, u)]
+    return {"units": len(units), "ran": done, "skipped": skipped, "elsewhere": elsewhere, "unfinished": unfinished,
+            "process": f"{i}/{n}"}
+
+
+def _finished(d: Path, unit: Unit) -> bool:
+    prev = read_result(d / "result.json")
+    header = prev.get("unit") if prev is not None else None
+    return isinstance(header, dict) and header.get("params") == json.loads(json.dumps(unit.p()))

@@ -57,9 +57,13 @@ def ensure_trained(out: Path, size: str, variant: str, seed: int, progress: bool
     """The run folder of (size, variant, seed), trained (or resumed) if it is not finished."""
     from iclgd.engine.world import sized, train
 
+    from iclgd.core.runfolder import lock
+
     d = run_dir(out, size, variant, seed)
     if not (d / "final.json").is_file():
-        train(sized(size, seed=seed, **VARIANTS[variant]), d, progress=progress)
+        with lock(d.parent, f"train-{d.name}", wait=True):  # another process of the sweep may be training it
+            if not (d / "final.json").is_file():
+                train(sized(size, seed=seed, **VARIANTS[variant]), d, progress=progress)
     return d
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from iclgd.core.io import atomic_write_text, read_result
 from iclgd.core.metrics import METRICS, fmt_mean_ci, per_layer_of, scalar
 from iclgd.core.tasks import TASKS
-from iclgd.report.plots import plot_compare, plot_curves, plot_verify
+from iclgd.report.plots import plot_accuracy, plot_compare, plot_curves, plot_verify
 from iclgd.report.tables import calibration_table
 from iclgd.report.world import report_lines as world_report_lines
 
@@ -176,6 +176,38 @@ def _paper_table(sw: Sweep, tasks: list[str]) -> list[str]:
     return lines + [""]
 
 
+# ----------------------------------------------------------------------------- eval units (--eval-only)
+
+
+def eval_section(sw: Sweep) -> list[str]:
+    """ZSL (one pass per test set, shared by the seeds) and ICL per seed, beside majority and prediction counts."""
+    rows, plot_rows = [], []
+    for t in sw.cfg["tasks"]:
+        z = sw.units.get(f"zsl-{t}")
+        icl = [sw.units[f"icl-{t}-s{s}"]["result"] for s in sw.cfg["seeds"] if f"icl-{t}-s{s}" in sw.units]
+        if z is None or not icl:
+            continue
+        z = z["result"]
+        accs = [r["acc"] for r in icl]
+        rows.append({"task": t, "n": z["n"], "majority": f"{100 * z['majority_baseline']:.1f}",
+                     "ZSL": f"{100 * z['acc']:.1f}", "ZSL predictions": str(z["pred_counts"]),
+                     "ICL": fmt_mean_ci(accs, True), "ICL per seed": ", ".join(f"{100 * a:.1f}" for a in accs),
+                     "ICL predictions per seed": "; ".join(str(r["pred_counts"]) for r in icl),
+                     "k (true)": ", ".join(sorted({str(r["k_true"]) for r in icl}))})
+        plot_rows.append({"task": t, "zsl": z["acc"], "icl": accs, "majority": z["majority_baseline"]})
+        sw.csv(f"zsl-{t}", "acc_zsl", "all", z["acc"])
+        for r in icl:
+            sw.csv(f"icl-{t}-s{r['seed']}", "acc_icl", "all", r["acc"])
+    if not rows:
+        return []
+    plot_accuracy(plot_rows, sw.plots / "accuracy.png", f"{sw.cfg['model']}: ZSL vs ICL (k={sw.cfg['k']})")
+    return ["## Accuracy (%): ZSL and ICL", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), "",
+            "ZSL is scored once per test set (unit `zsl-<task>`) and shared by every seed; ICL is one unit per seed "
+            "(each seed draws other demonstrations); mean with a 95% bootstrap CI over seeds. Prediction counts are "
+            "per class in label order: all predictions in one class is a model that ignores the input. "
+            "[plot](plots/accuracy.png)", ""]
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 
@@ -248,7 +280,7 @@ def world_section(sw: Sweep) -> list[str]:
     return world_report_lines(sw.units, sw.plots)
 
 
-SECTIONS = (compare_section, synthetic_section, dual_section, momentum_section, world_section)
+SECTIONS = (eval_section, compare_section, synthetic_section, dual_section, momentum_section, world_section)
 
 
 def deviations(cfg: dict, units: dict) -> list[str]:
@@ -262,7 +294,8 @@ def deviations(cfg: dict, units: dict) -> list[str]:
         out.append(f"Test examples: the first {cfg['n_test']} of each evaluation split after the seed-1 shuffle "
                    "(the paper: up to 2,000).")
     out.append(f"Seeds: {cfg['seeds']} (the paper's per-task seeds were 2–5, one run each).")
-    if not any(u["unit"]["kind"] == "compare" and any(d.startswith("prediction position")
+    compares = [u for u in units.values() if u["unit"]["kind"] == "compare"]
+    if compares and not any(u["unit"]["kind"] == "compare" and any(d.startswith("prediction position")
                                                         for d in u.get("deviations", [])) for u in units.values()):
         out.append("Prediction position: the last prompt token (the official code appends option 0's label token "
                    "and reads there; `iclgd compare --position label-token` reproduces it).")
@@ -272,7 +305,8 @@ def deviations(cfg: dict, units: dict) -> list[str]:
     if lrs:
         out.append("FT learning rates: the paper's per-task rates for its 1.3B model, not tuned for this model: "
                    + ", ".join(f"{t} {lr:g}" for t, lr in lrs) + ".")
-    devs = sorted({d for u in units.values() if u["unit"]["kind"] == "compare" for d in u.get("deviations", [])})
+    devs = sorted({d for u in units.values() if u["unit"]["kind"] in ("compare", "zsl", "icl")
+                   for d in u.get("deviations", [])})
     out += [d[0].upper() + d[1:] + "." for d in devs]
     ks = sorted({(u["unit"]["params"]["task"], u["result"]["k_true"]) for u in units.values()
                  if u["unit"]["kind"] == "compare" and u["result"]["k_true"] < u["unit"]["params"]["k"]})

@@ -23,9 +23,16 @@ def _plt():
 
 def _save(fig, path: Path) -> None:
     """Write the figure so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)  # unique per writer
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _mean_layers(results: list[dict], *keys) -> np.ndarray | None:
@@ -180,3 +187,24 @@ def plot_synthetic(r: dict, summary: dict, out) -> None:
     _save(fig, out / "sensitivities.png")
     plt.close(fig)
     plot_calibration(summary, out / "calibration.png", r["config"]["model"])
+
+
+def plot_accuracy(rows: list[dict], path, title: str) -> None:
+    """ZSL, ICL (each seed a dot, the mean a bar) and the majority baseline per task, in %."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [100 * r["zsl"] for r in rows], 0.4, label="ZSL", color="tab:gray")
+    ax.bar(x + 0.2, [100 * np.mean(r["icl"]) for r in rows], 0.4, label="ICL (mean over seeds)", color="tab:blue")
+    for j, r in enumerate(rows):
+        ax.plot([j + 0.2] * len(r["icl"]), [100 * a for a in r["icl"]], "k.", ms=4)
+        ax.hlines(100 * r["majority"], j - 0.45, j + 0.45, colors="tab:red", linestyles="--",
+                  label="majority" if j == 0 else None)
+    ax.set_xticks(x, [r["task"] for r in rows])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
