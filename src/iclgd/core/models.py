@@ -289,6 +289,16 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def input_device(self) -> torch.device:
+        """Where token ids go: the input embedding's device (the first of several with ``--device-map auto``)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def head_device(self) -> torch.device:
+        """Where the unembedding sits (with ``--device-map auto`` often another GPU than the embedding)."""
+        return self.model.get_output_embeddings().weight.device
+
+    @property
     def model_type(self) -> str:
         return self.model.config.model_type
 
@@ -501,7 +511,7 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
     Returns the worst relative error; refuses with one line above the dtype's tolerance, so a family whose
     structure is misread (a rotary function of another signature, rows in another order) never yields
     silent numbers."""
-    dev = next(lm.model.parameters()).device
+    dev = lm.input_device
     seen: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
     for l in range(lm.n_layers):
@@ -806,6 +816,30 @@ def check_model_files(folder: Path) -> None:
         raise IclgdError(f"--model {folder}: no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
 
 
+def placement(device: str, device_map: str | dict | None) -> tuple[str, str | dict | None]:
+    """This process's device and device map. Under ``accelerate launch`` or torchrun (LOCAL_RANK set, several
+    processes on the node) ``--device cuda`` means each process its own GPU ``cuda:LOCAL_RANK``, with
+    ``--device-map auto`` too (each rank's model must then fit one GPU); a single process keeps them as given."""
+    rank, local = os.environ.get("LOCAL_RANK"), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    if device == "cuda" and rank is not None and local > 1:
+        device = f"cuda:{rank}"
+        if device_map == "auto":
+            device_map = {"": device}
+    return device, device_map
+
+
+def deterministic(device: str) -> None:
+    """Deterministic kernels on GPU (cuBLAS workspace, no TF32, no cuDNN autotuning; a nondeterministic op warns).
+    The flags in force are recorded beside every result (:func:`iclgd.core.io.hardware`)."""
+    if not str(device).startswith("cuda"):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
                device_map: str | None = None, bos: str | None = None, need_layout: bool = True) -> LoadedModel:
     """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
@@ -817,6 +851,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     need its attention layout, so by default such a family is refused before its weights load.
     """
     torch_dtype = _torch_dtype(dtype)
+    device, device_map = placement(device, device_map)
+    deterministic(device)
     if name in tiny_configs():  # built in fp32 on the CPU; then the requested dtype and device, as for any model
         lm = build_tiny(name)
         lm.model.to(device=device, dtype=torch_dtype)  # the dtype and device recorded are the ones applied
@@ -849,7 +885,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     if isinstance(folder, Path) and name not in REGISTRY:
         check_model_files(folder)
     impl = attn_implementation or (layout and layout.attn_implementation)
-    kw = {"device_map": device_map} if device_map else {}
+    # loaded straight onto the device in the requested dtype (no fp32 copy on the host first)
+    kw = {"device_map": device_map or ({"": device} if device != "cpu" else None)}
     if impl:  # a family without a layout keeps transformers' own choice
         kw["attn_implementation"] = impl
     try:
@@ -866,8 +903,6 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
             raise
         raise IclgdError(f"--model {name}: cannot load its tokenizer ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:160]})") from None
-    if not device_map:
-        model.to(device)
     model.eval()
     lm = LoadedModel(name, model, tokenizer, layout, source)
     if layout is not None:

@@ -180,7 +180,7 @@ def capture_layer_io(lm: LoadedModel, input_ids: list[int]) -> tuple[list[torch.
 
     Hook points ``attn_in`` and ``attn_heads`` (:mod:`iclgd.core.hooks`).
     """
-    dev = next(lm.model.parameters()).device
+    dev = lm.input_device
     with torch.no_grad(), Recorder(lm, points=("attn_in", "attn_heads")) as rec:
         lm.model(input_ids=torch.tensor([input_ids], device=dev))
     return ([rec.acts[f"attn_in.{i}"][0] for i in range(lm.n_layers)],

@@ -99,7 +99,7 @@ def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str 
     stepped = [nn.Parameter(p.detach().float().clone()) if p.dtype in LOW_PRECISION else p for _, p, _ in chosen]
     opt = torch.optim.SGD(stepped, lr=lr, momentum=0.0, weight_decay=0.0)
     rec = FTRecord(lr, master_fp32=bool(low))
-    dev = next(model.parameters()).device
+    dev = lm.input_device
     try:
         for d in demo_ids:
             ids = torch.tensor(([] if lm.bos_id is None else [lm.bos_id]) + list(d), device=dev)

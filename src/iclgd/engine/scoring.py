@@ -94,7 +94,7 @@ def encode_prefix(lm: LoadedModel, prefix_ids: list[int]) -> list[tuple[torch.Te
     from transformers import DynamicCache
 
     model = lm.model
-    dev = next(model.parameters()).device
+    dev = lm.input_device
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True, cache=DynamicCache())
     cache = out.cache
@@ -129,7 +129,7 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
         raise ValueError("captures are taken on the prefix-reuse path only (a prompt with a start token)")
     reuse_prefix = reuse_prefix and bool(prompts.prefix_ids)  # --bos none and no demonstrations: nothing to reuse
     model = lm.model
-    dev = next(model.parameters()).device
+    dev, head_dev = lm.input_device, lm.head_device
     pad = next(t for t in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id, 0) if t is not None)
     examples = list(range(len(prompts.query_ids))) if example_ids is None else list(example_ids)
     C = len(prompts.option_ids)
@@ -182,10 +182,10 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             where, means = [], []
             for r, (i, opts) in enumerate(meta):
                 for c, start, o in opts:
-                    logits = F.linear(hidden[r, start: start + len(o)].float(), w32, b32)
+                    logits = F.linear(hidden[r, start: start + len(o)].to(head_dev).float(), w32, b32)
                     lp = torch.log_softmax(logits.double(), dim=-1)
                     where.append((i, c))
-                    means.append(lp.gather(-1, torch.tensor(o, device=dev)[:, None]).mean())
+                    means.append(lp.gather(-1, torch.tensor(o, device=head_dev)[:, None]).mean())
             for (i, c), v in zip(where, torch.stack(means).cpu().tolist()):  # one device-to-host copy per batch
                 out[i, c] = v
             bar.update(len(batch))

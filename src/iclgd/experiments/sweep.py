@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, ensure_dir, library_versions, read_result
+from iclgd.core.io import atomic_write_json, ensure_dir, hardware, library_versions, read_result
 
 
 @dataclass(frozen=True)
@@ -161,10 +161,8 @@ class _Models:
             from iclgd.engine.finetune import reinit_untrained
 
             dtype = "float32" if variant == "dual" else self.cfg.dtype
-            device = self.cfg.device
-            if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per launched process
-                device = f"cuda:{os.environ['LOCAL_RANK']}"
-            lm = load_model(self.cfg.model, dtype=dtype, device=device, device_map=self.cfg.device_map,
+            # under accelerate launch / torchrun, load_model gives each process its own GPU (core.models.placement)
+            lm = load_model(self.cfg.model, dtype=dtype, device=self.cfg.device, device_map=self.cfg.device_map,
                             bos=self.cfg.bos, need_layout=not self.cfg.eval_only or variant == "dual")
             if variant == "untrained":
                 reinit_untrained(lm, seed=0)
@@ -359,7 +357,8 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
             atomic_write_json(d / "result.json", {"unit": {"id": unit.id, "kind": unit.kind, "params": unit.p()},
                                                   **res})
             atomic_write_json(d / "timing.json", {"wall_s": round(time.time() - t0, 2), "phases_s": timing,
-                                                  "finished_unix": round(time.time()), "process": f"{i}/{n}"})
+                                                  "finished_unix": round(time.time()), "process": f"{i}/{n}",
+                                                  "hardware": hardware()})  # beside the result, which it never changes
         done += 1
     unfinished = [u.id for u in units if not _finished(out / "units" / u.id, u)]
     return {"units": len(units), "ran": done, "skipped": skipped, "elsewhere": elsewhere, "unfinished": unfinished,
