@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from iclgd.core.io import hardware, library_versions
 from iclgd.core.models import placement
 
@@ -26,3 +28,113 @@ def test_results_record_the_hardware_and_determinism_flags():
     assert hw["cpu_threads"] == torch.get_num_threads() and hw["cuda_available"] == torch.cuda.is_available()
     assert hw["deterministic_algorithms"] == torch.are_deterministic_algorithms_enabled()
     assert library_versions()["hardware"] == json.loads(json.dumps(hw))
+
+
+# ----------------------------------------------------------------------------- batched captures
+
+
+class _PerExampleObserver:
+    """The captures as iclgd computed them before issue 17 (one example and one layer at a time, float64 on the
+    host, everything kept): the reference the batched :class:`iclgd.engine.capture.Observer` must equal."""
+
+    def __init__(self, lm, demo_positions=(), position="last", keep_q=0, keep_demo=0):
+        self.lm, self.demo_positions, self.position, self.obs = lm, list(demo_positions), position, {}
+
+    def set_prefix(self, rec, P):
+        import torch
+
+        from iclgd.core.models import qkv
+
+        self._k_prefix = [qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(P))[1]
+                          for l in range(self.lm.n_layers)]
+
+    def take_batch(self, rec, items, P):
+        for i, r, pos, nq in items:
+            self.take(rec, i, r, pos, nq, P)
+
+    def take(self, rec, example, row, pos, n_query, P):
+        import numpy as np
+        import torch
+
+        from iclgd.core.models import qkv, repeat_kv
+        from iclgd.engine.capture import Observation
+
+        hs, sa, qs, ds = [], [], [], []
+        positions = P + torch.arange(pos + 1)
+        dpos = torch.tensor(self.demo_positions, dtype=torch.long)
+        for l in range(self.lm.n_layers):
+            x = rec.acts[f"attn_in.{l}"][row, : pos + 1]
+            q, k, _, scale = qkv(self.lm, l, x, positions)
+            H, Hkv = q.shape[0], k.shape[0]
+            q_pred = q[:, pos]
+            k_after = repeat_kv(k[:, : pos + 1], H // Hkv, dim=0)
+            cap = self.lm.softcap(l)
+            capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
+            sa.append(capped(torch.einsum("hd,htd->ht", q_pred, k_after) * scale).double().numpy())
+            qs.append(q_pred.double().numpy())
+            hs.append(rec.acts[f"attn_out.{l}"][row, pos].double().numpy())
+            if len(dpos):
+                kp = repeat_kv(self._k_prefix[l][:, dpos], H // Hkv, dim=0)
+                sd = capped(torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().numpy()
+                W = self.lm.window(l)
+                if W is not None:
+                    sd[dpos.numpy() <= P + pos - W] = -np.inf
+                ds.append(sd)
+        self.obs[example] = Observation(np.stack(hs), np.stack(sa), n_query, np.stack(qs),
+                                        np.stack(ds) if ds else None, float(scale))
+
+
+def _floats(a, b, path=""):
+    """Every number of two result trees, pairwise (the rest must be equal)."""
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), path
+        for k in a:
+            yield from _floats(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _floats(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and not isinstance(a, bool):
+        yield path, a, b
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("name,position", [("tiny-random-llama", "last"), ("tiny-random-gpt2", "label-token"),
+                                           ("tiny-random-gemma2", "last"), ("tiny-random-mistral", "last")])
+def test_batched_captures_give_the_per_example_results_to_1e6(name, position, data_dir, monkeypatch):
+    """A whole compare (every metric, its baselines, Kendall by one product per layer, the ΔW comparison) from the
+    batched, pruned captures equals the one from the per-example captures to 1e-6. In float64: in float32 the
+    tiny random models' FT moves some layers' scores by less than float32 rounding, so SimAM_Δ there is rounding
+    noise under either implementation (a real model's FT moves them by far more)."""
+    import math
+
+    from iclgd.core.models import load_model
+    from iclgd.core.tasks import TASKS, load_task
+    from iclgd.experiments import compare
+
+    lm = load_model(name, dtype="float64")
+    data = load_task(TASKS["sst2"], data_dir, n_test=6)
+    cfg = compare.CompareConfig(k=3, position=position, batch_size=4, kendall_n=4, updates_n=3)
+    new = compare.compare_seed(lm, data, cfg, 1, progress=False)[0]
+    monkeypatch.setattr(compare, "Observer", _PerExampleObserver)
+    old = compare.compare_seed(lm, data, cfg, 1, progress=False)[0]
+    pairs = list(_floats(new, old))
+    assert len(pairs) > 100
+    for path, x, y in pairs:
+        assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 1e-6 * max(1.0, abs(y)), (path, x, y)
+
+
+def test_kendall_logits_by_one_product_per_layer_equal_the_per_example_einsum():
+    import numpy as np
+
+    from iclgd.core import metrics as M
+
+    rng = np.random.default_rng(0)
+    q_test, q_train = rng.normal(size=(5, 3, 2, 4)), rng.normal(size=(3, 7, 2, 4))  # (n, L, H, d), (L, T, H, d)
+    for paper in (True, False):
+        got = M.ft_query_logits(q_test, q_train, 0.5, paper)
+        want = np.stack([M.ft_query_logits(q, q_train, 0.5, paper) for q in q_test])
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    # and by hand: layer 1, example 2, training token 3 = Σ_h Σ_d q_test·q_train
+    assert M.query_logits(q_test, q_train)[2, 1, 3] == pytest.approx(float((q_test[2, 1] * q_train[1, 3]).sum()))

@@ -142,8 +142,17 @@ def ft_query_logits(q_test: np.ndarray, q_train: np.ndarray, scale: float, paper
     logits are scale² · q_test·q_train. ``paper=False``: unscaled q·q (iclgd before issue 15). The scale
     changes no token-level ranking (softmax keeps order) but does change the example-level sums.
     """
-    logits = np.einsum("lhd,lthd->lt", q_test, q_train)
+    # several test queries (n, L, H, d) -> (n, L, T): one matrix product per layer
+    logits = query_logits(q_test, q_train) if q_test.ndim == 4 else np.einsum("lhd,lthd->lt", q_test, q_train)
     return logits * scale ** 2 if paper else logits
+
+
+def query_logits(q_test: np.ndarray, q_train: np.ndarray) -> np.ndarray:
+    """:func:`ft_query_logits` (unscaled) of many test queries at once: (n, L, H, d) · (L, T, H, d) -> (n, L, T),
+    one matrix product per layer (over H·d) instead of one einsum per example."""
+    n, L = q_test.shape[:2]
+    T = q_train.shape[1]
+    return np.stack([q_test[:, l].reshape(n, -1) @ q_train[l].reshape(T, -1).T for l in range(L)], axis=1)
 
 
 def kendall_per_example(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:

@@ -3,6 +3,12 @@
 The tensors come from the hook points of :mod:`iclgd.core.hooks` (``attn_in`` and ``attn_out``); queries
 and keys are rebuilt from ``attn_in`` with the adapter (:func:`iclgd.core.models.qkv`, checked against the
 model's attention output in the dual-form tests).
+
+A batch is captured at once: per layer, one :func:`qkv` over every row of the batch and one score product;
+then every layer's tensors of the batch go to the host in one transfer, in fp32 (computed in fp32 whatever
+the model dtype; an fp64 model keeps fp64). Only what a metric reads is kept: the attention output and the scores after the context
+for every example; the query only for the first ``keep_q`` examples (the ΔW comparison and Kendall use no
+more), the scores over the demonstration tokens only for the first ``keep_demo`` (Kendall).
 """
 
 from __future__ import annotations
@@ -15,22 +21,29 @@ import torch
 from iclgd.core.hooks import Recorder
 from iclgd.core.models import LoadedModel, qkv, repeat_kv
 
+ALL = 1 << 62  # keep a capture for every example
+
 
 @dataclass
 class Observation:
-    """What one setting (ZSL, ICL or FT) shows at one test example's prediction position."""
+    """What one setting (ZSL, ICL or FT) shows at one test example's prediction position (fp32 arrays; fp64 for an
+    fp64 model)."""
 
     h: np.ndarray  # (L, d_model) attention output after the output projection
-    s_query: np.ndarray  # (L, H, T_query) raw scores q·k·scale (soft-capped where the model caps) over the
-    #                      test input's own tokens ("input-only")
-    q: np.ndarray  # (L, H, d_head) the prediction position's query (unscaled)
+    # (L, H, T_after) raw scores q·k·scale (soft-capped where the model caps) over every position after the
+    # context up to the prediction position: the official code's SimAM slice attn_map[:, :, -1, c_len:]
+    # ("after-context"); with --position label-token it includes the appended label token itself
+    s_after: np.ndarray
+    n_query: int  # the test input's own tokens: the first n_query entries of s_after ("input-only")
+    q: np.ndarray | None = None  # (L, H, d_head) the prediction position's query (unscaled); first keep_q only
     s_demo: np.ndarray | None = None  # (L, n_demo_tokens) scores over demonstration tokens, summed over heads;
-    #                                   -inf where a sliding-window layer does not see the token
-    # (L, H, T_after) raw scores over every position after the context up to the prediction position: the
-    # official code's SimAM slice attn_map[:, :, -1, c_len:] ("after-context"); with --position label-token
-    # it includes the appended label token itself, with --position last it equals s_query
-    s_after: np.ndarray | None = None
+    #                                   -inf where a sliding-window layer does not see the token; first keep_demo only
     scale: float = 1.0  # the score scale (1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo)
+
+    @property
+    def s_query(self) -> np.ndarray:
+        """(L, H, n_query) the scores over the test input's own tokens (a view of ``s_after``)."""
+        return self.s_after[:, :, : self.n_query]
 
     def simam_scores(self, segment: str = "after-context") -> np.ndarray:
         """The scores SimAM compares: "after-context" (the official code, default) or "input-only"."""
@@ -47,45 +60,75 @@ class Observer:
 
     ``demo_positions``: indices into the prefix of the demonstration tokens (BOS and separators excluded).
     ``position``: "last" = the last prompt token (whose logits decide); "label-token" = the first token
-    of option 0 appended to the prompt (the official code's convention).
+    of option 0 appended to the prompt (the official code's convention). ``keep_q`` / ``keep_demo``: how many
+    examples (in test-set order) keep their query / their demonstration scores.
     """
 
     lm: LoadedModel
     demo_positions: list[int] = field(default_factory=list)
     position: str = "last"
+    keep_q: int = ALL
+    keep_demo: int = ALL
     obs: dict[int, Observation] = field(default_factory=dict)
     _k_prefix: list[torch.Tensor] | None = None
 
     def set_prefix(self, rec: Recorder, P: int) -> None:
-        """Keys of the prefix tokens per layer (H_kv, P, d_head), from the prefix pass."""
-        pos = torch.arange(P)
-        self._k_prefix = [qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)[1] for l in range(self.lm.n_layers)]
+        """Keys of the demonstration tokens per layer (H_kv, n_demo_tokens, d_head), from the prefix pass."""
+        if not self.demo_positions:
+            self._k_prefix = None
+            return
+        x0 = rec.acts["attn_in.0"]
+        pos = torch.arange(P, device=x0.device)
+        dpos = torch.tensor(self.demo_positions, dtype=torch.long, device=x0.device)
+        self._k_prefix = [qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)[1][:, dpos]
+                          for l in range(self.lm.n_layers)]
 
-    def take(self, rec: Recorder, example: int, row: int, pos: int, n_query: int, P: int) -> None:
-        """Read example ``example`` from batch row ``row`` at in-row index ``pos``; the row starts at
-        absolute position P (the prefix length) and its first ``n_query`` tokens are the test input."""
-        hs, ss, sa, qs, ds = [], [], [], [], []
-        positions = P + torch.arange(pos + 1)
-        dpos = torch.tensor(self.demo_positions, dtype=torch.long)
-        for l in range(self.lm.n_layers):
-            x = rec.acts[f"attn_in.{l}"][row, : pos + 1]
-            q, k, _, scale = qkv(self.lm, l, x, positions)
-            H, Hkv = q.shape[0], k.shape[0]
-            q_pred = q[:, pos]  # (H, hd)
-            k_after = repeat_kv(k[:, : pos + 1], H // Hkv, dim=0)  # (H, T_after, hd): all after the context
-            cap = self.lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
+    def take_batch(self, rec: Recorder, items: list[tuple[int, int, int, int]], P: int) -> None:
+        """Read every item ``(example, row, pos, n_query)`` of one batch: example ``example`` from batch row ``row``
+        at in-row index ``pos``; rows start at absolute position P (the prefix length) and their first
+        ``n_query`` tokens are the test input."""
+        lm = self.lm
+        x0 = rec.acts["attn_in.0"]
+        dev = x0.device
+        rows = torch.tensor([r for _, r, _, _ in items], device=dev)
+        pos = torch.tensor([p for _, _, p, _ in items], device=dev)
+        B, T = len(items), int(pos.max()) + 1
+        keep_q = [j for j, (i, _, _, _) in enumerate(items) if i < self.keep_q]
+        keep_d = [j for j, (i, _, _, _) in enumerate(items) if i < self.keep_demo] if self._k_prefix else []
+        positions = (P + torch.arange(T, device=dev)).repeat(B)  # rows are right-padded: the same positions each
+        dpos = torch.tensor(self.demo_positions, device=dev)
+        hs, ss, qs, ds = [], [], [], []
+        for l in range(lm.n_layers):
+            x = rec.acts[f"attn_in.{l}"][rows, :T]  # (B, T, d_model)
+            q, k, _, scale = qkv(lm, l, x.reshape(B * T, -1), positions)  # (H, B·T, hd), (H_kv, B·T, hd)
+            H, Hkv, hd = q.shape[0], k.shape[0], q.shape[-1]
+            acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for half precision (fp64 kept for fp64 models)
+            q = q.view(H, B, T, hd).to(acc)
+            k = repeat_kv(k.view(Hkv, B, T, hd).to(acc), H // Hkv, dim=0)  # (H, B, T, hd)
+            q_pred = q[:, torch.arange(B, device=dev), pos]  # (H, B, hd)
+            cap = lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
             capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
-            s_after = capped(torch.einsum("hd,htd->ht", q_pred, k_after) * scale).double().cpu().numpy()
-            sa.append(s_after)
-            ss.append(s_after[:, :n_query])  # the test input's own tokens only
-            qs.append(q_pred.double().cpu().numpy())
-            hs.append(rec.acts[f"attn_out.{l}"][row, pos].double().cpu().numpy())
-            if len(dpos):
-                kp = repeat_kv(self._k_prefix[l][:, dpos], H // Hkv, dim=0)  # (H, n_demo_tok, hd)
-                sd = capped(torch.einsum("hd,htd->ht", q_pred, kp) * scale).sum(0).double().cpu().numpy()
-                W = self.lm.window(l)
+            # (B, H, T): every position after the context; a row's positions past its own pos are cut on the host
+            ss.append(capped(torch.einsum("hbd,hbtd->bht", q_pred, k) * scale))
+            hs.append(rec.acts[f"attn_out.{l}"][rows, pos].to(acc))  # (B, d_model)
+            qs.append(q_pred[:, keep_q].transpose(0, 1))  # (B_q, H, hd)
+            if keep_d:
+                kp = repeat_kv(self._k_prefix[l].to(acc), H // Hkv, dim=0)  # (H, n_demo_tok, hd)
+                sd = capped(torch.einsum("hbd,htd->bht", q_pred[:, keep_d], kp) * scale).sum(1)  # (B_d, n_demo)
+                W = lm.window(l)
                 if W is not None:  # the prediction position P + pos sees keys j > P + pos − W only
-                    sd[dpos.numpy() <= P + pos - W] = -np.inf
+                    sd = sd.masked_fill(dpos[None] <= (P + pos[keep_d] - W)[:, None], -torch.inf)
                 ds.append(sd)
-        self.obs[example] = Observation(np.stack(hs), np.stack(ss), np.stack(qs), np.stack(ds) if ds else None,
-                                        np.stack(sa), float(scale))
+        parts = [torch.stack(hs, 1), torch.stack(ss, 1), torch.stack(qs, 1)] + ([torch.stack(ds, 1)] if ds else [])
+        flat = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy()  # one device-to-host transfer per batch
+        host, at = [], 0
+        for t in parts:
+            host.append(flat[at: at + t.numel()].reshape(t.shape))
+            at += t.numel()
+        Hh, S, Q = host[:3]
+        D = host[3] if ds else None
+        jq, jd = {j: n for n, j in enumerate(keep_q)}, {j: n for n, j in enumerate(keep_d)}
+        for j, (i, _, p, nq) in enumerate(items):
+            self.obs[i] = Observation(Hh[j].copy(), S[j, :, :, : p + 1].copy(), nq,
+                                      Q[jq[j]].copy() if j in jq else None,
+                                      D[jd[j]].copy() if j in jd else None, float(scale))

@@ -194,15 +194,16 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
 
 
 def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
-    """Hand each example's first row to the observer, at its prediction position."""
-    seen = set()
+    """Hand each example's first row to the observer, at its prediction position (the whole batch at once)."""
+    items, seen = [], set()
     for r, (i, opts) in enumerate(meta):
         if i in seen:
             continue
         seen.add(i)
         nq = len(prompts.query_ids[i])
         pos = nq - 1 if observer.position == "last" else nq  # label-token: option 0's first token
-        observer.take(rec, i, r, pos, nq, P)
+        items.append((i, r, pos, nq))
+    observer.take_batch(rec, items, P)
 
 
 # ----------------------------------------------------------------------------- ZSL / ICL evaluation

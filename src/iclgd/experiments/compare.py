@@ -146,10 +146,11 @@ class _Laps:
         self._t = now
 
 
-def _observed(lm: LoadedModel, prompts: Prompts, cfg: CompareConfig, demo_positions: list[int], progress
-              ) -> tuple[np.ndarray, Observer]:
-    """Option log-probs (n_examples, n_options) and the captures of the same forward passes."""
-    obs = Observer(lm, demo_positions, cfg.position)
+def _observed(lm: LoadedModel, prompts: Prompts, cfg: CompareConfig, demo_positions: list[int], progress,
+              keep_q: int = 0, keep_demo: int = 0) -> tuple[np.ndarray, Observer]:
+    """Option log-probs (n_examples, n_options) and the captures of the same forward passes (the query of the
+    first ``keep_q`` examples, the demonstration scores of the first ``keep_demo``: what the metrics read)."""
+    obs = Observer(lm, demo_positions, cfg.position, keep_q=keep_q, keep_demo=keep_demo)
     return score_options(lm, prompts, cfg.batch_size, progress=progress, observer=obs), obs
 
 
@@ -163,14 +164,14 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     demo_positions = [i for a, b in icl.demo_spans for i in range(a, b)]
     demo_ids = [icl.prefix_ids[a:b] for a, b in icl.demo_spans]
     name, lap = f"{spec.name} s{seed}", _Laps()
+    n_upd, nk = min(cfg.updates_n, len(data.eval_rows)), min(cfg.kendall_n, len(data.eval_rows))
     lp_z, obs_z = _observed(lm, zsl, cfg, [], progress and f"{name} ZSL")
     lap("zsl")
-    lp_i, obs_i = _observed(lm, icl, cfg, demo_positions, progress and f"{name} ICL")
+    lp_i, obs_i = _observed(lm, icl, cfg, demo_positions, progress and f"{name} ICL", keep_q=n_upd, keep_demo=nk)
     lap("icl")
     lr, search = _choose_lr(lm, data, cfg, seed, icl.demos, demo_ids)
     lap("lr_search")
     # ΔW_ICL vs ΔW_FT, the side before FT: ΔW_ICL (Eq. 7) of the demonstrations, W_ZSL (Eq. 6) of each ZSL prompt
-    n_upd = min(cfg.updates_n, len(data.eval_rows))
     label_tok = icl.option_ids[0][:1] if cfg.position == "label-token" else []
     upd_ids = [zsl.prefix_ids + zsl.query_ids[j] + label_tok for j in range(n_upd)]
     if n_upd:
@@ -182,19 +183,20 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
         ft = finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode)
         ft_params_changed = snap.changed()
         lap("ft")
-        lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT")
+        lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT", keep_q=nk)
         lap("ft_zsl")
         W_after = [dual.kv_matrices(lm, ids) for ids in upd_ids]
         lap("updates_after")
     finally:
         snap.restore()
     labels = np.array(icl.labels)
-    kendall = _kendall(icl, obs_i, obs_f, ft, min(cfg.kendall_n, len(labels)), seed, cfg.kendall_scale)
-    updates = _updates(dW_icl, W_before, W_after, [obs_i.obs[j].q for j in range(n_upd)], seed) if n_upd else None
+    kendall = _kendall(icl, obs_i, obs_f, ft, nk, seed, cfg.kendall_scale)
+    q_upd = [_f64(obs_i.obs[j].q) for j in range(n_upd)]
+    updates = _updates(dW_icl, W_before, W_after, q_upd, seed) if n_upd else None
     lap("metrics")
     outcomes = _outcomes(labels, (lp_z, lp_i, lp_f), len(spec.label_words))
     # a finetuning that changed no prediction and no hidden state: its similarities are undefined, not 0
-    Hz, Hf = (np.stack([o.obs[j].h for j in range(len(labels))]) for o in (obs_z, obs_f))
+    Hz, Hf = (np.stack([o.obs[j].h for j in range(len(labels))]) for o in (obs_z, obs_f))  # fp32 captures
     ft_changed = {"params": ft_params_changed, "predictions": int((lp_f.argmax(1) != lp_z.argmax(1)).sum()),
                   "attn_outputs": int(np.any(Hf != Hz, axis=(1, 2)).sum())}
     ft_changed["nothing"] = ft_changed["predictions"] == 0 and ft_changed["attn_outputs"] == 0
@@ -213,6 +215,11 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
 SETTINGS = ("zsl", "icl", "ft")
 
 
+def _f64(a: np.ndarray) -> np.ndarray:
+    """Captures are kept in fp32 (computed so); the metrics run in float64 on them."""
+    return np.asarray(a, dtype=np.float64)
+
+
 def _outcomes(labels: np.ndarray, logprobs: tuple[np.ndarray, ...], C: int) -> dict:
     """Accuracy and predictions per class of ZSL, ICL and FT, and Rec2FTP."""
     pz, pi, pf = (lp.argmax(1) for lp in logprobs)
@@ -225,8 +232,8 @@ def _outcomes(labels: np.ndarray, logprobs: tuple[np.ndarray, ...], C: int) -> d
 
 def _similarities(observers: tuple[Observer, ...], N: int, seed: int, segment: str) -> dict:
     """SimAOU and SimAM per layer, with their baselines and the layers and examples each rests on."""
-    Hz, Hi, Hf = (np.stack([o.obs[j].h for j in range(N)]) for o in observers)
-    Sz, Si, Sf = ([o.obs[j].simam_scores(segment) for j in range(N)] for o in observers)
+    Hz, Hi, Hf = (np.stack([o.obs[j].h for j in range(N)]).astype(np.float64) for o in observers)
+    Sz, Si, Sf = ([_f64(o.obs[j].simam_scores(segment)) for j in range(N)] for o in observers)
     return {"simaou": {**_stats_ex(M.simaou_per_example(Hz, Hi, Hf)),
                        "baseline_uniform": _stats(M.simaou_uniform_baseline(Hz, Hi, seed)),
                        "baseline_gaussian": _stats(M.simaou_gaussian_baseline(Hz, Hi, seed))},
@@ -245,11 +252,12 @@ def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: i
     lengths = [b - a for a, b in icl.demo_spans]
     spans = list(zip(np.cumsum([0] + lengths[:-1]), np.cumsum(lengths)))
     sc = obs_f.obs[0].scale
-    icl_tok = [M.softmax(obs_i.obs[j].s_demo) for j in range(nk)]
-    ft_qq = [M.softmax(M.ft_query_logits(obs_f.obs[j].q, Q, sc, scale == "paper")) for j in range(nk)]
-    ft_qq_unscaled = [M.softmax(M.ft_query_logits(obs_f.obs[j].q, Q, sc, False)) for j in range(nk)]
+    icl_tok = [M.softmax(_f64(obs_i.obs[j].s_demo)) for j in range(nk)]
+    q_test = np.stack([_f64(obs_f.obs[j].q) for j in range(nk)])  # (nk, L, H, hd)
+    ft_qq = list(M.softmax(M.ft_query_logits(q_test, Q, sc, scale == "paper")))  # one product per layer
+    ft_qq_unscaled = list(M.softmax(M.ft_query_logits(q_test, Q, sc, False)))
     # the dual-form variant: the attention logits scale · q·k of the test query on the training keys
-    ft_qk = [M.softmax(sc * np.einsum("lhd,lthd->lt", obs_f.obs[j].q, K)) for j in range(nk)]
+    ft_qk = list(M.softmax(sc * M.query_logits(q_test, K)))
     per_demo = lambda xs: [M.sum_per_span(x, spans) for x in xs]  # noqa: E731
     rng_tok, rng_ex = np.random.default_rng(seed), np.random.default_rng(seed)
     return {
