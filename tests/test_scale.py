@@ -138,3 +138,34 @@ def test_kendall_logits_by_one_product_per_layer_equal_the_per_example_einsum():
         np.testing.assert_allclose(got, want, rtol=1e-12)
     # and by hand: layer 1, example 2, training token 3 = Σ_h Σ_d q_test·q_train
     assert M.query_logits(q_test, q_train)[2, 1, 3] == pytest.approx(float((q_test[2, 1] * q_train[1, 3]).sum()))
+
+
+def test_batch_size_auto_and_halving_on_gpu_out_of_memory(tiny, data_dir, monkeypatch):
+    import numpy as np
+    import torch
+
+    from iclgd.core.errors import IclgdError
+    from iclgd.core.tasks import TASKS, load_task, sample_demos
+    from iclgd.engine import scoring
+
+    lm = tiny("tiny-random-llama")
+    assert scoring.resolve_batch_size(lm, "auto") == scoring.AUTO_CPU_BATCH and scoring.resolve_batch_size(lm, 3) == 3
+    with pytest.raises(IclgdError, match="--batch-size 0"):
+        scoring.resolve_batch_size(lm, 0)
+    data = load_task(TASKS["sst2"], data_dir, n_test=7)
+    p = scoring.build_prompts(lm, TASKS["sst2"], sample_demos(data.demo_pool, 2, 1), data.eval_rows)
+    want = scoring.score_options(lm, p, batch_size=2)
+    real, sizes = scoring._score_batch, []
+
+    def small_gpu(lm, prompts, batch, *args):  # as a GPU that holds at most 2 examples per batch
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(lm, prompts, batch, *args)
+
+    monkeypatch.setattr(scoring, "_score_batch", small_gpu)
+    with pytest.warns(UserWarning, match="batch size now 4"):
+        got = scoring.score_options(lm, p, batch_size=8)
+    assert sizes[:3] == [7, 4, 2] and set(sizes[3:]) <= {2, 1}  # halved until it fits, then kept
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert not np.isnan(got).any()  # no example skipped by a failed batch

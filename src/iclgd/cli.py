@@ -64,6 +64,9 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+BATCH_HELP = ("prompts scored per forward pass: a positive integer, or 'auto' (on a GPU the largest that fits, from 64 "
+              "down; 8 on CPU)")
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
@@ -138,7 +141,7 @@ def eval_cmd(
     balanced: bool = typer.Option(False, help="class-balanced demonstrations (round robin over labels)"),
     separator: str = typer.Option("\n", help="text after each demonstration"),
     max_len: int = typer.Option(2048, help="context limit in tokens (the paper's 2048)"),
-    batch_size: int = typer.Option(8, help="prompts scored per forward pass (>= 1)"),
+    batch_size: str = typer.Option("auto", help=BATCH_HELP),
     data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
     dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
@@ -152,11 +155,12 @@ def eval_cmd(
     from iclgd.experiments.eval import SUMMARY, EvalJob, run, summary_rows, write
 
     check.at_least("--k", k, 0), check.seed("--seed", seed), check.at_least("--n-test", n_test, 1)
-    check.at_least("--max-len", max_len, 1), check.at_least("--batch-size", batch_size, 1)
+    check.at_least("--max-len", max_len, 1), check.batch_size(batch_size)
     check.dtype(dtype), check.device(device), check.out_dir(out), check.text("--separator", separator)
     job = EvalJob(model=model, task=task, task_spec=task_spec, n_test=n_test, data_dir=data_dir, dtype=dtype,
                   device=device, bos=bos, eval=EvalConfig(k=k, seed=seed, balanced=balanced, separator=separator,
-                                                 max_len=max_len, batch_size=batch_size))
+                                                 max_len=max_len,
+                                                 batch_size=check.batch_size(batch_size)))
     if out is not None:
         refuse_existing([out / "results.json"], overwrite)
     with lock(out) if out is not None else _nothing():
@@ -193,7 +197,7 @@ def compare_cmd(
     balanced: bool = typer.Option(False, help="class-balanced demonstrations (round robin over labels)"),
     separator: str = typer.Option("\n", help="text after each demonstration"),
     max_len: int = typer.Option(2048, help="context limit in tokens"),
-    batch_size: int = typer.Option(8, help="prompts scored per forward pass (>= 1)"),
+    batch_size: str = typer.Option("auto", help=BATCH_HELP),
     data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
     dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
@@ -212,13 +216,13 @@ def compare_cmd(
     seed_list = int_list(seeds, "--seeds")
     check.seed_list("--seeds", seed_list), check.at_least("--k", k, 1), check.at_least("--n-test", n_test, 1)
     check.positive_float("--lr", lr), check.at_least("--kendall-n", kendall_n, 1)
-    check.at_least("--max-len", max_len, 1), check.at_least("--batch-size", batch_size, 1)
+    check.at_least("--max-len", max_len, 1), check.batch_size(batch_size)
     check.dtype(dtype), check.device(device), check.out_dir(out), check.text("--separator", separator)
     no_start_token(bos)
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
                         kendall_n=kendall_n, simam_segment=simam_segment, kendall_scale=kendall_scale,
                         updates_n=updates_n, untrained_seed=untrained_seed, balanced=balanced, separator=separator,
-                        max_len=max_len, batch_size=batch_size)
+                        max_len=max_len, batch_size=check.batch_size(batch_size))
     job = CompareJob(model=model, task=task, seeds=seed_list, n_test=n_test, untrained=untrained,
                      task_spec=task_spec, data_dir=data_dir, dtype=dtype, device=device, bos=bos, compare=cfg)
     if out is not None:
@@ -424,7 +428,7 @@ def reproduce_cmd(
     overwrite: bool = typer.Option(False, help="discard the finished units of another configuration in --out"),
     eval_only: bool = typer.Option(False, "--eval-only", help="ZSL/ICL accuracy units (one ZSL per task, one ICL per "
                                                              "task and seed) instead of compare units; any causal LM"),
-    batch_size: int = typer.Option(8, help="prompts scored per forward pass (>= 1)"),
+    batch_size: str = typer.Option("auto", help=BATCH_HELP),
 ):
     """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
     from iclgd.experiments.sweep import SweepConfig, check_units, parse_shard, reproduce
@@ -433,12 +437,12 @@ def reproduce_cmd(
     seed_list = int_list(seeds, "--seeds")
     check.seed_list("--seeds", seed_list), check.at_least("--n-test", n_test, 1), check.at_least("--k", k, 1)
     check.dtype(dtype), check.device(device), check.device_map(device_map, device), check.out_dir(out)
-    check.at_least("--batch-size", batch_size, 1)
+    check.batch_size(batch_size)
     no_start_token(bos)
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
                       dtype=dtype, device=device, device_map=device_map, bos=bos, eval_only=eval_only,
-                      batch_size=batch_size)
+                      batch_size=check.batch_size(batch_size))
     if preset is not None:
         cfg.apply_preset(preset)
     i, n = parse_shard(shard)

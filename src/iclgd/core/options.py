@@ -24,6 +24,18 @@ def at_least(option: str, value: int | None, low: int) -> None:
         raise IclgdError(f"{option} {value}: expected {want}")
 
 
+def batch_size(value: str) -> int | str:
+    """``--batch-size``: 'auto' or a positive integer; returns the int, or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise IclgdError(f"--batch-size {value!r}: expected 'auto' or a positive integer") from None
+    at_least("--batch-size", n, 1)
+    return n
+
+
 def positive_float(option: str, value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value > 0):
         raise IclgdError(f"{option} {value}: expected a finite positive number")

@@ -9,6 +9,7 @@ the prefix ``[BOS]``.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -121,15 +122,10 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     With an ``observer`` (:class:`iclgd.engine.capture.Observer`), the same forward passes also record, per
     example, what the ICL-vs-FT metrics need at the prediction position.
     """
-    if batch_size < 1:  # a batch size <= 0 would score nothing and leave NaN log-probabilities
-        from iclgd.core.errors import IclgdError
-
-        raise IclgdError(f"--batch-size {batch_size}: expected a positive integer")
+    batch_size = resolve_batch_size(lm, batch_size)
     if observer is not None and not (reuse_prefix and prompts.prefix_ids):
         raise ValueError("captures are taken on the prefix-reuse path only (a prompt with a start token)")
     reuse_prefix = reuse_prefix and bool(prompts.prefix_ids)  # --bos none and no demonstrations: nothing to reuse
-    model = lm.model
-    dev, head_dev = lm.input_device, lm.head_device
     pad = next(t for t in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id, 0) if t is not None)
     examples = list(range(len(prompts.query_ids))) if example_ids is None else list(example_ids)
     C = len(prompts.option_ids)
@@ -147,50 +143,80 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             observer.set_prefix(rec, P)
     else:
         prefix_kv = encode_prefix(lm, prompts.prefix_ids) if reuse_prefix else None
-    base, head = model.base_model, model.get_output_embeddings()
+    head = lm.model.get_output_embeddings()
     # the unembedding and log-softmax in fp32/fp64 whatever the model dtype: in bf16, close options tie or flip
     w32 = head.weight.float()
     b32 = head.bias.float() if getattr(head, "bias", None) is not None else None
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress,
                leave=False)
     with torch.no_grad():
-        for b in range(0, len(order), batch_size):
+        b = 0
+        while b < len(order):
             batch = order[b: b + batch_size]
-            rows, meta = [], []  # meta: (example, [(option, first position predicting it, its tokens)])
-            for i in batch:
-                q = prompts.query_ids[i]
-                off = 0 if reuse_prefix else P
-                if single:
-                    rows.append(q if reuse_prefix else prompts.prefix_ids + q)
-                    meta.append((i, [(c, off + len(q) - 1, o) for c, o in enumerate(prompts.option_ids)]))
-                else:
-                    for c, o in enumerate(prompts.option_ids):
-                        rows.append((q + o) if reuse_prefix else prompts.prefix_ids + q + o)
-                        meta.append((i, [(c, off + len(q) - 1, o)]))
-            ids, mask = _pad_right(rows, pad)
-            ids, mask = ids.to(dev), mask.to(dev)
-            if reuse_prefix:
-                full_mask = torch.cat([torch.ones(len(rows), P, dtype=torch.long, device=dev), mask], dim=1)
-                with Recorder(lm, detach=True) if observer is not None else nullcontext() as rec:
-                    hidden = base(input_ids=ids, attention_mask=full_mask, cache=_cache_for(prefix_kv, len(rows)),
-                                  use_cache=True).last_hidden_state
-                    if observer is not None:
-                        _observe(observer, rec, prompts, meta, P)
-            else:
-                hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            # the unembedding only where a label token is predicted (hidden at t predicts token t+1)
-            where, means = [], []
-            for r, (i, opts) in enumerate(meta):
-                for c, start, o in opts:
-                    logits = F.linear(hidden[r, start: start + len(o)].to(head_dev).float(), w32, b32)
-                    lp = torch.log_softmax(logits.double(), dim=-1)
-                    where.append((i, c))
-                    means.append(lp.gather(-1, torch.tensor(o, device=head_dev)[:, None]).mean())
-            for (i, c), v in zip(where, torch.stack(means).cpu().tolist()):  # one device-to-host copy per batch
-                out[i, c] = v
+            try:
+                _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, pad, w32, b32, out)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()  # a batch too large for the GPU: retry it halved (same results up to rounding)
+                batch_size = max(1, batch_size // 2)
+                warnings.warn(f"batch out of GPU memory: batch size now {batch_size}")
+                continue
+            b += len(batch)
             bar.update(len(batch))
     bar.close()
     return out
+
+
+def resolve_batch_size(lm: LoadedModel, batch_size: int | str) -> int:
+    """``--batch-size``: an int as given; 'auto' the largest that fits: from AUTO_GPU_BATCH down (halved on a GPU
+    out-of-memory error, in :func:`score_options`), AUTO_CPU_BATCH on CPU (larger batches are no faster there)."""
+    if batch_size == "auto":
+        return AUTO_GPU_BATCH if lm.input_device.type == "cuda" else AUTO_CPU_BATCH
+    if not isinstance(batch_size, int) or batch_size < 1:  # <= 0 would score nothing and leave NaN log-probs
+        raise IclgdError(f"--batch-size {batch_size}: expected 'auto' or a positive integer")
+    return batch_size
+
+
+AUTO_GPU_BATCH, AUTO_CPU_BATCH = 64, 8
+
+
+def _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, pad, w32, b32, out) -> None:
+    """Score one batch of examples into ``out`` (and hand its captures to the observer)."""
+    base, dev, head_dev = lm.model.base_model, lm.input_device, w32.device
+    P = len(prompts.prefix_ids)
+    rows, meta = [], []  # meta: (example, [(option, first position predicting it, its tokens)])
+    for i in batch:
+        q = prompts.query_ids[i]
+        off = 0 if reuse_prefix else P
+        if single:
+            rows.append(q if reuse_prefix else prompts.prefix_ids + q)
+            meta.append((i, [(c, off + len(q) - 1, o) for c, o in enumerate(prompts.option_ids)]))
+        else:
+            for c, o in enumerate(prompts.option_ids):
+                rows.append((q + o) if reuse_prefix else prompts.prefix_ids + q + o)
+                meta.append((i, [(c, off + len(q) - 1, o)]))
+    ids, mask = _pad_right(rows, pad)
+    ids, mask = ids.to(dev), mask.to(dev)
+    if reuse_prefix:
+        full_mask = torch.cat([torch.ones(len(rows), P, dtype=torch.long, device=dev), mask], dim=1)
+        with Recorder(lm, detach=True) if observer is not None else nullcontext() as rec:
+            hidden = base(input_ids=ids, attention_mask=full_mask, cache=_cache_for(prefix_kv, len(rows)),
+                          use_cache=True).last_hidden_state
+            if observer is not None:
+                _observe(observer, rec, prompts, meta, P)
+    else:
+        hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    # the unembedding only where a label token is predicted (hidden at t predicts token t+1)
+    where, means = [], []
+    for r, (i, opts) in enumerate(meta):
+        for c, start, o in opts:
+            logits = F.linear(hidden[r, start: start + len(o)].to(head_dev).float(), w32, b32)
+            lp = torch.log_softmax(logits.double(), dim=-1)
+            where.append((i, c))
+            means.append(lp.gather(-1, torch.tensor(o, device=head_dev)[:, None]).mean())
+    for (i, c), v in zip(where, torch.stack(means).cpu().tolist()):  # one device-to-host copy per batch
+        out[i, c] = v
 
 
 def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
@@ -216,7 +242,7 @@ class EvalConfig:
     balanced: bool = False
     separator: str = DEFAULT_SEPARATOR
     max_len: int = 2048  # the paper's context limit (fairseq dense models)
-    batch_size: int = 8
+    batch_size: int | str = "auto"  # or a positive integer (see resolve_batch_size)
 
 
 def score_split(lm: LoadedModel, data: TaskData, cfg: EvalConfig, icl: bool, progress: bool = True) -> dict:

@@ -23,7 +23,7 @@ from iclgd.core.tasks import TaskData, load_tasks, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.capture import Observer
 from iclgd.engine.finetune import FTRecord, Snapshot, finetune, reinit_untrained
-from iclgd.engine.scoring import Prompts, build_prompts, score_options
+from iclgd.engine.scoring import Prompts, build_prompts, resolve_batch_size, score_options
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
 # rates (GiilDe/ft-vs-icl configs for the 1.3B model, probably Dai et al. App. B) in their JSON files; they
@@ -50,7 +50,7 @@ class CompareConfig:
     balanced: bool = False
     separator: str = "\n"
     max_len: int = 2048
-    batch_size: int = 8
+    batch_size: int | str = "auto"  # prompts per forward pass (engine.scoring.resolve_batch_size)
 
     def __post_init__(self):
         if self.position not in ("last", "label-token"):
@@ -374,6 +374,7 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
                        "device": job.device, "start_token": lm.start, "task": data.spec.to_dict(), "seeds": job.seeds, "n_test": job.n_test,
                        "data_dir": str(ddir) if ddir else "hf-hub", **config_dict(job.compare),
                        "untrained_control": job.untrained,
+                       "batch_size_applied": resolve_batch_size(lm, job.compare.batch_size),
                        "untrained_recipe": (UNTRAINED_RECIPE + "; init seed " + (
                            "= the run seed" if job.compare.untrained_seed is None
                            else f"{job.compare.untrained_seed} for every run seed")) if job.untrained else None},

@@ -9,7 +9,7 @@ from pathlib import Path
 from iclgd.core.io import atomic_write_json, library_versions
 from iclgd.core.models import load_model
 from iclgd.core.tasks import load_tasks
-from iclgd.engine.scoring import EvalConfig, evaluate
+from iclgd.engine.scoring import EvalConfig, evaluate, resolve_batch_size
 
 SUMMARY = ("task", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts", "icl_pred_counts")
 
@@ -44,7 +44,7 @@ def run(job: EvalJob, progress: bool = True) -> dict:
         "config": {"model": job.model, "model_source": lm.source, "model_type": lm.model_type, "dtype": job.dtype,
                    "device": job.device, "start_token": lm.start, "n_test": job.n_test, "data_dir": str(ddir) if ddir else "hf-hub",
                    "tasks": [d.spec.to_dict() for d in datas], "prediction": "argmax of mean label-token log-prob",
-                   **asdict(job.eval)},
+                   **asdict(job.eval), "batch_size_applied": resolve_batch_size(lm, job.eval.batch_size)},
         "versions": library_versions(),
         "data_sha256": files,
         "deviations": deviations,

@@ -54,7 +54,7 @@ class SweepConfig:
     world_momentum: bool = True
     world_along: bool = True
     eval_only: bool = False  # ZSL/ICL accuracy units instead of compare units (no captures, no finetuning)
-    batch_size: int = 8  # prompts scored per forward pass
+    batch_size: int | str = "auto"  # prompts scored per forward pass (engine.scoring.resolve_batch_size)
 
     def apply_preset(self, name: str) -> None:
         """Overwrite the fields a preset sets (see :data:`PRESETS`)."""
@@ -152,6 +152,12 @@ class _Models:
 
     def __init__(self, cfg: SweepConfig, out: Path):
         self.cfg, self.out, self.cache = cfg, out, {}
+
+    def batch_size(self) -> int | None:
+        """The batch size the scoring units use (--batch-size auto resolved on the loaded model)."""
+        from iclgd.engine.scoring import resolve_batch_size
+
+        return resolve_batch_size(self.cache["trained"], self.cfg.batch_size) if "trained" in self.cache else None
 
     def get(self, variant: str):
         if variant not in self.cache:
@@ -358,7 +364,7 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
                                                   **res})
             atomic_write_json(d / "timing.json", {"wall_s": round(time.time() - t0, 2), "phases_s": timing,
                                                   "finished_unix": round(time.time()), "process": f"{i}/{n}",
-                                                  "hardware": hardware()})  # beside the result, which it never changes
+                                                  "batch_size": models.batch_size(), "hardware": hardware()})  # beside the result, which it never changes
         done += 1
     unfinished = [u.id for u in units if not _finished(out / "units" / u.id, u)]
     return {"units": len(units), "ran": done, "skipped": skipped, "elsewhere": elsewhere, "unfinished": unfinished,
