@@ -169,3 +169,20 @@ def test_batch_size_auto_and_halving_on_gpu_out_of_memory(tiny, data_dir, monkey
     assert sizes[:3] == [7, 4, 2] and set(sizes[3:]) <= {2, 1}  # halved until it fits, then kept
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert not np.isnan(got).any()  # no example skipped by a failed batch
+
+
+def test_zsl_pass_reused_across_seeds_gives_the_same_results(tiny, data_dir):
+    from iclgd.core.tasks import TASKS, load_task
+    from iclgd.experiments.compare import CompareConfig, ZslCache, compare_seed
+
+    lm = tiny("tiny-random-llama")
+    data = load_task(TASKS["sst2"], data_dir, n_test=5)
+    cfg = CompareConfig(k=2)
+    cache = ZslCache()
+    r1, _, ph1 = compare_seed(lm, data, cfg, 1, False, cache)
+    r2, rec2, ph2 = compare_seed(lm, data, cfg, 2, False, cache)
+    fresh, rec_fresh, ph_fresh = compare_seed(lm, data, cfg, 2, False)
+    assert (ph1["zsl_reused"], ph2["zsl_reused"], ph_fresh["zsl_reused"]) == (False, True, False)
+    assert json.dumps(r2, sort_keys=True) == json.dumps(fresh, sort_keys=True) and rec2 == rec_fresh
+    other = load_task(TASKS["sst2"], data_dir, n_test=4)  # another test set is never served from the cache
+    assert compare_seed(lm, other, cfg, 1, False, cache)[2]["zsl_reused"] is False

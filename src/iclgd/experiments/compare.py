@@ -154,9 +154,28 @@ def _observed(lm: LoadedModel, prompts: Prompts, cfg: CompareConfig, demo_positi
     return score_options(lm, prompts, cfg.batch_size, progress=progress, observer=obs), obs
 
 
-def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, progress: bool = True
-                 ) -> tuple[dict, list[dict], dict]:
-    """One (model, task, seed): returns (result, per-example records, phase timings in seconds)."""
+class ZslCache:
+    """The ZSL pass (log-probs and captures) of one model on one test set, computed once and shared by every seed:
+    ZSL depends on the test set only. Only for a model whose weights stay the same between seeds (the untrained
+    control is re-initialised per seed and gets none). Holds one test set at a time."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, key, compute) -> tuple[tuple, bool]:
+        """(the value for ``key``, whether it was reused)."""
+        if key == self.key:
+            return self.value, True
+        self.key, self.value = None, None  # free the previous test set's captures first
+        self.value = compute()
+        self.key = key
+        return self.value, False
+
+
+def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, progress: bool = True,
+                 zsl_cache: ZslCache | None = None) -> tuple[dict, list[dict], dict]:
+    """One (model, task, seed): returns (result, per-example records, phase timings in seconds). With a
+    ``zsl_cache`` the ZSL pass of an earlier seed on the same test set is reused (``phases["zsl_reused"]``)."""
     spec = data.spec
     demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
     icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
@@ -165,7 +184,9 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     demo_ids = [icl.prefix_ids[a:b] for a, b in icl.demo_spans]
     name, lap = f"{spec.name} s{seed}", _Laps()
     n_upd, nk = min(cfg.updates_n, len(data.eval_rows)), min(cfg.kendall_n, len(data.eval_rows))
-    lp_z, obs_z = _observed(lm, zsl, cfg, [], progress and f"{name} ZSL")
+    zsl_pass = lambda: _observed(lm, zsl, cfg, [], progress and f"{name} ZSL")  # noqa: E731
+    key = (spec.name, tuple(zsl.prefix_ids), tuple(map(tuple, zsl.query_ids)), cfg.position, cfg.batch_size)
+    (lp_z, obs_z), reused = zsl_cache.get(key, zsl_pass) if zsl_cache is not None else (zsl_pass(), False)
     lap("zsl")
     lp_i, obs_i = _observed(lm, icl, cfg, demo_positions, progress and f"{name} ICL", keep_q=n_upd, keep_demo=nk)
     lap("icl")
@@ -209,7 +230,7 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
                 **{f"{s}_pred": int(lp[j].argmax()) for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
                 **{f"{s}_logprobs": [round(float(x), 6) for x in lp[j]] for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))}}
                for j in range(len(labels))]
-    return result, records, lap.phases
+    return result, records, {**lap.phases, "zsl_reused": reused}
 
 
 SETTINGS = ("zsl", "icl", "ft")
@@ -351,6 +372,7 @@ def run(job: CompareJob, progress: bool = True) -> Iterator[TaskResult]:
 
 def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterator[TaskResult]:
     lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
+    zsl_cache = ZslCache()  # the trained model's ZSL pass, once per task for all seeds
     control_lm = None
     if job.untrained:
         control_lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
@@ -358,7 +380,7 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
         t0 = time.time()
         results, records, phases = [], [], []
         for s in job.seeds:
-            r, rec, ph = compare_seed(lm, data, job.compare, s, progress)
+            r, rec, ph = compare_seed(lm, data, job.compare, s, progress, zsl_cache)
             results.append(r), records.extend(rec), phases.append(ph)
         control = None
         if control_lm is not None:

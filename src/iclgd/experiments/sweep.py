@@ -151,7 +151,9 @@ class _Models:
     """Loads each model variant once per process, lazily."""
 
     def __init__(self, cfg: SweepConfig, out: Path):
-        self.cfg, self.out, self.cache = cfg, out, {}
+        from iclgd.experiments.compare import ZslCache
+
+        self.cfg, self.out, self.cache, self.zsl = cfg, out, {}, ZslCache()
 
     def batch_size(self) -> int | None:
         """The batch size the scoring units use (--batch-size auto resolved on the loaded model)."""
@@ -193,7 +195,8 @@ def _compare_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
     cfg = CompareConfig(k=p["k"], batch_size=models.cfg.batch_size)
     if p["untrained"]:  # the control's init follows the run seed, so its CI includes init variance
         reinit_untrained(lm, seed=p["seed"])
-    result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress)
+    # the trained model's ZSL pass is shared by the seeds this process runs (the control changes every seed)
+    result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress, None if p["untrained"] else models.zsl)
     if p["untrained"]:
         result["untrained_init_seed"] = p["seed"]
     return {"result": result, "data_sha256": data.files,
