@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from iclgd.core.io import hardware, library_versions
-from iclgd.core.models import placement
+from iclgd.core.models import hardware, placement, run_versions
 
 
 def test_each_launched_process_takes_its_own_gpu(monkeypatch):
@@ -27,7 +26,7 @@ def test_results_record_the_hardware_and_determinism_flags():
     hw = hardware()
     assert hw["cpu_threads"] == torch.get_num_threads() and hw["cuda_available"] == torch.cuda.is_available()
     assert hw["deterministic_algorithms"] == torch.are_deterministic_algorithms_enabled()
-    assert library_versions()["hardware"] == json.loads(json.dumps(hw))
+    assert run_versions()["hardware"] == json.loads(json.dumps(hw))
 
 
 # ----------------------------------------------------------------------------- batched captures

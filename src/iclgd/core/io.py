@@ -89,42 +89,15 @@ def sha256_file(path: str | Path) -> str:
 
 
 def library_versions() -> dict:
-    """Library versions, and where torch is loaded the hardware and the determinism flags in force."""
+    """Library versions (torch-free: the report reads this module; runs add the hardware,
+    :func:`iclgd.core.models.run_versions`)."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in ["iclgd", "torch", "transformers", "tokenizers", "numpy", "scipy", "gguf", "accelerate"]:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
-    if "torch" in sys.modules:  # a report never imports torch
-        out["hardware"] = hardware()
     return out
-
-
-def hardware() -> dict:
-    """CPU threads, GPUs with the driver, CUDA and cuDNN versions, and the flags that decide determinism."""
-    import torch
-
-    hw = {"cpu_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
-          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
-    if torch.cuda.is_available():
-        hw.update({"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                   "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                   "driver": _nvidia_driver(), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-                   "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                   "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")})
-    return hw
-
-
-def _nvidia_driver() -> str:
-    import subprocess
-
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=20)
-        return r.stdout.split()[0] if r.returncode == 0 and r.stdout.split() else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def read_result(path: Path) -> dict | None:

@@ -920,3 +920,34 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
                              "(import it first)")
         RESTORE_MOMENTUM(lm, folder)  # else it would silently run as vanilla
     return lm
+
+
+def run_versions() -> dict:
+    """What every results file records of its run: library versions, and the hardware with its determinism flags."""
+    from iclgd.core.io import library_versions
+
+    return {**library_versions(), "hardware": hardware()}
+
+
+def hardware() -> dict:
+    """CPU threads, GPUs with the driver, CUDA and cuDNN versions, and the flags that decide determinism."""
+    hw = {"cpu_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
+          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+    if torch.cuda.is_available():
+        hw.update({"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                   "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                   "driver": _nvidia_driver(), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                   "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                   "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")})
+    return hw
+
+
+def _nvidia_driver() -> str:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=20)
+        return r.stdout.split()[0] if r.returncode == 0 and r.stdout.split() else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

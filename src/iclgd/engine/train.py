@@ -347,7 +347,8 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     """
     from tqdm.auto import tqdm
 
-    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
+    from iclgd.core.io import atomic_write_json, ensure_dir
+    from iclgd.core.models import run_versions
 
     cfg.check()
     check_run_folder(cfg, out, data_dir)  # never resume (or describe) a run of another configuration
@@ -392,7 +393,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     _write_log(log_path, rows)
     summary = {"kind": "iclgd.pretrain", "config": asdict(cfg), "final_train_loss": loss,
                "n_params": sum(p.numel() for p in model.parameters()), "train_tokens": len(train_ids),
-               "val_tokens": len(val_ids), "data_sha256": corpus.files, "versions": library_versions()}
+               "val_tokens": len(val_ids), "data_sha256": corpus.files, "versions": run_versions()}
     atomic_write_json(out / "final.json", summary)
     return summary
 

@@ -409,7 +409,8 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     """
     from tqdm.auto import tqdm
 
-    from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
+    from iclgd.core.io import atomic_write_json, ensure_dir
+    from iclgd.core.models import run_versions
     from iclgd.engine.train import descend, load_checkpoint, optimizer, save_checkpoint
 
     cfg.check()
@@ -467,7 +468,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     last = rows[-1]
     summary = {"kind": "iclgd.world.train", "config": cfg_doc, "final": {k: float(last[k]) for k in LOG_FIELDS[1:]
                                                                           if last[k] not in ("", None)},
-               "n_params": sum(p.numel() for p in model.parameters()), "versions": library_versions(),
+               "n_params": sum(p.numel() for p in model.parameters()), "versions": run_versions(),
                "threads": cfg.threads, "steps_per_s": round(cfg.steps / max(1e-9, float(last["wall_s"])), 2)}
     atomic_write_json(out / "final.json", summary)
     return summary

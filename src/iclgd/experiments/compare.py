@@ -17,8 +17,8 @@ import numpy as np
 
 from iclgd.core import metrics as M
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, atomic_write_jsonl, library_versions
-from iclgd.core.models import LoadedModel, load_model, repeat_kv
+from iclgd.core.io import atomic_write_json, atomic_write_jsonl
+from iclgd.core.models import LoadedModel, load_model, repeat_kv, run_versions
 from iclgd.core.tasks import TaskData, load_tasks, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.capture import Observer
@@ -400,7 +400,7 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
                        "untrained_recipe": (UNTRAINED_RECIPE + "; init seed " + (
                            "= the run seed" if job.compare.untrained_seed is None
                            else f"{job.compare.untrained_seed} for every run seed")) if job.untrained else None},
-            "versions": library_versions(),
+            "versions": run_versions(),
             "data_sha256": data.files,
             "deviations": lm.start_deviations() + data.deviations + compare_deviations(job.compare),
             "seeds": results,

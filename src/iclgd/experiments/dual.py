@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, ensure_dir, library_versions
-from iclgd.core.models import LoadedModel, load_model
+from iclgd.core.io import atomic_write_json, ensure_dir
+from iclgd.core.models import LoadedModel, load_model, run_versions
 from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.scoring import build_prompts
@@ -91,7 +91,7 @@ def verify(cfg: VerifyConfig) -> dict:
     return {"kind": "iclgd.dual.verify",
             "config": {"model": cfg.model, "model_source": lm.source, "dtype": cfg.dtype, "layers": chosen,
                        **v["meta"], **({"sliding_windows": windows} if windows else {})},
-            "data_sha256": v["data_sha256"], "versions": library_versions(),
+            "data_sha256": v["data_sha256"], "versions": run_versions(),
             "summary": {**v["summary"], "tolerance": tol, "within_tolerance": ok},
             "per_layer": v["per_layer"], "rows": v["rows"], "timing": {"wall_s": round(time.time() - t0, 2)}}
 
@@ -138,7 +138,7 @@ def compare_updates(before: str, after: str, task: str = "sst2", k: int = 8, see
     ids, span, meta = icl_prompt(lm_b, task, k, seed, data_dir)
     rows = dual.compare_updates(lm_b, lm_a, ids, span)
     return {"kind": "iclgd.dual.compare_updates", "config": {"before": before, "after": after, **meta},
-            "versions": library_versions(), "rows": rows}
+            "versions": run_versions(), "rows": rows}
 
 
 def write_updates(result: dict, out) -> None:

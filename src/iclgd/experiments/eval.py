@@ -6,8 +6,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iclgd.core.io import atomic_write_json, library_versions
-from iclgd.core.models import load_model
+from iclgd.core.io import atomic_write_json
+from iclgd.core.models import load_model, run_versions
 from iclgd.core.tasks import load_tasks
 from iclgd.engine.scoring import EvalConfig, evaluate, resolve_batch_size
 
@@ -45,7 +45,7 @@ def run(job: EvalJob, progress: bool = True) -> dict:
                    "device": job.device, "start_token": lm.start, "n_test": job.n_test, "data_dir": str(ddir) if ddir else "hf-hub",
                    "tasks": [d.spec.to_dict() for d in datas], "prediction": "argmax of mean label-token log-prob",
                    **asdict(job.eval), "batch_size_applied": resolve_batch_size(lm, job.eval.batch_size)},
-        "versions": library_versions(),
+        "versions": run_versions(),
         "data_sha256": files,
         "deviations": deviations,
         "results": results,

@@ -43,7 +43,8 @@ class MomentumConfig:
 
 def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
     """Train vanilla and momentum for each seed (resumable runs under out/<variant>-s<seed>), then compare."""
-    from iclgd.core.io import ensure_dir, library_versions
+    from iclgd.core.io import ensure_dir
+    from iclgd.core.models import run_versions
     from iclgd.engine.momentum import check_eta
     from iclgd.engine.train import (
         SIZES,
@@ -105,7 +106,7 @@ def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
     doc = {"kind": "iclgd.momentum.compare",
            "config": {"corpus": corpus, "seeds": seeds, "eta": eta, "learnable_eta": learnable_eta, "size": size,
                       "steps": steps, "lengths": list(lengths), "test_tokens": len(test_ids), **train_kw},
-           "data_sha256": corp.files, "versions": library_versions(),
+           "data_sha256": corp.files, "versions": run_versions(),
            "runs": {f"{v}-s{sd}": r for (v, sd), r in runs.items()}, "summary": summary,
            "note": "perplexity on the corpus' test split, non-overlapping windows of each length; copy_acc: "
                    "in-context copying of a random 32-token segment (chance ~ 1/vocab)"}
@@ -121,7 +122,7 @@ def write(doc: dict, out) -> Path:
 def apply_pretrained(model: str, eta: float, corpus: str = "austen", tasks: str = "sst2", n_test: int = 50, k: int = 8,
                      max_tokens: int = 16384, lengths=(128, 256, 512), data_dir=None, out=None) -> dict:
     """The EMA added to a pretrained model without training: perplexity and ICL accuracy, vanilla vs momentum."""
-    from iclgd.core.io import library_versions
+    from iclgd.core.models import run_versions
     from iclgd.core.models import load_model
     from iclgd.core.tasks import load_tasks
     from iclgd.engine.momentum import check_eta, enable_momentum
@@ -142,7 +143,7 @@ def apply_pretrained(model: str, eta: float, corpus: str = "austen", tasks: str 
                         "icl": {d.spec.name: evaluate(lm, d, EvalConfig(k=k), progress=True)["acc_icl"] for d in datas}}
     doc = {"kind": "iclgd.momentum.apply", "config": {"model": model, "eta": eta, "corpus": corpus, "tasks": names,
                                                        "n_test": n_test, "k": k, "max_tokens": max_tokens},
-           "data_sha256": corp.files, "versions": library_versions(), "results": res}
+           "data_sha256": corp.files, "versions": run_versions(), "results": res}
     if out is not None:
         atomic_write_json(Path(out) / "momentum_apply.json", doc)
     return doc

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, ensure_dir, hardware, library_versions, read_result
+from iclgd.core.io import atomic_write_json, ensure_dir, library_versions, read_result
 
 
 @dataclass(frozen=True)
@@ -367,11 +367,17 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
                                                   **res})
             atomic_write_json(d / "timing.json", {"wall_s": round(time.time() - t0, 2), "phases_s": timing,
                                                   "finished_unix": round(time.time()), "process": f"{i}/{n}",
-                                                  "batch_size": models.batch_size(), "hardware": hardware()})  # beside the result, which it never changes
+                                                  "batch_size": models.batch_size(), "hardware": _hardware()})  # beside the result, which it never changes
         done += 1
     unfinished = [u.id for u in units if not _finished(out / "units" / u.id, u)]
     return {"units": len(units), "ran": done, "skipped": skipped, "elsewhere": elsewhere, "unfinished": unfinished,
             "process": f"{i}/{n}"}
+
+
+def _hardware() -> dict:
+    from iclgd.core.models import hardware
+
+    return hardware()
 
 
 def _finished(d: Path, unit: Unit) -> bool:

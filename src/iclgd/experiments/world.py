@@ -121,7 +121,9 @@ def run_unit(kind: str, p: dict, out: Path, progress: bool) -> dict:
             eta = [torch.sigmoid(lm.attention(l).momentum_theta).tolist() for l in range(lm.n_layers)]
         return {"run_dir": str(d.relative_to(out)), "curve": rows, "final": final["final"],
                 "steps_to": {str(t): first_step(rows, t) for t in THRESHOLDS}, "eta_learned": eta,
-                "config": final["config"], "n_params": final["n_params"], "versions": final["versions"],
+                "config": final["config"], "n_params": final["n_params"],
+                # the hardware stays beside the unit (timing.json): its result must not depend on the machine
+                "versions": {k: v for k, v in final["versions"].items() if k != "hardware"},
                 "_timing": {"train_wall_s": final["final"]["wall_s"], "steps_per_s": final["steps_per_s"]}}
     if kind == "world-compare":
         d = ensure_trained(out, p["size"], "vanilla", p["seed"], progress)
