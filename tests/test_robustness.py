@@ -59,6 +59,9 @@ def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
         ("empty corpus", ["pretrain", "--corpus", str(blank), "--out", str(tmp / "corp2")]),
         ("sweep folder of another configuration", [*sweep[:-2], "--seeds", "2", "--out", str(rep)]),
         ("bad shard", ["reproduce", "--shard", "3/2", "--out", str(tmp / "shard")]),
+        ("hub model not available offline", ["reproduce", "--model", "nobody/no-such-model", "--eval-only",
+                                             "--tasks", "sst2", "--out", str(tmp / "nohub")]),
+        ("bad batch size", ["eval", *tiny, "--batch-size", "many"]),
         ("unknown synthetic attention", ["synthetic", "--attention", "cosine", "--steps", "1"]),
     ] + extra_cases(tmp, data_dir, sweep, rep)
 
@@ -78,6 +81,7 @@ def test_bad_inputs_one_line_exit_2_nothing_half_written(tmp_path, data_dir):
     assert len(rows) >= 60
     # nothing half-written: no temporary files, and no results file from a failed run
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert not (tmp_path / "nohub").exists()  # refused before the sweep folder is written
     for d in ("nan", "eta"):
         assert not list((tmp_path / d).glob("results.json")) if (tmp_path / d).exists() else True
     text = ["# Bad input and the one line each gets", "",

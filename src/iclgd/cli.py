@@ -431,6 +431,7 @@ def reproduce_cmd(
     batch_size: str = typer.Option("auto", help=BATCH_HELP),
 ):
     """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
+    from iclgd.core.models import check_model
     from iclgd.experiments.sweep import SweepConfig, check_units, parse_shard, reproduce
     from iclgd.report import write_report
 
@@ -446,6 +447,8 @@ def reproduce_cmd(
     if preset is not None:
         cfg.apply_preset(preset)
     i, n = parse_shard(shard)
+    if cfg.tasks:  # the model is known and readable before the sweep folder is written
+        check_model(cfg.model, need_layout=not cfg.eval_only)
     with lock(out, f"shard-{i}-of-{n}"):
         r = reproduce(cfg, out, data_dir, shard, progress=progress(), overwrite=overwrite)
     done = (f"{r['ran']} units run by process {r['process']}, {r['skipped']} already finished, {r['elsewhere']} taken "

@@ -840,6 +840,41 @@ def deterministic(device: str) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def model_config(name: str):
+    """(folder or hub id, source, config) of a registry name, local folder or hub id, without loading weights;
+    an unknown name or a config that cannot be read offline is a one-line error. A registry model is converted
+    into the cache here on its first use."""
+    from transformers import AutoConfig
+
+    if name in REGISTRY:
+        folder, source = REGISTRY[name].folder(), REGISTRY[name].source
+    elif Path(name).is_dir():
+        check_model_folder(Path(name))
+        folder, source = Path(name), f"local folder {Path(name).resolve()}"
+    elif "/" in name:
+        folder, source = name, f"hub {name}"
+    else:
+        raise IclgdError(
+            f"--model {name!r}: unknown model (expected one of {', '.join([*REGISTRY, *tiny_configs()])}, "
+            "a local folder, or a hub id owner/name)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
+    return folder, source, config
+
+
+def check_model(name: str, need_layout: bool = True) -> None:
+    """What can be known of ``--model`` before its weights load or any file is written: that it exists, its config
+    reads, and (``need_layout``) its attention layout can be derived from the config."""
+    if name in tiny_configs():
+        return
+    _, _, config = model_config(name)
+    if need_layout:
+        layout_for_config(config)
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
                device_map: str | None = None, bos: str | None = None, need_layout: bool = True) -> LoadedModel:
     """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
@@ -858,24 +893,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         lm.model.to(device=device, dtype=torch_dtype)  # the dtype and device recorded are the ones applied
         lm.set_start(bos)
         return lm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name in REGISTRY:
-        folder, source = REGISTRY[name].folder(), REGISTRY[name].source
-    elif Path(name).is_dir():
-        check_model_folder(Path(name))
-        folder, source = Path(name), f"local folder {Path(name).resolve()}"
-    elif "/" in name:
-        folder, source = name, f"hub {name}"
-    else:
-        raise IclgdError(
-            f"--model {name!r}: unknown model (expected one of {', '.join([*REGISTRY, *tiny_configs()])}, "
-            "a local folder, or a hub id owner/name)"
-        )
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
+    folder, source, config = model_config(name)
     try:
         layout = layout_for_config(config)
     except IclgdError:
