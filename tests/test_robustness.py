@@ -3,6 +3,7 @@
 Running this test regenerates docs/robustness.md, the table of those messages.
 """
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -30,6 +31,11 @@ def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
 
     # BLOOM's fused query_key_value: no attention layout can be derived (Mistral now is)
     T.BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50).save_pretrained(tmp / "bloom")
+    mom = tmp / "mom"  # a momentum compare folder whose results.json is of seeds [1]
+    mom.mkdir()
+    (mom / "results.json").write_text(json.dumps({"config": {"corpus": "tinyshakespeare", "seeds": [1], "eta": 0.9,
+                                                            "learnable_eta": False, "size": "tiny", "steps": 1,
+                                                            "lengths": [128, 256, 512]}}))
     blank = tmp / "blank.txt"
     blank.write_text("\n\n")
     rep = tmp / "rep"
@@ -62,6 +68,8 @@ def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
         ("hub model not available offline", ["reproduce", "--model", "nobody/no-such-model", "--eval-only",
                                              "--tasks", "sst2", "--out", str(tmp / "nohub")]),
         ("bad batch size", ["eval", *tiny, "--batch-size", "many"]),
+        ("momentum results of another configuration", ["momentum", "compare", "--config", "tiny", "--steps", "1",
+                                                       "--seeds", "2", "--out", str(mom)]),
         ("unknown synthetic attention", ["synthetic", "--attention", "cosine", "--steps", "1"]),
     ] + extra_cases(tmp, data_dir, sweep, rep)
 

@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover
 
 from iclgd.core import options as check
 from iclgd.core.errors import IclgdError
-from iclgd.core.runfolder import lock, refuse_existing
+from iclgd.core.runfolder import differing_keys, lock, read_json_object, refuse_existing
 
 
 class OneLineErrors(typer.core.TyperGroup):
@@ -282,6 +282,7 @@ def momentum_compare(
     lengths: str = typer.Option("128,256,512", help="comma list of distinct context lengths for perplexity"),
     data_dir: Path = typer.Option(None, help="data directory holding the corpora"),
     out: Path = typer.Option(..., help="folder of the runs, results.json and val_curves.png"),
+    overwrite: bool = typer.Option(False, help="replace a results.json of another configuration in --out"),
 ):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
     from iclgd.engine.train import TrainConfig
@@ -300,6 +301,14 @@ def momentum_compare(
 
     cfg = MomentumConfig(corpus=corpus, seeds=seed_list, eta=eta, size=config, steps=steps, lengths=length_list,
                          learnable_eta=learnable_eta, data_dir=data_dir)
+    old = read_json_object(out / "results.json", "momentum results file", ("config",))
+    if old is not None and not overwrite:  # checked before any training
+        new = {"corpus": corpus, "seeds": seed_list, "eta": eta, "learnable_eta": learnable_eta, "size": config,
+               "steps": steps, "lengths": list(length_list)}
+        differ = differing_keys({k: old["config"].get(k) for k in new}, new)
+        if differ:
+            raise IclgdError(f"{out / 'results.json'}: from a run of another configuration (differs in "
+                             f"{', '.join(differ)}); use another --out, or --overwrite to replace it")
     with lock(out):
         doc = run(cfg, out, progress=progress())
         path = write(doc, out)
