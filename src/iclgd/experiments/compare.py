@@ -206,14 +206,19 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
         lap("ft")
         lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT", keep_q=nk)
         lap("ft_zsl")
-        W_after = [dual.kv_matrices(lm, ids) for ids in upd_ids]
+
+        def dW_ft():  # ΔW_FT of each ZSL prompt, one at a time: no list of W_ZSL(after) is held
+            for j, ids in enumerate(upd_ids):
+                before, W_before[j] = W_before[j], None
+                yield [after - b for after, b in zip(dual.kv_matrices(lm, ids), before)]
+
+        q_upd = [_f64(obs_i.obs[j].q) for j in range(n_upd)]
+        updates = _updates(dW_icl, dW_ft(), q_upd, seed) if n_upd else None
         lap("updates_after")
     finally:
         snap.restore()
     labels = np.array(icl.labels)
     kendall = _kendall(icl, obs_i, obs_f, ft, nk, seed, cfg.kendall_scale)
-    q_upd = [_f64(obs_i.obs[j].q) for j in range(n_upd)]
-    updates = _updates(dW_icl, W_before, W_after, q_upd, seed) if n_upd else None
     lap("metrics")
     outcomes = _outcomes(labels, (lp_z, lp_i, lp_f), len(spec.label_words))
     # a finetuning that changed no prediction and no hidden state: its similarities are undefined, not 0
@@ -295,19 +300,19 @@ def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: i
     }
 
 
-def _updates(dW_icl, W_before, W_after, q_icl, seed: int) -> dict:
-    """ΔW_ICL (Eq. 7) against ΔW_FT = W_ZSL(after FT) − W_ZSL(before) (Eq. 8) on each test example's ZSL prompt,
-    per layer and head (:func:`iclgd.engine.dual.update_stats`), with the random-update baseline (seeded by the
-    run seed). Cosines: mean over the examples where ΔW_FT ≠ 0; norm ratio: median over examples."""
+def _updates(dW_icl, dW_ft, q_icl, seed: int) -> dict:
+    """ΔW_ICL (Eq. 7) against ΔW_FT = W_ZSL(after FT) − W_ZSL(before) (Eq. 8) on each test example's ZSL prompt
+    (``dW_ft`` yields them per example, per layer), per layer and head (:func:`iclgd.engine.dual.update_stats`),
+    with the random-update baseline (seeded by the run seed). Cosines: mean over the examples where ΔW_FT ≠ 0;
+    norm ratio: median over examples."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    n, L = len(W_before), len(dW_icl)
+    n, L = len(q_icl), len(dW_icl)
     keys = ("cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q", "cos_dW_random", "cos_effect_random")
     acc = {k: [] for k in keys}  # each (n, L, H)
-    for j in range(n):
-        per_l = [dual.update_stats(dW_icl[l], W_after[j][l] - W_before[j][l], torch.from_numpy(q_icl[j][l]), g)
-                 for l in range(L)]
+    for j, dW_j in enumerate(dW_ft):
+        per_l = [dual.update_stats(dW_icl[l], dW_j[l], torch.from_numpy(q_icl[j][l]), g) for l in range(L)]
         for k in keys:
             acc[k].append(np.stack([st[k].numpy() for st in per_l]))
     out = {"n_examples": n, "per_head": {}}
