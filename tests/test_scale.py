@@ -185,3 +185,17 @@ def test_zsl_pass_reused_across_seeds_gives_the_same_results(tiny, data_dir):
     assert json.dumps(r2, sort_keys=True) == json.dumps(fresh, sort_keys=True) and rec2 == rec_fresh
     other = load_task(TASKS["sst2"], data_dir, n_test=4)  # another test set is never served from the cache
     assert compare_seed(lm, other, cfg, 1, False, cache)[2]["zsl_reused"] is False
+
+
+def test_simaou_in_chunks_equals_simaou_on_all_examples(tiny, data_dir, monkeypatch):
+    from iclgd.core.tasks import TASKS, load_task
+    from iclgd.experiments import compare
+
+    lm = tiny("tiny-random-llama")
+    data = load_task(TASKS["sst2"], data_dir, n_test=7)
+    cfg = compare.CompareConfig(k=2)
+    whole = compare.compare_seed(lm, data, cfg, 3, False)[0]
+    monkeypatch.setattr(compare, "SIMAOU_CHUNK", 2)  # 4 chunks, the last one short
+    chunked = compare.compare_seed(lm, data, cfg, 3, False)[0]
+    assert json.dumps(chunked["simaou"], sort_keys=True) == json.dumps(whole["simaou"], sort_keys=True)
+    assert whole["simaou"]["baseline_gaussian"]["overall"] != whole["simaou"]["baseline_uniform"]["overall"]

@@ -80,18 +80,24 @@ def simaou_per_layer(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> 
     return mean_defined(simaou_per_example(h_zsl, h_icl, h_ft), axis=0)[0]
 
 
+def simaou_random_per_example(h_zsl: np.ndarray, h_icl: np.ndarray, rng: np.random.Generator, kind: str
+                              ) -> np.ndarray:
+    """cos(ΔICL, r) per example and layer, (n_examples, n_layers), r drawn from ``rng`` example by example in
+    order: "uniform" r ~ uniform[0, 1)^d (the official baseline), "gaussian" r ~ N(0, I) (a random FT
+    direction). Successive calls on successive chunks of examples draw what one call on all of them draws."""
+    d_icl = _unit(h_icl) - _unit(h_zsl)
+    r = rng.random(d_icl.shape) if kind == "uniform" else rng.standard_normal(d_icl.shape)
+    return cosine(d_icl, r)
+
+
 def simaou_uniform_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0) -> np.ndarray:
     """The official random baseline: cos(ΔICL, u) with u ~ uniform[0, 1)^d, per layer."""
-    rng = np.random.default_rng(seed)
-    d_icl = _unit(h_icl) - _unit(h_zsl)
-    return cosine(d_icl, rng.random(d_icl.shape)).mean(axis=0)
+    return simaou_random_per_example(h_zsl, h_icl, np.random.default_rng(seed), "uniform").mean(axis=0)
 
 
 def simaou_gaussian_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0) -> np.ndarray:
     """A random-direction FT control: cos(ΔICL, ΔFT_rand) with ΔFT_rand ~ N(0, I), per layer (≈ 0)."""
-    rng = np.random.default_rng(seed)
-    d_icl = _unit(h_icl) - _unit(h_zsl)
-    return cosine(d_icl, rng.standard_normal(d_icl.shape)).mean(axis=0)
+    return simaou_random_per_example(h_zsl, h_icl, np.random.default_rng(seed), "gaussian").mean(axis=0)
 
 
 # ----------------------------------------------------------------------------- SimAM
