@@ -64,8 +64,19 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-BATCH_HELP = ("prompts scored per forward pass: a positive integer, or 'auto' (on a GPU the largest that fits, from 64 "
-              "down; 8 on CPU)")
+# options several commands share, declared once (typer reads them; nothing mutates them)
+MODEL_OPT = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id")
+DATA_DIR_OPT = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)")
+DTYPE_OPT = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)")
+DEVICE_OPT = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)")
+BATCH_SIZE_OPT = typer.Option("auto", help="prompts scored per forward pass: a positive integer, or 'auto' (on a GPU "
+                                            "the largest that fits, from 64 down; 8 on CPU)")
+DEMO_SEED_OPT = typer.Option(1, help="seed of the demonstration shuffle")
+ETA_OPT = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1")
+TASK_SPEC_OPT = typer.Option(None, help="JSON spec of a user task (template, label_words, files)")
+SEPARATOR_OPT = typer.Option("\n", help="text after each demonstration")
+BALANCED_OPT = typer.Option(False, help="class-balanced demonstrations (round robin over labels)")
+
 
 @app.callback()
 def _root(
@@ -132,19 +143,19 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
+    model: str = MODEL_OPT,
     task: str = typer.Option("sst2", help="task name, comma list, or 'all'"),
-    task_spec: Path = typer.Option(None, help="JSON spec of a user task (template, label_words, files)"),
+    task_spec: Path = TASK_SPEC_OPT,
     k: int = typer.Option(32, help="demonstrations requested (fewer if the context overflows)"),
-    seed: int = typer.Option(1, help="seed of the demonstration shuffle"),
+    seed: int = DEMO_SEED_OPT,
     n_test: int = typer.Option(None, help="evaluate only the first N test examples (after the seed-1 shuffle)"),
-    balanced: bool = typer.Option(False, help="class-balanced demonstrations (round robin over labels)"),
-    separator: str = typer.Option("\n", help="text after each demonstration"),
+    balanced: bool = BALANCED_OPT,
+    separator: str = SEPARATOR_OPT,
     max_len: int = typer.Option(2048, help="context limit in tokens (the paper's 2048)"),
-    batch_size: str = typer.Option("auto", help=BATCH_HELP),
-    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
-    dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
+    batch_size: str = BATCH_SIZE_OPT,
+    data_dir: Path = DATA_DIR_OPT,
+    dtype: str = DTYPE_OPT,
+    device: str = DEVICE_OPT,
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary, or 'none' "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write results.json here"),
@@ -155,12 +166,12 @@ def eval_cmd(
     from iclgd.experiments.eval import SUMMARY, EvalJob, run, summary_rows, write
 
     check.at_least("--k", k, 0), check.seed("--seed", seed), check.at_least("--n-test", n_test, 1)
-    check.at_least("--max-len", max_len, 1), check.batch_size(batch_size)
-    check.dtype(dtype), check.device(device), check.out_dir(out), check.text("--separator", separator)
+    check.at_least("--max-len", max_len, 1), check.dtype(dtype), check.device(device), check.out_dir(out)
+    check.text("--separator", separator)
+    batch = check.batch_size(batch_size)
     job = EvalJob(model=model, task=task, task_spec=task_spec, n_test=n_test, data_dir=data_dir, dtype=dtype,
                   device=device, bos=bos, eval=EvalConfig(k=k, seed=seed, balanced=balanced, separator=separator,
-                                                 max_len=max_len,
-                                                 batch_size=check.batch_size(batch_size)))
+                                                 max_len=max_len, batch_size=batch))
     if out is not None:
         refuse_existing([out / "results.json"], overwrite)
     with lock(out) if out is not None else _nothing():
@@ -175,9 +186,9 @@ def eval_cmd(
 @app.command("compare")
 @user_errors
 def compare_cmd(
-    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
+    model: str = MODEL_OPT,
     task: str = typer.Option("sst2", help="task name, comma list, or 'all'"),
-    task_spec: Path = typer.Option(None, help="JSON spec of a user task (template, label_words, files)"),
+    task_spec: Path = TASK_SPEC_OPT,
     k: int = typer.Option(32, help="demonstrations (>= 1: finetuning needs at least one)"),
     seeds: str = typer.Option("1", help="comma list of distinct seeds: mean and 95% bootstrap CI over seeds"),
     n_test: int = typer.Option(None, help="evaluate only the first N test examples"),
@@ -194,13 +205,13 @@ def compare_cmd(
                                                             "the context) or input-only (the test input's tokens)"),
     kendall_scale: str = typer.Option("paper", help="FT-side logits: paper (head_dim^-1 · q·q) or none (q·q)"),
     updates_n: int = typer.Option(100, help="test examples on which ΔW_ICL is compared with ΔW_FT (0: skip)"),
-    balanced: bool = typer.Option(False, help="class-balanced demonstrations (round robin over labels)"),
-    separator: str = typer.Option("\n", help="text after each demonstration"),
+    balanced: bool = BALANCED_OPT,
+    separator: str = SEPARATOR_OPT,
     max_len: int = typer.Option(2048, help="context limit in tokens"),
-    batch_size: str = typer.Option("auto", help=BATCH_HELP),
-    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
-    dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
+    batch_size: str = BATCH_SIZE_OPT,
+    data_dir: Path = DATA_DIR_OPT,
+    dtype: str = DTYPE_OPT,
+    device: str = DEVICE_OPT,
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write results.json, records.jsonl and per-layer plots here"),
@@ -216,13 +227,14 @@ def compare_cmd(
     seed_list = int_list(seeds, "--seeds")
     check.seed_list("--seeds", seed_list), check.at_least("--k", k, 1), check.at_least("--n-test", n_test, 1)
     check.positive_float("--lr", lr), check.at_least("--kendall-n", kendall_n, 1)
-    check.at_least("--max-len", max_len, 1), check.batch_size(batch_size)
-    check.dtype(dtype), check.device(device), check.out_dir(out), check.text("--separator", separator)
+    check.at_least("--max-len", max_len, 1), check.dtype(dtype), check.device(device), check.out_dir(out)
+    check.text("--separator", separator)
+    batch = check.batch_size(batch_size)
     no_start_token(bos)
     cfg = CompareConfig(k=k, lr=lr, lr_search=lr_search, ft_params=ft_params, ft_mode=ft_mode, position=position,
                         kendall_n=kendall_n, simam_segment=simam_segment, kendall_scale=kendall_scale,
                         updates_n=updates_n, untrained_seed=untrained_seed, balanced=balanced, separator=separator,
-                        max_len=max_len, batch_size=check.batch_size(batch_size))
+                        max_len=max_len, batch_size=batch)
     job = CompareJob(model=model, task=task, seeds=seed_list, n_test=n_test, untrained=untrained,
                      task_spec=task_spec, data_dir=data_dir, dtype=dtype, device=device, bos=bos, compare=cfg)
     if out is not None:
@@ -244,7 +256,7 @@ def compare_cmd(
 def pretrain_cmd(
     corpus: str = typer.Option("tinyshakespeare", help="tinyshakespeare, austen, kjv, a text file, or hf:DATASET"),
     attention: str = typer.Option("vanilla", help="vanilla or momentum"),
-    eta: float = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1"),
+    eta: float = ETA_OPT,
     learnable_eta: bool = typer.Option(False, help="learn eta per layer (starting from --eta)"),
     config: str = typer.Option("small", help="tiny or small"),
     steps: int = typer.Option(150, help="optimizer steps (>= 1)"),
@@ -275,7 +287,7 @@ app.add_typer(momentum_app, name="momentum")
 def momentum_compare(
     corpus: str = typer.Option("tinyshakespeare", help="tinyshakespeare, austen, kjv, a text file, or hf:DATASET"),
     seeds: str = typer.Option("1,2,3", help="comma list of distinct seeds (one vanilla and one momentum run each)"),
-    eta: float = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1"),
+    eta: float = ETA_OPT,
     learnable_eta: bool = typer.Option(False, help="learn eta per layer (starting from --eta)"),
     config: str = typer.Option("small", help="tiny or small"),
     steps: int = typer.Option(150, help="optimizer steps per run (>= 1)"),
@@ -321,13 +333,13 @@ def momentum_compare(
 @momentum_app.command("apply")
 @user_errors
 def momentum_apply(
-    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
-    eta: float = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1"),
+    model: str = MODEL_OPT,
+    eta: float = ETA_OPT,
     corpus: str = typer.Option("austen", help="corpus of the perplexity: tinyshakespeare, austen, kjv or a file"),
     task: str = typer.Option("all", help="task name, comma list, or 'all'"),
     n_test: int = typer.Option(50, help="test examples per task (>= 1)"),
     k: int = typer.Option(8, help="demonstrations per prompt (>= 0)"),
-    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
+    data_dir: Path = DATA_DIR_OPT,
     out: Path = typer.Option(None, help="write momentum_apply.json here"),
     overwrite: bool = typer.Option(False, help="replace an earlier momentum_apply.json in --out"),
 ):
@@ -415,7 +427,7 @@ def synthetic_cmd(
 @app.command("reproduce")
 @user_errors
 def reproduce_cmd(
-    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
+    model: str = MODEL_OPT,
     tasks: str = typer.Option("all", help="comma list or 'all'"),
     seeds: str = typer.Option("1", help="comma list of distinct seeds (one compare unit per task and seed)"),
     n_test: int = typer.Option(200, help="test examples per task (>= 1)"),
@@ -426,8 +438,8 @@ def reproduce_cmd(
     momentum: bool = typer.Option(False, help="also train vanilla vs momentum LMs (minutes per seed)"),
     preset: str = typer.Option(None, help="'demo': sst2 and cb, 100 test examples, one seed (<= 15 min on 2 cores)"),
     shard: str = typer.Option(None, help="i/n: process i of n sharing the sweep's unit queue (job arrays)"),
-    dtype: str = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)"),
+    dtype: str = DTYPE_OPT,
+    device: str = DEVICE_OPT,
     device_map: str = typer.Option(None, help="'auto': spread a large model over the GPUs (HF Accelerate; "
                                               "needs --device cuda)"),
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
@@ -437,7 +449,7 @@ def reproduce_cmd(
     overwrite: bool = typer.Option(False, help="discard the finished units of another configuration in --out"),
     eval_only: bool = typer.Option(False, "--eval-only", help="ZSL/ICL accuracy units (one ZSL per task, one ICL per "
                                                              "task and seed) instead of compare units; any causal LM"),
-    batch_size: str = typer.Option("auto", help=BATCH_HELP),
+    batch_size: str = BATCH_SIZE_OPT,
 ):
     """The paper's analyses as resumable units (model x task x seed), then report.md from their results."""
     from iclgd.core.models import check_model
@@ -447,12 +459,12 @@ def reproduce_cmd(
     seed_list = int_list(seeds, "--seeds")
     check.seed_list("--seeds", seed_list), check.at_least("--n-test", n_test, 1), check.at_least("--k", k, 1)
     check.dtype(dtype), check.device(device), check.device_map(device_map, device), check.out_dir(out)
-    check.batch_size(batch_size)
+    batch = check.batch_size(batch_size)
     no_start_token(bos)
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
                       n_test=n_test, k=k, untrained=untrained, dual=dual, synthetic=synthetic, momentum=momentum,
                       dtype=dtype, device=device, device_map=device_map, bos=bos, eval_only=eval_only,
-                      batch_size=check.batch_size(batch_size))
+                      batch_size=batch)
     if preset is not None:
         cfg.apply_preset(preset)
     i, n = parse_shard(shard)
@@ -506,14 +518,14 @@ app.add_typer(dual_app, name="dual")
 @dual_app.command("verify")
 @user_errors
 def dual_verify(
-    model: str = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id"),
+    model: str = MODEL_OPT,
     task: str = typer.Option("sst2", help="task name"),
     task_spec: Path = typer.Option(None, help="JSON spec of a user task (e.g. an ICL-world task) instead of --task"),
     k: int = typer.Option(8, help="demonstrations in the prompt (>= 1)"),
-    seed: int = typer.Option(1, help="seed of the demonstration shuffle"),
+    seed: int = DEMO_SEED_OPT,
     layers: str = typer.Option("all", help="'all' or a comma list"),
     dtype: str = typer.Option("float64", help="float64 (tolerance 1e-5) or float32 (1e-3)"),
-    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
+    data_dir: Path = DATA_DIR_OPT,
     json_out: bool = typer.Option(False, "--json", help="print the per-head rows as JSON"),
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
@@ -563,8 +575,8 @@ def dual_compare_updates(
     after: str = typer.Option(..., help="model folder after K/V finetuning, or a state-dict file (.pt/.safetensors)"),
     task: str = typer.Option("sst2", help="task name"),
     k: int = typer.Option(8, help="demonstrations in the prompt (>= 1)"),
-    seed: int = typer.Option(1, help="seed of the demonstration shuffle"),
-    data_dir: Path = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)"),
+    seed: int = DEMO_SEED_OPT,
+    data_dir: Path = DATA_DIR_OPT,
     out: Path = typer.Option(None, help="write the per-layer comparison (dual_updates.json) here"),
     overwrite: bool = typer.Option(False, help="replace an earlier dual_updates.json in --out"),
 ):
