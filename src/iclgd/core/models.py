@@ -820,7 +820,8 @@ def placement(device: str, device_map: str | dict | None) -> tuple[str, str | di
     """This process's device and device map. Under ``accelerate launch`` or torchrun (LOCAL_RANK set, several
     processes on the node) ``--device cuda`` means each process its own GPU ``cuda:LOCAL_RANK``, with
     ``--device-map auto`` too (each rank's model must then fit one GPU); a single process keeps them as given."""
-    rank, local = os.environ.get("LOCAL_RANK"), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    rank = os.environ.get("LOCAL_RANK")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     if device == "cuda" and rank is not None and local > 1:
         device = f"cuda:{rank}"
         if device_map == "auto":
@@ -830,7 +831,7 @@ def placement(device: str, device_map: str | dict | None) -> tuple[str, str | di
 
 def deterministic(device: str) -> None:
     """Deterministic kernels on GPU (cuBLAS workspace, no TF32, no cuDNN autotuning; a nondeterministic op warns).
-    The flags in force are recorded beside every result (:func:`iclgd.core.io.hardware`)."""
+    The flags in force are recorded beside every result (:func:`hardware`)."""
     if not str(device).startswith("cuda"):
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
