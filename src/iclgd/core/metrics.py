@@ -41,6 +41,25 @@ def mean_defined(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.where(n > 0, total / np.maximum(n, 1), np.nan), n
 
 
+class RunningMean:
+    """:func:`mean_defined` over axis 0 of rows fed in chunks (per-example values, (n, ...)): the per-layer sums and
+    counts are all it keeps, so memory does not grow with the examples. On one chunk it gives exactly what
+    :func:`mean_defined` gives; over several, the same up to the order of the float additions."""
+
+    def __init__(self):
+        self.total, self.n = None, None
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=float)
+        ok = ~np.isnan(rows)
+        total, n = np.where(ok, rows, 0.0).sum(axis=0), ok.sum(axis=0)
+        self.total, self.n = (total, n) if self.total is None else (self.total + total, self.n + n)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the mean of the defined values, how many there were), as :func:`mean_defined`."""
+        return np.where(self.n > 0, self.total / np.maximum(self.n, 1), np.nan), self.n
+
+
 # ----------------------------------------------------------------------------- Rec2FTP
 
 
@@ -103,16 +122,20 @@ def simaou_gaussian_baseline(h_zsl: np.ndarray, h_icl: np.ndarray, seed: int = 0
 # ----------------------------------------------------------------------------- SimAM
 
 
-def simam_per_layer(scores_a: list[np.ndarray], scores_b: list[np.ndarray]) -> np.ndarray:
-    """Similarity of attention maps, per layer.
+def simam_per_example(scores_a: list[np.ndarray], scores_b: list[np.ndarray]) -> np.ndarray:
+    """Similarity of attention maps per example and layer, (n_examples, n_layers).
 
     Each list item is one example's raw pre-softmax scores (n_layers, n_heads, T_query) of the
-    prediction position over the test input's own tokens. Cosine per head, mean over heads, then mean
-    over examples -> (n_layers,). (The official code left-pads rows with zeros to the longest; zeros
-    do not change a cosine.) SimAM = simam(ICL, FT); "ZSL SimAM" = simam(ICL, ZSL).
+    prediction position over the test input's own tokens. Cosine per head, mean over heads. (The official
+    code left-pads rows with zeros to the longest; zeros do not change a cosine.)
     """
-    per_ex = [cosine(a, b).mean(axis=-1) for a, b in zip(scores_a, scores_b)]
-    return np.mean(per_ex, axis=0)
+    return np.stack([cosine(a, b).mean(axis=-1) for a, b in zip(scores_a, scores_b)])
+
+
+def simam_per_layer(scores_a: list[np.ndarray], scores_b: list[np.ndarray]) -> np.ndarray:
+    """Similarity of attention maps, per layer: the mean over examples of :func:`simam_per_example`
+    -> (n_layers,). SimAM = simam(ICL, FT); "ZSL SimAM" = simam(ICL, ZSL)."""
+    return np.mean(simam_per_example(scores_a, scores_b), axis=0)
 
 
 def simam_delta_per_example(scores_zsl, scores_icl, scores_ft) -> np.ndarray:

@@ -9,10 +9,15 @@ then every layer's tensors of the batch go to the host in one transfer, in fp32 
 the model dtype; an fp64 model keeps fp64). Only what a metric reads is kept: the attention output and the scores after the context
 for every example; the query only for the first ``keep_q`` examples (the ΔW comparison and Kendall use no
 more), the scores over the demonstration tokens only for the first ``keep_demo`` (Kendall).
+
+The attention outputs and scores, which every example has, go to a :class:`CaptureStore`: an anonymous temporary
+file (in ``$TMPDIR``), so host memory does not grow with the test set; the metrics read them back in chunks.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +59,46 @@ class Observation:
         raise ValueError(f"SimAM segment {segment!r}: expected after-context or input-only")
 
 
+class CaptureStore(MutableMapping):
+    """Example index -> :class:`Observation`, with the large arrays (``h``, ``s_after``: per example
+    L·(d_model + H·T) floats, for every example) in an anonymous temporary file that the OS deletes when it is
+    closed or the process ends, and the small ones (``q``, ``s_demo``: only for the first examples) in memory.
+    Host memory stays flat in the number of examples; disk use is what the list of observations would have used
+    (e.g. 135 KB per example on SmolLM2 SST-2 prompts). Reading an example back gives an equal Observation."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="iclgd-captures-")
+        self._end = 0  # bytes written
+        self._index: dict[int, tuple] = {}  # example -> (offset, dtype, h shape, s_after shape, n_query, q, s_demo, scale)
+
+    def __setitem__(self, i: int, o: Observation) -> None:
+        h, s = np.ascontiguousarray(o.h), np.ascontiguousarray(o.s_after, dtype=o.h.dtype)
+        self._file.seek(self._end)
+        h.tofile(self._file)
+        s.tofile(self._file)
+        self._index[i] = (self._end, h.dtype, h.shape, s.shape, o.n_query, o.q, o.s_demo, o.scale)
+        self._end += h.nbytes + s.nbytes
+
+    def __getitem__(self, i: int) -> Observation:
+        off, dtype, sh, ss, n_query, q, s_demo, scale = self._index[i]
+        self._file.seek(off)
+        nh = int(np.prod(sh))
+        flat = np.fromfile(self._file, dtype=dtype, count=nh + int(np.prod(ss)))
+        return Observation(flat[:nh].reshape(sh), flat[nh:].reshape(ss), n_query, q, s_demo, scale)
+
+    def __delitem__(self, i: int) -> None:  # the bytes stay in the file until it is closed
+        del self._index[i]
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 @dataclass
 class Observer:
     """Collects an :class:`Observation` per example during :func:`iclgd.engine.scoring.score_options`.
@@ -69,7 +114,7 @@ class Observer:
     position: str = "last"
     keep_q: int = ALL
     keep_demo: int = ALL
-    obs: dict[int, Observation] = field(default_factory=dict)
+    obs: MutableMapping[int, Observation] = field(default_factory=CaptureStore)
     _k_prefix: list[torch.Tensor] | None = None
 
     def set_prefix(self, rec: Recorder, P: int) -> None:
@@ -129,6 +174,6 @@ class Observer:
         D = host[3] if ds else None
         jq, jd = {j: n for n, j in enumerate(keep_q)}, {j: n for n, j in enumerate(keep_d)}
         for j, (i, _, p, nq) in enumerate(items):
-            self.obs[i] = Observation(Hh[j].copy(), S[j, :, :, : p + 1].copy(), nq,
+            self.obs[i] = Observation(Hh[j], S[j, :, :, : p + 1], nq,
                                       Q[jq[j]].copy() if j in jq else None,
                                       D[jd[j]].copy() if j in jd else None, float(scale))

@@ -219,17 +219,18 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
         snap.restore()
     labels = np.array(icl.labels)
     kendall = _kendall(icl, obs_i, obs_f, ft, nk, seed, cfg.kendall_scale)
-    lap("metrics")
+    lap("metrics_kendall")
     outcomes = _outcomes(labels, (lp_z, lp_i, lp_f), len(spec.label_words))
+    similarities, moved = _similarities((obs_z, obs_i, obs_f), len(labels), seed, cfg.simam_segment)
+    lap("metrics_similarities")
     # a finetuning that changed no prediction and no hidden state: its similarities are undefined, not 0
-    Hz, Hf = (np.stack([o.obs[j].h for j in range(len(labels))]) for o in (obs_z, obs_f))  # fp32 captures
     ft_changed = {"params": ft_params_changed, "predictions": int((lp_f.argmax(1) != lp_z.argmax(1)).sum()),
-                  "attn_outputs": int(np.any(Hf != Hz, axis=(1, 2)).sum())}
+                  "attn_outputs": moved}
     ft_changed["nothing"] = ft_changed["predictions"] == 0 and ft_changed["attn_outputs"] == 0
     result = {"seed": seed, "n": len(labels), "k_true": icl.k_true, "demo_idx": [d.get("idx") for d in icl.demos],
               "position": cfg.position, "lr": lr, "lr_search": search, "ft_losses": [round(x, 6) for x in ft.losses],
               "ft_master_fp32": ft.master_fp32, "ft_changed": ft_changed, **outcomes,
-              **_similarities((obs_z, obs_i, obs_f), len(labels), seed, cfg.simam_segment), "kendall": kendall,
+              **similarities, "kendall": kendall,
               "updates": updates}
     records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "label": int(labels[j]),
                 **{f"{s}_pred": int(lp[j].argmax()) for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
@@ -256,26 +257,46 @@ def _outcomes(labels: np.ndarray, logprobs: tuple[np.ndarray, ...], C: int) -> d
             "rec2ftp": {"value": r2f, "denominator": den}}
 
 
-SIMAOU_CHUNK = 64  # examples per chunk of the SimAOU computation
+METRICS_CHUNK = 64  # examples whose captures are read back and compared at a time
 
 
-def _similarities(observers: tuple[Observer, ...], N: int, seed: int, segment: str) -> dict:
-    """SimAOU and SimAM per layer, with their baselines and the layers and examples each rests on."""
-    # SimAOU and its baselines per chunk of examples (the same numbers as on all at once): the float64 copies and
-    # temporaries of the (N, L, d_model) attention outputs would otherwise grow with the test set
-    rng_u, rng_g, sim, base_u, base_g = np.random.default_rng(seed), np.random.default_rng(seed), [], [], []
-    for a in range(0, N, SIMAOU_CHUNK):
-        Hz, Hi, Hf = (np.stack([o.obs[j].h for j in range(a, min(a + SIMAOU_CHUNK, N))]).astype(np.float64)
-                      for o in observers)
-        sim.append(M.simaou_per_example(Hz, Hi, Hf))
-        base_u.append(M.simaou_random_per_example(Hz, Hi, rng_u, "uniform"))
-        base_g.append(M.simaou_random_per_example(Hz, Hi, rng_g, "gaussian"))
-    Sz, Si, Sf = ([_f64(o.obs[j].simam_scores(segment)) for j in range(N)] for o in observers)
-    return {"simaou": {**_stats_ex(np.concatenate(sim)),
-                       "baseline_uniform": _stats(np.concatenate(base_u).mean(axis=0)),
-                       "baseline_gaussian": _stats(np.concatenate(base_g).mean(axis=0))},
-            "simam": {"icl_ft": _stats(M.simam_per_layer(Si, Sf)), "icl_zsl": _stats(M.simam_per_layer(Si, Sz)),
-                      "delta": _stats_ex(M.simam_delta_per_example(Sz, Si, Sf)), "segment": segment}}
+def _stats_running(rm: M.RunningMean, per_example: bool = True) -> dict:
+    """:func:`_stats` of a running mean over examples (``per_example``: with the defined examples per layer, as
+    :func:`_stats_ex`)."""
+    mean, n = rm.result()
+    out = _stats(mean)
+    if per_example:
+        out["n_examples_per_layer"] = [int(x) for x in n]
+    return out
+
+
+def _similarities(observers: tuple[Observer, ...], N: int, seed: int, segment: str) -> tuple[dict, int]:
+    """SimAOU and SimAM per layer, with their baselines and the layers and examples each rests on; and how many
+    examples' attention outputs FT changed (on some layer).
+
+    The captures are read back ``METRICS_CHUNK`` examples at a time, in test-set order, and every figure is a
+    running mean (:class:`iclgd.core.metrics.RunningMean`), so memory does not grow with the test set; the random
+    baselines are drawn chunk after chunk, which draws what one draw over all examples would."""
+    rng_u, rng_g = np.random.default_rng(seed), np.random.default_rng(seed)
+    names = ("simaou", "uniform", "gaussian", "icl_ft", "icl_zsl", "delta")
+    acc, moved = {k: M.RunningMean() for k in names}, 0
+    for a in range(0, N, METRICS_CHUNK):
+        oz, oi, of = ([o.obs[j] for j in range(a, min(a + METRICS_CHUNK, N))] for o in observers)
+        Hz, Hi, Hf = (np.stack([x.h for x in c]) for c in (oz, oi, of))  # (n, L, d_model), as captured (fp32)
+        moved += int(np.any(Hf != Hz, axis=(1, 2)).sum())
+        Hz, Hi, Hf = _f64(Hz), _f64(Hi), _f64(Hf)
+        acc["simaou"].add(M.simaou_per_example(Hz, Hi, Hf))
+        acc["uniform"].add(M.simaou_random_per_example(Hz, Hi, rng_u, "uniform"))
+        acc["gaussian"].add(M.simaou_random_per_example(Hz, Hi, rng_g, "gaussian"))
+        Sz, Si, Sf = ([_f64(x.simam_scores(segment)) for x in c] for c in (oz, oi, of))
+        acc["icl_ft"].add(M.simam_per_example(Si, Sf))
+        acc["icl_zsl"].add(M.simam_per_example(Si, Sz))
+        acc["delta"].add(M.simam_delta_per_example(Sz, Si, Sf))
+    return {"simaou": {**_stats_running(acc["simaou"]),
+                       "baseline_uniform": _stats_running(acc["uniform"], False),
+                       "baseline_gaussian": _stats_running(acc["gaussian"], False)},
+            "simam": {"icl_ft": _stats_running(acc["icl_ft"], False), "icl_zsl": _stats_running(acc["icl_zsl"], False),
+                      "delta": _stats_running(acc["delta"]), "segment": segment}}, moved
 
 
 def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: int, seed: int, scale: str) -> dict:
