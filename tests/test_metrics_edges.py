@@ -6,6 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iclgd.core import metrics as M
 
@@ -86,3 +88,25 @@ def test_bootstrap_ci_uses_its_arguments():
     # the percentile method, by hand: a resampled mean of nine 0s and one 10 is K ~ Binomial(10, 0.1);
     # P(K = 0) = 0.35 > 2.5%, P(K ≤ 2) = 0.930 < 97.5% < P(K ≤ 3) = 0.987: the CI is [0, 3] (BCa gives another)
     assert M.bootstrap_ci([0.0] * 9 + [10.0]) == (1.0, 0.0, 3.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(2, 12), st.integers(0, 2**31 - 1))
+def test_kendall_all_rows_at_once_equals_one_scipy_call_per_vector(n, L, T, seed):
+    """kendall_per_example hands scipy every (example, layer) row in one call: the same τ-b as one call per
+    vector, ties (values drawn from a few levels), constant vectors and NaN (undefined) included."""
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    a = [rng.integers(0, 4, (L, T)).astype(float) for _ in range(n)]
+    b = [rng.integers(0, 4, (L, T)).astype(float) for _ in range(n)]
+    a[0][0] = 1.0  # constant: τ undefined
+    if T > 2:
+        b[-1][-1, 1] = np.nan
+    got = M.kendall_per_example(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = np.array([[stats.kendalltau(x[l], y[l]).statistic for l in range(L)] for x, y in zip(a, b)])
+    assert got.shape == (n, L)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-12, atol=1e-15)

@@ -192,8 +192,17 @@ def kendall_per_example(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -
     of the prediction position's scores summed over heads (BOS and separators dropped); FT = softmax
     over training tokens of :func:`ft_query_logits`.
     """
-    taus = [[stats.kendalltau(a[l], b[l]).statistic for l in range(a.shape[0])] for a, b in zip(icl_attn, ft_attn)]
-    return np.asarray(taus, dtype=float).reshape(len(taus), -1)
+    if not len(icl_attn):
+        return np.zeros((0, 0))
+    a, b = np.stack(icl_attn), np.stack(ft_attn)  # (n, L, T): one demonstration set, so one length
+    n, L = a.shape[:2]
+    # every (example, layer) row in one call, not one call per row; "asymptotic" only skips the exact p-value, which
+    # is not used (the statistic is the same under every method; scipy's asymptotic variance needs 3+ values)
+    T = a.shape[-1]
+    with np.errstate(invalid="ignore"):
+        tau = stats.kendalltau(a.reshape(n * L, T), b.reshape(n * L, T), axis=1,
+                               method="asymptotic" if T > 2 else "auto").statistic
+    return np.asarray(tau, dtype=float).reshape(n, L)
 
 
 def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
