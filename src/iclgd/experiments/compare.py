@@ -195,9 +195,10 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     # ΔW_ICL vs ΔW_FT, the side before FT: ΔW_ICL (Eq. 7) of the demonstrations, W_ZSL (Eq. 6) of each ZSL prompt
     label_tok = icl.option_ids[0][:1] if cfg.position == "label-token" else []
     upd_ids = [zsl.prefix_ids + zsl.query_ids[j] + label_tok for j in range(n_upd)]
+    bs = resolve_batch_size(lm, cfg.batch_size)
     if n_upd:
         dW_icl = dual.kv_matrices(lm, icl.prefix_ids, (len(zsl.prefix_ids), len(icl.prefix_ids)))
-        W_before = [dual.kv_matrices(lm, ids) for ids in upd_ids]
+        kv_before = dual.kv_tokens(lm, upd_ids, bs)  # W_ZSL(before) of each as its tokens' keys and values
     lap("updates_before")
     snap = Snapshot(lm, cfg.ft_params)
     try:
@@ -207,10 +208,11 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
         lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT", keep_q=nk)
         lap("ft_zsl")
 
-        def dW_ft():  # ΔW_FT of each ZSL prompt, one at a time: no list of W_ZSL(after) is held
-            for j, ids in enumerate(upd_ids):
-                before, W_before[j] = W_before[j], None
-                yield [after - b for after, b in zip(dual.kv_matrices(lm, ids), before)]
+        def dW_ft():  # ΔW_FT of each ZSL prompt, a batch of prompts at a time: no list of W_ZSL(after) is held
+            for a in range(0, n_upd, bs):
+                for j, after in enumerate(dual.kv_tokens(lm, upd_ids[a: a + bs], bs), start=a):
+                    before, kv_before[j] = kv_before[j], None
+                    yield [dual.kv_outer(ka, va) - dual.kv_outer(kb, vb) for (ka, va), (kb, vb) in zip(after, before)]
 
         q_upd = [_f64(obs_i.obs[j].q) for j in range(n_upd)]
         updates = _updates(dW_icl, dW_ft(), q_upd, seed) if n_upd else None
