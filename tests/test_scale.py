@@ -197,8 +197,8 @@ def test_metrics_in_chunks_equal_the_metrics_on_all_examples(tiny, data_dir, mon
     whole = compare.compare_seed(lm, data, cfg, 3, False)[0]
     monkeypatch.setattr(compare, "METRICS_CHUNK", 2)  # 4 chunks, the last one short
     chunked = compare.compare_seed(lm, data, cfg, 3, False)[0]
-    pairs = [p for key in ("simaou", "simam") for p in _floats(chunked[key], whole[key])]
-    assert len(pairs) >= 18  # running sums: equal up to the order of the additions
+    pairs = [p for key in ("simaou", "simam", "kendall") for p in _floats(chunked[key], whole[key])]
+    assert len(pairs) >= 39  # running sums: equal up to the order of the additions
     for path, x, y in pairs:
         assert (x != x and y != y) or abs(x - y) <= 1e-12 * max(1.0, abs(y)), (path, x, y)
     assert chunked["ft_changed"] == whole["ft_changed"]

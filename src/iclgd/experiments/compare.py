@@ -312,26 +312,30 @@ def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: i
     lengths = [b - a for a, b in icl.demo_spans]
     spans = list(zip(np.cumsum([0] + lengths[:-1]), np.cumsum(lengths)))
     sc = obs_f.obs[0].scale
-    icl_tok = [M.softmax(_f64(obs_i.obs[j].s_demo)) for j in range(nk)]
-    q_test = np.stack([_f64(obs_f.obs[j].q) for j in range(nk)])  # (nk, L, H, hd)
-    ft_qq = list(M.softmax(M.ft_query_logits(q_test, Q, sc, scale == "paper")))  # one product per layer
-    ft_qq_unscaled = list(M.softmax(M.ft_query_logits(q_test, Q, sc, False)))
-    # the dual-form variant: the attention logits scale · q·k of the test query on the training keys
-    ft_qk = list(M.softmax(sc * M.query_logits(q_test, K)))
     per_demo = lambda xs: [M.sum_per_span(x, spans) for x in xs]  # noqa: E731
+    # per chunk of examples (the random vectors drawn example after example, as over all at once), running means
     rng_tok, rng_ex = np.random.default_rng(seed), np.random.default_rng(seed)
-    return {
-        "token_qq": _stats_ex(M.kendall_per_example(icl_tok, ft_qq)),
-        "token_qk": _stats_ex(M.kendall_per_example(icl_tok, ft_qk)),
-        "example_qq": _stats_ex(M.kendall_per_example(per_demo(icl_tok), per_demo(ft_qq))),
-        "example_qq_unscaled": _stats_ex(M.kendall_per_example(per_demo(icl_tok), per_demo(ft_qq_unscaled))),
-        "example_qk": _stats_ex(M.kendall_per_example(per_demo(icl_tok), per_demo(ft_qk))),
-        "random_token": _stats_ex(M.kendall_per_example(icl_tok, [rng_tok.random(a.shape) for a in icl_tok])),
-        "random_example": _stats_ex(M.kendall_per_example(per_demo(icl_tok),
-                                                          [rng_ex.random(a.shape) for a in per_demo(icl_tok)])),
-        "n_examples": nk,
-        "ft_logits": "scale^2 * q.q (paper)" if scale == "paper" else "q.q (unscaled)",
-    }
+    names = ("token_qq", "token_qk", "example_qq", "example_qq_unscaled", "example_qk", "random_token",
+             "random_example")
+    acc = {k: M.RunningMean() for k in names}
+    for a in range(0, nk, METRICS_CHUNK):
+        js = range(a, min(a + METRICS_CHUNK, nk))
+        icl_tok = [M.softmax(_f64(obs_i.obs[j].s_demo)) for j in js]
+        q_test = np.stack([_f64(obs_f.obs[j].q) for j in js])  # (n, L, H, hd)
+        ft_qq = list(M.softmax(M.ft_query_logits(q_test, Q, sc, scale == "paper")))  # one product per layer
+        ft_qq_unscaled = list(M.softmax(M.ft_query_logits(q_test, Q, sc, False)))
+        # the dual-form variant: the attention logits scale · q·k of the test query on the training keys
+        ft_qk = list(M.softmax(sc * M.query_logits(q_test, K)))
+        icl_ex = per_demo(icl_tok)
+        acc["token_qq"].add(M.kendall_per_example(icl_tok, ft_qq))
+        acc["token_qk"].add(M.kendall_per_example(icl_tok, ft_qk))
+        acc["example_qq"].add(M.kendall_per_example(icl_ex, per_demo(ft_qq)))
+        acc["example_qq_unscaled"].add(M.kendall_per_example(icl_ex, per_demo(ft_qq_unscaled)))
+        acc["example_qk"].add(M.kendall_per_example(icl_ex, per_demo(ft_qk)))
+        acc["random_token"].add(M.kendall_per_example(icl_tok, [rng_tok.random(x.shape) for x in icl_tok]))
+        acc["random_example"].add(M.kendall_per_example(icl_ex, [rng_ex.random(x.shape) for x in icl_ex]))
+    return {**{k: _stats_running(acc[k]) for k in names}, "n_examples": nk,
+            "ft_logits": "scale^2 * q.q (paper)" if scale == "paper" else "q.q (unscaled)"}
 
 
 def _updates(dW_icl, dW_ft, q_icl, seed: int) -> dict:
