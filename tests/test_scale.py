@@ -1,7 +1,9 @@
 """Issue 17: placement under several processes, provenance of the hardware, batched captures."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from iclgd.core.models import hardware, placement, run_versions
@@ -36,7 +38,7 @@ class _PerExampleObserver:
     """The captures as iclgd computed them before issue 17 (one example and one layer at a time, float64 on the
     host, everything kept): the reference the batched :class:`iclgd.engine.capture.Observer` must equal."""
 
-    def __init__(self, lm, demo_positions=(), position="last", keep_q=0, keep_demo=0):
+    def __init__(self, lm, demo_positions=(), position="last", keep_q=0, keep_demo=0, keep_kv=0, keep_prefix_kv=False):
         self.lm, self.demo_positions, self.position, self.obs = lm, list(demo_positions), position, {}
 
     def set_prefix(self, rec, P):
@@ -44,8 +46,10 @@ class _PerExampleObserver:
 
         from iclgd.core.models import qkv
 
-        self._k_prefix = [qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(P))[1]
-                          for l in range(self.lm.n_layers)]
+        with torch.no_grad():
+            kv = [qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], torch.arange(P))[1:3] for l in range(self.lm.n_layers)]
+        self._k_prefix = [k for k, _ in kv]
+        self.prefix_kv = [(k.double().numpy(), v.double().numpy()) for k, v in kv]
 
     def take_batch(self, rec, items, P):
         for i, r, pos, nq in items:
@@ -58,13 +62,15 @@ class _PerExampleObserver:
         from iclgd.core.models import qkv, repeat_kv
         from iclgd.engine.capture import Observation
 
-        hs, sa, qs, ds = [], [], [], []
+        hs, sa, qs, ds, ks, vs = [], [], [], [], [], []
         positions = P + torch.arange(pos + 1)
         dpos = torch.tensor(self.demo_positions, dtype=torch.long)
         for l in range(self.lm.n_layers):
             x = rec.acts[f"attn_in.{l}"][row, : pos + 1]
-            q, k, _, scale = qkv(self.lm, l, x, positions)
+            q, k, v, scale = qkv(self.lm, l, x, positions)
             H, Hkv = q.shape[0], k.shape[0]
+            ks.append(k[:, : pos + 1].double().numpy())
+            vs.append(v[:, : pos + 1].double().numpy())
             q_pred = q[:, pos]
             k_after = repeat_kv(k[:, : pos + 1], H // Hkv, dim=0)
             cap = self.lm.softcap(l)
@@ -80,7 +86,7 @@ class _PerExampleObserver:
                     sd[dpos.numpy() <= P + pos - W] = -np.inf
                 ds.append(sd)
         self.obs[example] = Observation(np.stack(hs), np.stack(sa), n_query, np.stack(qs),
-                                        np.stack(ds) if ds else None, float(scale))
+                                        np.stack(ds) if ds else None, float(scale), (np.stack(ks), np.stack(vs)))
 
 
 def _floats(a, b, path=""):
@@ -276,3 +282,43 @@ def test_keys_and_values_of_padded_batches_equal_one_pass_per_prompt(name):
     k, v = batched[0][0]
     by_hand = torch.stack([sum(torch.outer(v[h, t], k[h, t]) for t in range(1, 4)) for h in range(k.shape[0])])
     torch.testing.assert_close(dual.kv_matrices(lm, prompts[0], (1, 4))[0], by_hand, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,position", [("tiny-random-llama", "last"), ("tiny-random-gpt2", "label-token"),
+                                           ("tiny-random-gemma2", "last")])
+def test_keys_and_values_captured_in_the_scoring_passes_give_w_zsl_and_dw_icl(name, position, data_dir):
+    """W_ZSL (Eq. 6) of each ZSL prompt and ΔW_ICL (Eq. 7) from the keys and values the batched, prefix-cached scoring
+    passes captured equal those of one plain forward pass of the prompt (dual.kv_matrices), in float64."""
+    import torch
+
+    from iclgd.core.models import load_model
+    from iclgd.core.tasks import TASKS, load_task, sample_demos
+    from iclgd.engine import dual
+    from iclgd.engine.capture import Observer
+    from iclgd.engine.scoring import build_prompts, score_options
+    from iclgd.experiments.compare import _updates_from
+
+    lm = load_model(name, dtype="float64")
+    data = load_task(TASKS["sst2"], data_dir, n_test=5)
+    icl = build_prompts(lm, TASKS["sst2"], sample_demos(data.demo_pool, 3, 1), data.eval_rows)
+    zsl = build_prompts(lm, TASKS["sst2"], [], data.eval_rows)
+    oz = Observer(lm, [], position, keep_q=0, keep_demo=0, keep_kv=4)
+    oi = Observer(lm, [], position, keep_q=4, keep_demo=0, keep_prefix_kv=True)
+    score_options(lm, zsl, batch_size=3, observer=oz)
+    score_options(lm, icl, batch_size=3, observer=oi)
+    assert oz.obs[4].kv is None and oi.obs[0].kv is None  # kept for the first keep_kv examples only
+    label_tok = zsl.option_ids[0][:1] if position == "label-token" else []
+    span = (len(zsl.prefix_ids), len(icl.prefix_ids))
+    for got, want in zip([dual.kv_outer(*(torch.from_numpy(t[:, span[0]: span[1]]) for t in kv)) for kv in oi.prefix_kv],
+                         dual.kv_matrices(lm, icl.prefix_ids, span)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    for j in range(4):
+        want = dual.kv_matrices(lm, zsl.prefix_ids + zsl.query_ids[j] + label_tok)
+        k, v = oz.obs[j].kv
+        for layer, (kp, vp) in enumerate(oz.prefix_kv):
+            got = dual.kv_outer(torch.from_numpy(np.concatenate([kp, k[layer]], 1)),
+                                torch.from_numpy(np.concatenate([vp, v[layer]], 1)))
+            torch.testing.assert_close(got, want[layer], rtol=1e-9, atol=1e-11)
+    # the same model before and after: ΔW_FT is zero, its cosines undefined, its norm ratio 0
+    upd = _updates_from(oz, oi, oz, span, 4, seed=1)
+    assert upd["n_examples"] == 4 and math.isnan(upd["cos_dW"]["overall"]) and upd["norm_ratio_ft_over_icl"]["overall"] == 0

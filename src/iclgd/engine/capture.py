@@ -44,6 +44,9 @@ class Observation:
     s_demo: np.ndarray | None = None  # (L, n_demo_tokens) scores over demonstration tokens, summed over heads;
     #                                   -inf where a sliding-window layer does not see the token; first keep_demo only
     scale: float = 1.0  # the score scale (1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo)
+    # (L, H_kv, pos + 1, d_head) each: the keys and values of the row's tokens up to the prediction position, the
+    # prefix's being in Observer.prefix_kv (W_ZSL, Eq. 6, of the example's prompt); first keep_kv only
+    kv: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def s_query(self) -> np.ndarray:
@@ -62,29 +65,30 @@ class Observation:
 class CaptureStore(MutableMapping):
     """Example index -> :class:`Observation`, with the large arrays (``h``, ``s_after``: per example
     L·(d_model + H·T) floats, for every example) in an anonymous temporary file that the OS deletes when it is
-    closed or the process ends, and the small ones (``q``, ``s_demo``: only for the first examples) in memory.
+    closed or the process ends, and the small ones (``q``, ``s_demo``, ``kv``: only for the first examples) in memory.
     Host memory stays flat in the number of examples; disk use is what the list of observations would have used
     (e.g. 135 KB per example on SmolLM2 SST-2 prompts). Reading an example back gives an equal Observation."""
 
     def __init__(self):
         self._file = tempfile.TemporaryFile(prefix="iclgd-captures-")
         self._end = 0  # bytes written
-        self._index: dict[int, tuple] = {}  # example -> (offset, dtype, h shape, s_after shape, n_query, q, s_demo, scale)
+        self._index: dict[int, tuple] = {}  # example -> (offset, dtype, h shape, s_after shape, n_query, q, s_demo,
+        #                                      scale, kv)
 
     def __setitem__(self, i: int, o: Observation) -> None:
         h, s = np.ascontiguousarray(o.h), np.ascontiguousarray(o.s_after, dtype=o.h.dtype)
         self._file.seek(self._end)
         h.tofile(self._file)
         s.tofile(self._file)
-        self._index[i] = (self._end, h.dtype, h.shape, s.shape, o.n_query, o.q, o.s_demo, o.scale)
+        self._index[i] = (self._end, h.dtype, h.shape, s.shape, o.n_query, o.q, o.s_demo, o.scale, o.kv)
         self._end += h.nbytes + s.nbytes
 
     def __getitem__(self, i: int) -> Observation:
-        off, dtype, sh, ss, n_query, q, s_demo, scale = self._index[i]
+        off, dtype, sh, ss, n_query, q, s_demo, scale, kv = self._index[i]
         self._file.seek(off)
         nh = int(np.prod(sh))
         flat = np.fromfile(self._file, dtype=dtype, count=nh + int(np.prod(ss)))
-        return Observation(flat[:nh].reshape(sh), flat[nh:].reshape(ss), n_query, q, s_demo, scale)
+        return Observation(flat[:nh].reshape(sh), flat[nh:].reshape(ss), n_query, q, s_demo, scale, kv)
 
     def __delitem__(self, i: int) -> None:  # the bytes stay in the file until it is closed
         del self._index[i]
@@ -105,8 +109,9 @@ class Observer:
 
     ``demo_positions``: indices into the prefix of the demonstration tokens (BOS and separators excluded).
     ``position``: "last" = the last prompt token (whose logits decide); "label-token" = the first token
-    of option 0 appended to the prompt (the official code's convention). ``keep_q`` / ``keep_demo``: how many
-    examples (in test-set order) keep their query / their demonstration scores.
+    of option 0 appended to the prompt (the official code's convention). ``keep_q`` / ``keep_demo`` / ``keep_kv``:
+    how many examples (in test-set order) keep their query / their demonstration scores / their tokens' keys and
+    values. ``keep_prefix_kv``: keep the prefix's keys and values (``prefix_kv``; also kept when ``keep_kv``).
     """
 
     lm: LoadedModel
@@ -114,19 +119,31 @@ class Observer:
     position: str = "last"
     keep_q: int = ALL
     keep_demo: int = ALL
+    keep_kv: int = 0
+    keep_prefix_kv: bool = False
     obs: MutableMapping[int, Observation] = field(default_factory=CaptureStore)
+    # per layer the prefix's keys and values (H_kv, P, d_head) on the host: ΔW_ICL (Eq. 7) over the demonstrations'
+    # span, or the start token's part of W_ZSL (Eq. 6)
+    prefix_kv: list[tuple[np.ndarray, np.ndarray]] | None = None
     _k_prefix: list[torch.Tensor] | None = None
 
+    @torch.no_grad()
     def set_prefix(self, rec: Recorder, P: int) -> None:
-        """Keys of the demonstration tokens per layer (H_kv, n_demo_tokens, d_head), from the prefix pass."""
-        if not self.demo_positions:
-            self._k_prefix = None
-            return
+        """From the prefix pass: the keys of the demonstration tokens per layer (H_kv, n_demo_tokens, d_head), and
+        with ``keep_prefix_kv``/``keep_kv`` every prefix token's keys and values on the host."""
         x0 = rec.acts["attn_in.0"]
         pos = torch.arange(P, device=x0.device)
         dpos = torch.tensor(self.demo_positions, dtype=torch.long, device=x0.device)
-        self._k_prefix = [qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)[1][:, dpos]
-                          for l in range(self.lm.n_layers)]
+        keep = self.keep_prefix_kv or self.keep_kv > 0
+        self._k_prefix, self.prefix_kv = [], [] if keep else None
+        for l in range(self.lm.n_layers):
+            _, k, v, _ = qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)  # (H_kv, P, d_head)
+            self._k_prefix.append(k[:, dpos])
+            if keep:
+                acc = torch.promote_types(k.dtype, torch.float32)
+                self.prefix_kv.append((k.to(acc).cpu().numpy(), v.to(acc).cpu().numpy()))
+        if not self.demo_positions:
+            self._k_prefix = None
 
     def take_batch(self, rec: Recorder, items: list[tuple[int, int, int, int]], P: int) -> None:
         """Read every item ``(example, row, pos, n_query)`` of one batch: example ``example`` from batch row ``row``
@@ -140,16 +157,21 @@ class Observer:
         B, T = len(items), int(pos.max()) + 1
         keep_q = [j for j, (i, _, _, _) in enumerate(items) if i < self.keep_q]
         keep_d = [j for j, (i, _, _, _) in enumerate(items) if i < self.keep_demo] if self._k_prefix else []
+        keep_kv = [j for j, (i, _, _, _) in enumerate(items) if i < self.keep_kv]
         positions = (P + torch.arange(T, device=dev)).repeat(B)  # rows are right-padded: the same positions each
         dpos = torch.tensor(self.demo_positions, device=dev)
-        hs, ss, qs, ds = [], [], [], []
+        hs, ss, qs, ds, ks, vs = [], [], [], [], [], []
         for l in range(lm.n_layers):
             x = rec.acts[f"attn_in.{l}"][rows, :T]  # (B, T, d_model)
-            q, k, _, scale = qkv(lm, l, x.reshape(B * T, -1), positions)  # (H, B·T, hd), (H_kv, B·T, hd)
+            q, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions)  # (H, B·T, hd), (H_kv, B·T, hd) ×2
             H, Hkv, hd = q.shape[0], k.shape[0], q.shape[-1]
             acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for half precision (fp64 kept for fp64 models)
             q = q.view(H, B, T, hd).to(acc)
-            k = repeat_kv(k.view(Hkv, B, T, hd).to(acc), H // Hkv, dim=0)  # (H, B, T, hd)
+            k = k.reshape(Hkv, B, T, hd).to(acc)
+            if keep_kv:
+                ks.append(k[:, keep_kv].transpose(0, 1))  # (B_kv, H_kv, T, hd)
+                vs.append(v.reshape(Hkv, B, T, hd)[:, keep_kv].to(acc).transpose(0, 1))
+            k = repeat_kv(k, H // Hkv, dim=0)  # (H, B, T, hd)
             q_pred = q[:, torch.arange(B, device=dev), pos]  # (H, B, hd)
             cap = lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
             capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
@@ -165,6 +187,8 @@ class Observer:
                     sd = sd.masked_fill(dpos[None] <= (P + pos[keep_d] - W)[:, None], -torch.inf)
                 ds.append(sd)
         parts = [torch.stack(hs, 1), torch.stack(ss, 1), torch.stack(qs, 1)] + ([torch.stack(ds, 1)] if ds else [])
+        if keep_kv:
+            parts += [torch.stack(ks, 1), torch.stack(vs, 1)]  # (B_kv, L, H_kv, T, hd) each
         flat = torch.cat([t.reshape(-1) for t in parts]).cpu().numpy()  # one device-to-host transfer per batch
         host, at = [], 0
         for t in parts:
@@ -172,8 +196,11 @@ class Observer:
             at += t.numel()
         Hh, S, Q = host[:3]
         D = host[3] if ds else None
+        Kk, Vk = host[-2:] if keep_kv else (None, None)
         jq, jd = {j: n for n, j in enumerate(keep_q)}, {j: n for n, j in enumerate(keep_d)}
+        jkv = {j: n for n, j in enumerate(keep_kv)}
         for j, (i, _, p, nq) in enumerate(items):
+            kv = (Kk[jkv[j], :, :, : p + 1].copy(), Vk[jkv[j], :, :, : p + 1].copy()) if j in jkv else None
             self.obs[i] = Observation(Hh[j], S[j, :, :, : p + 1], nq,
                                       Q[jq[j]].copy() if j in jq else None,
-                                      D[jd[j]].copy() if j in jd else None, float(scale))
+                                      D[jd[j]].copy() if j in jd else None, float(scale), kv)

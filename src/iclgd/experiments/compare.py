@@ -147,10 +147,13 @@ class _Laps:
 
 
 def _observed(lm: LoadedModel, prompts: Prompts, cfg: CompareConfig, demo_positions: list[int], progress,
-              keep_q: int = 0, keep_demo: int = 0) -> tuple[np.ndarray, Observer]:
+              keep_q: int = 0, keep_demo: int = 0, keep_kv: int = 0, keep_prefix_kv: bool = False
+              ) -> tuple[np.ndarray, Observer]:
     """Option log-probs (n_examples, n_options) and the captures of the same forward passes (the query of the
-    first ``keep_q`` examples, the demonstration scores of the first ``keep_demo``: what the metrics read)."""
-    obs = Observer(lm, demo_positions, cfg.position, keep_q=keep_q, keep_demo=keep_demo)
+    first ``keep_q`` examples, the demonstration scores of the first ``keep_demo``, the tokens' keys and values of
+    the first ``keep_kv`` and of the prefix: what the metrics read)."""
+    obs = Observer(lm, demo_positions, cfg.position, keep_q=keep_q, keep_demo=keep_demo, keep_kv=keep_kv,
+                   keep_prefix_kv=keep_prefix_kv)
     return score_options(lm, prompts, cfg.batch_size, progress=progress, observer=obs), obs
 
 
@@ -184,41 +187,26 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     demo_ids = [icl.prefix_ids[a:b] for a, b in icl.demo_spans]
     name, lap = f"{spec.name} s{seed}", _Laps()
     n_upd, nk = min(cfg.updates_n, len(data.eval_rows)), min(cfg.kendall_n, len(data.eval_rows))
-    zsl_pass = lambda: _observed(lm, zsl, cfg, [], progress and f"{name} ZSL")  # noqa: E731
-    key = (spec.name, tuple(zsl.prefix_ids), tuple(map(tuple, zsl.query_ids)), cfg.position, cfg.batch_size)
+    zsl_pass = lambda: _observed(lm, zsl, cfg, [], progress and f"{name} ZSL", keep_kv=n_upd)  # noqa: E731
+    key = (spec.name, tuple(zsl.prefix_ids), tuple(map(tuple, zsl.query_ids)), cfg.position, cfg.batch_size, n_upd)
     (lp_z, obs_z), reused = zsl_cache.get(key, zsl_pass) if zsl_cache is not None else (zsl_pass(), False)
     lap("zsl")
-    lp_i, obs_i = _observed(lm, icl, cfg, demo_positions, progress and f"{name} ICL", keep_q=n_upd, keep_demo=nk)
+    lp_i, obs_i = _observed(lm, icl, cfg, demo_positions, progress and f"{name} ICL", keep_q=n_upd, keep_demo=nk,
+                            keep_prefix_kv=n_upd > 0)
     lap("icl")
     lr, search = _choose_lr(lm, data, cfg, seed, icl.demos, demo_ids)
     lap("lr_search")
-    # ΔW_ICL vs ΔW_FT, the side before FT: ΔW_ICL (Eq. 7) of the demonstrations, W_ZSL (Eq. 6) of each ZSL prompt
-    label_tok = icl.option_ids[0][:1] if cfg.position == "label-token" else []
-    upd_ids = [zsl.prefix_ids + zsl.query_ids[j] + label_tok for j in range(n_upd)]
-    bs = resolve_batch_size(lm, cfg.batch_size)
-    if n_upd:
-        dW_icl = dual.kv_matrices(lm, icl.prefix_ids, (len(zsl.prefix_ids), len(icl.prefix_ids)))
-        kv_before = dual.kv_tokens(lm, upd_ids, bs)  # W_ZSL(before) of each as its tokens' keys and values
-    lap("updates_before")
     snap = Snapshot(lm, cfg.ft_params)
     try:
         ft = finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode)
         ft_params_changed = snap.changed()
         lap("ft")
-        lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT", keep_q=nk)
+        lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT", keep_q=nk, keep_kv=n_upd)
         lap("ft_zsl")
-
-        def dW_ft():  # ΔW_FT of each ZSL prompt, a batch of prompts at a time: no list of W_ZSL(after) is held
-            for a in range(0, n_upd, bs):
-                for j, after in enumerate(dual.kv_tokens(lm, upd_ids[a: a + bs], bs), start=a):
-                    before, kv_before[j] = kv_before[j], None
-                    yield [dual.kv_outer(ka, va) - dual.kv_outer(kb, vb) for (ka, va), (kb, vb) in zip(after, before)]
-
-        q_upd = [_f64(obs_i.obs[j].q) for j in range(n_upd)]
-        updates = _updates(dW_icl, dW_ft(), q_upd, seed) if n_upd else None
-        lap("updates_after")
     finally:
         snap.restore()
+    updates = _updates_from(obs_z, obs_i, obs_f, (len(zsl.prefix_ids), len(icl.prefix_ids)), n_upd, seed)
+    lap("updates")
     labels = np.array(icl.labels)
     kendall = _kendall(icl, obs_i, obs_f, ft, nk, seed, cfg.kendall_scale)
     lap("metrics_kendall")
@@ -336,6 +324,26 @@ def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: i
         acc["random_example"].add(M.kendall_per_example(icl_ex, [rng_ex.random(x.shape) for x in icl_ex]))
     return {**{k: _stats_running(acc[k]) for k in names}, "n_examples": nk,
             "ft_logits": "scale^2 * q.q (paper)" if scale == "paper" else "q.q (unscaled)"}
+
+
+def _updates_from(obs_z: Observer, obs_i: Observer, obs_f: Observer, demo_span: tuple[int, int], n: int, seed: int
+                  ) -> dict | None:
+    """:func:`_updates` on the first ``n`` test examples, from the keys and values the three passes captured: ΔW_ICL
+    (Eq. 7) over the ICL prefix's ``demo_span``, W_ZSL (Eq. 6) of each ZSL prompt (start token and test input)
+    before FT (ZSL pass) and after (FT pass). None when ``n`` is 0."""
+    import torch
+
+    if not n:
+        return None
+    dW_icl = [dual.kv_outer(*(torch.from_numpy(t[:, slice(*demo_span)]) for t in kv)) for kv in obs_i.prefix_kv]
+
+    def w_zsl(obs: Observer, j: int) -> list:  # Σ over the prompt's tokens of v kᵀ, per layer (H_kv, d, d)
+        k, v = obs.obs[j].kv  # (L, H_kv, T_row, hd) each; the prefix's (H_kv, P, hd) per layer
+        cat = lambda prefix, row: torch.from_numpy(np.concatenate([prefix, row], axis=1))  # noqa: E731
+        return [dual.kv_outer(cat(kp, k[l]), cat(vp, v[l])) for l, (kp, vp) in enumerate(obs.prefix_kv)]
+
+    dW_ft = ([a - b for a, b in zip(w_zsl(obs_f, j), w_zsl(obs_z, j))] for j in range(n))  # Eq. 8, one at a time
+    return _updates(dW_icl, dW_ft, [_f64(obs_i.obs[j].q) for j in range(n)], seed)
 
 
 def _updates(dW_icl, dW_ft, q_icl, seed: int) -> dict:
