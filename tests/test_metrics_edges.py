@@ -90,16 +90,18 @@ def test_bootstrap_ci_uses_its_arguments():
     assert M.bootstrap_ci([0.0] * 9 + [10.0]) == (1.0, 0.0, 3.0)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 3), st.integers(2, 12), st.integers(0, 2**31 - 1))
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(2, 90), st.integers(0, 2**31 - 1))
 def test_kendall_all_rows_at_once_equals_one_scipy_call_per_vector(n, L, T, seed):
-    """kendall_per_example hands scipy every (example, layer) row in one call: the same τ-b as one call per
-    vector, ties (values drawn from a few levels), constant vectors and NaN (undefined) included."""
+    """kendall_per_example computes every (example, layer) row at once (from all pairs up to KENDALL_PAIRS_MAX
+    values, in one scipy call above): the same τ-b, to the last bit, as one ``scipy.stats.kendalltau`` call per
+    vector; ties (values drawn from a few levels), constant vectors and NaN (undefined) included."""
     from scipy import stats
 
     rng = np.random.default_rng(seed)
-    a = [rng.integers(0, 4, (L, T)).astype(float) for _ in range(n)]
-    b = [rng.integers(0, 4, (L, T)).astype(float) for _ in range(n)]
+    levels = int(rng.integers(2, 2 * T + 2))  # from many ties to almost none
+    a = [rng.integers(0, levels, (L, T)).astype(float) / 7 for _ in range(n)]
+    b = [rng.integers(0, levels, (L, T)).astype(float) / 7 for _ in range(n)]
     a[0][0] = 1.0  # constant: τ undefined
     if T > 2:
         b[-1][-1, 1] = np.nan
@@ -107,6 +109,5 @@ def test_kendall_all_rows_at_once_equals_one_scipy_call_per_vector(n, L, T, seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = np.array([[stats.kendalltau(x[l], y[l]).statistic for l in range(L)] for x, y in zip(a, b)])
-    assert got.shape == (n, L)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-12, atol=1e-15)
+    assert got.shape == (n, L) and np.isnan(got[0, 0])
+    np.testing.assert_array_equal(got, want)  # NaN where scipy has NaN, equal floats elsewhere

@@ -195,14 +195,37 @@ def kendall_per_example(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -
     if not len(icl_attn):
         return np.zeros((0, 0))
     a, b = np.stack(icl_attn), np.stack(ft_attn)  # (n, L, T): one demonstration set, so one length
-    n, L = a.shape[:2]
+    n, L, T = a.shape
+    a, b = a.reshape(n * L, T), b.reshape(n * L, T)
+    if T <= KENDALL_PAIRS_MAX:
+        return _tau_b_pairs(a, b).reshape(n, L)
     # every (example, layer) row in one call, not one call per row; "asymptotic" only skips the exact p-value, which
-    # is not used (the statistic is the same under every method; scipy's asymptotic variance needs 3+ values)
-    T = a.shape[-1]
+    # is not used (the statistic is the same under every method)
     with np.errstate(invalid="ignore"):
-        tau = stats.kendalltau(a.reshape(n * L, T), b.reshape(n * L, T), axis=1,
-                               method="asymptotic" if T > 2 else "auto").statistic
+        tau = stats.kendalltau(a, b, axis=1, method="asymptotic").statistic
     return np.asarray(tau, dtype=float).reshape(n, L)
+
+
+KENDALL_PAIRS_MAX = 64  # vectors up to this long (e.g. one weight per demonstration): τ-b from all pairs at once
+
+
+def _tau_b_pairs(a: np.ndarray, b: np.ndarray, rows_per_block: int = 512) -> np.ndarray:
+    """Kendall's τ-b of each row of ``a`` and ``b`` (R, T) from the signs of all T(T−1)/2 pairs, for short rows where
+    scipy's per-row call overhead outweighs the O(T²) work: (concordant − discordant) / √(pairs not tied in a) /
+    √(pairs not tied in b), scipy's formula on the same integer counts, so the same float (tested against
+    ``scipy.stats.kendalltau``); NaN for a row with a NaN or a constant row (no untied pair)."""
+    i, j = np.triu_indices(a.shape[1], 1)
+    tau = np.empty(a.shape[0])
+    for r in range(0, a.shape[0], rows_per_block):
+        x, y = a[r: r + rows_per_block], b[r: r + rows_per_block]
+        bad = np.isnan(x).any(1) | np.isnan(y).any(1)
+        x, y = np.where(bad[:, None], 0.0, x), np.where(bad[:, None], 0.0, y)
+        sx, sy = np.sign(x[:, i] - x[:, j]).astype(np.int8), np.sign(y[:, i] - y[:, j]).astype(np.int8)
+        con_minus_dis = (sx * sy).sum(1, dtype=np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = con_minus_dis / np.sqrt(np.count_nonzero(sx, axis=1)) / np.sqrt(np.count_nonzero(sy, axis=1))
+        tau[r: r + rows_per_block] = np.where(bad, np.nan, np.clip(t, -1.0, 1.0))
+    return tau
 
 
 def kendall_per_layer(icl_attn: list[np.ndarray], ft_attn: list[np.ndarray]) -> np.ndarray:
