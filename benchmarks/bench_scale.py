@@ -68,7 +68,8 @@ def one(model: str, task: str, n: int, k: int) -> dict:
     t_plain = t_plain2 + time.perf_counter() - t0
     snap.restore()
     captured = phases["zsl"] + phases["icl"] + phases["ft_zsl"]
-    phases["metrics"] = phases["metrics_kendall"] + phases["metrics_similarities"]  # every metric, with its baselines
+    if "metrics" not in phases:  # every metric with its baselines (before issue 17 one lap, without SimAOU/SimAM)
+        phases["metrics"] = phases["metrics_kendall"] + phases["metrics_similarities"]
     return {"iclgd": getattr(iclgd, "__file__", "?"), "n": result["n"], "unit_s": unit, "phases_s": phases,
             "forwards_s": t_plain, "captured_passes_s": captured, "rss_loaded_mb": rss_loaded, "rss_peak_mb": rss_peak}
 
