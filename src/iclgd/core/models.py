@@ -469,35 +469,41 @@ def _fused_qkv(kind: str, t: torch.Tensor, H: int, Hkv: int, hd: int
     raise AssertionError(kind)
 
 
-def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
+def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor, q_rows: torch.Tensor | None = None
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
     input ``x`` (T, d_model), as the layer computes them: the derived projections with their biases, the
     q/k norms (per head, or over the whole projection for OLMo-2) and, for rotary models, the model's own
     rotary module. Queries are *not* multiplied by the score scale, which is returned separately
     (:meth:`LoadedModel.scale`: 1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo).
+    ``q_rows``: the queries of these rows of ``x`` only, (H, len(q_rows), d_head) (every step is per token, so
+    they equal those rows of all queries), sparing the largest projection where only a few queries are read.
     """
     p = lm.projections(layer)
     H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
-    T = x.shape[0]
     x = x.to(p.Wq.dtype)
+    xq, pos_q = (x, position_ids) if q_rows is None else (x[q_rows], position_ids[q_rows])
 
-    def lin(W, b):
+    def lin(x, W, b):
         return x @ W.T + (b if b is not None else 0)
 
     lay = lm.layout
-    q, k = lin(p.Wq, p.bq), lin(p.Wk, p.bk)
+    q, k = lin(xq, p.Wq, p.bq), lin(x, p.Wk, p.bk)
     norms = [get_path(lm.attention(layer), n) for n in lay.qk_norm] if lay.qk_norm else None
     if norms and not lay.qk_norm_per_head:  # OLMo-2: over the whole projection, before the head split
         q, k = norms[0](q), norms[1](k)
-    q, k = q.view(T, H, hd), k.view(T, Hkv, hd)
+    q, k = q.view(len(xq), H, hd), k.view(len(x), Hkv, hd)
     if norms and lay.qk_norm_per_head:  # Gemma-3, Qwen3: over each head's d_head entries
         q, k = norms[0](q), norms[1](k)
     q, k = q.transpose(0, 1), k.transpose(0, 1)
-    v = lin(p.Wv, p.bv).view(T, Hkv, hd).transpose(0, 1)
+    v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1)
     if lay.rotary:
         cos, sin = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # (1, T, rot_dim)
-        q, _ = lm.apply_rotary(layer, q[None], q[None], cos, sin)
+        if q_rows is not None:
+            cos_q, sin_q = lm.rotary(xq[None], pos_q[None].to(x.device), layer)
+        else:
+            cos_q, sin_q = cos, sin
+        q, _ = lm.apply_rotary(layer, q[None], q[None], cos_q, sin_q)
         k, _ = lm.apply_rotary(layer, k[None], k[None], cos, sin)
         q, k = q[0], k[0]
     return q, k, v, lm.scale(layer)

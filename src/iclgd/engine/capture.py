@@ -160,19 +160,20 @@ class Observer:
         keep_kv = [j for j, (i, _, _, _) in enumerate(items) if i < self.keep_kv]
         positions = (P + torch.arange(T, device=dev)).repeat(B)  # rows are right-padded: the same positions each
         dpos = torch.tensor(self.demo_positions, device=dev)
+        flat_pred = torch.arange(B, device=dev) * T + pos  # each row's prediction position in the flattened batch
         hs, ss, qs, ds, ks, vs = [], [], [], [], [], []
         for l in range(lm.n_layers):
             x = rec.acts[f"attn_in.{l}"][rows, :T]  # (B, T, d_model)
-            q, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions)  # (H, B·T, hd), (H_kv, B·T, hd) ×2
-            H, Hkv, hd = q.shape[0], k.shape[0], q.shape[-1]
-            acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for half precision (fp64 kept for fp64 models)
-            q = q.view(H, B, T, hd).to(acc)
+            # the query of each row's prediction position only: (H, B, hd); keys and values (H_kv, B·T, hd)
+            q_pred, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions, q_rows=flat_pred)
+            H, Hkv, hd = q_pred.shape[0], k.shape[0], q_pred.shape[-1]
+            acc = torch.promote_types(q_pred.dtype, torch.float32)  # fp32 for half precision (fp64 kept for fp64)
+            q_pred = q_pred.to(acc)
             k = k.reshape(Hkv, B, T, hd).to(acc)
             if keep_kv:
                 ks.append(k[:, keep_kv].transpose(0, 1))  # (B_kv, H_kv, T, hd)
                 vs.append(v.reshape(Hkv, B, T, hd)[:, keep_kv].to(acc).transpose(0, 1))
             k = repeat_kv(k, H // Hkv, dim=0)  # (H, B, T, hd)
-            q_pred = q[:, torch.arange(B, device=dev), pos]  # (H, B, hd)
             cap = lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
             capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
             # (B, H, T): every position after the context; a row's positions past its own pos are cut on the host
