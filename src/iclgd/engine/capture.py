@@ -27,6 +27,7 @@ from iclgd.core.hooks import Recorder
 from iclgd.core.models import LoadedModel, qkv, repeat_kv
 
 ALL = 1 << 62  # keep a capture for every example
+Q_ROWS_MIN = 16  # see Observer.take_batch
 
 
 @dataclass
@@ -161,11 +162,16 @@ class Observer:
         positions = (P + torch.arange(T, device=dev)).repeat(B)  # rows are right-padded: the same positions each
         dpos = torch.tensor(self.demo_positions, device=dev)
         flat_pred = torch.arange(B, device=dev) * T + pos  # each row's prediction position in the flattened batch
+        # at least Q_ROWS_MIN query rows (repeats of the first, dropped after): MKL sums a product of 5 to 11 rows in
+        # an order that depends on the thread count (measured, MKL 2024.2), so a sharded run with one thread per
+        # process would differ from one process in the last bits
+        q_rows = torch.cat([flat_pred, flat_pred[:1].expand(max(0, Q_ROWS_MIN - B))])
         hs, ss, qs, ds, ks, vs = [], [], [], [], [], []
         for l in range(lm.n_layers):
             x = rec.acts[f"attn_in.{l}"][rows, :T]  # (B, T, d_model)
             # the query of each row's prediction position only: (H, B, hd); keys and values (H_kv, B·T, hd)
-            q_pred, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions, q_rows=flat_pred)
+            q_pred, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions, q_rows=q_rows)
+            q_pred = q_pred[:, :B]
             H, Hkv, hd = q_pred.shape[0], k.shape[0], q_pred.shape[-1]
             acc = torch.promote_types(q_pred.dtype, torch.float32)  # fp32 for half precision (fp64 kept for fp64)
             q_pred = q_pred.to(acc)
