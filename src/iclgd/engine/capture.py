@@ -4,11 +4,13 @@ The tensors come from the hook points of :mod:`iclgd.core.hooks` (``attn_in`` an
 and keys are rebuilt from ``attn_in`` with the adapter (:func:`iclgd.core.models.qkv`, checked against the
 model's attention output in the dual-form tests).
 
-A batch is captured at once: per layer, one :func:`qkv` over every row of the batch and one score product;
-then every layer's tensors of the batch go to the host in one transfer, in fp32 (computed in fp32 whatever
-the model dtype; an fp64 model keeps fp64). Only what a metric reads is kept: the attention output and the scores after the context
-for every example; the query only for the first ``keep_q`` examples (the ΔW comparison and Kendall use no
-more), the scores over the demonstration tokens only for the first ``keep_demo`` (Kendall).
+A batch is captured at once: per layer, one :func:`qkv` over every row of the batch (queries only at the
+prediction positions) and one score product; then every layer's tensors of the batch go to the host in one
+transfer, in fp32 (computed in fp32 whatever the model dtype; an fp64 model keeps fp64). Only what a metric
+reads is kept: the attention output and the scores after the context for every example; the query only for the
+first ``keep_q`` examples (the ΔW comparison and Kendall use no more), the scores over the demonstration tokens
+only for the first ``keep_demo`` (Kendall), the keys and values of the row's tokens only for the first
+``keep_kv`` and of the prefix with ``keep_prefix_kv`` (W_ZSL and ΔW_ICL for the ΔW comparison).
 
 The attention outputs and scores, which every example has, go to a :class:`CaptureStore`: an anonymous temporary
 file (in ``$TMPDIR``), so host memory does not grow with the test set; the metrics read them back in chunks.
