@@ -256,8 +256,9 @@ def test_running_mean_equals_mean_defined_over_chunks():
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2", "tiny-random-gemma2", "tiny-random-opt"])
-def test_keys_and_values_of_padded_batches_equal_one_pass_per_prompt(name):
-    """ΔW_FT's W_ZSL (Eq. 6) from right-padded batches of prompts equals the one of each prompt alone (float64)."""
+def test_kv_matrices_are_the_sums_of_value_key_outer_products(name):
+    """W_ZSL (Eq. 6) and ΔW_ICL (Eq. 7) as dual.kv_matrices computes them (the reference of the captured ones) equal
+    Σ_t v_t k_tᵀ by hand, over all tokens or a span, from the layer's own keys and values (float64)."""
     import torch
 
     from iclgd.core.hooks import Recorder
@@ -265,23 +266,16 @@ def test_keys_and_values_of_padded_batches_equal_one_pass_per_prompt(name):
     from iclgd.engine import dual
 
     lm = load_model(name, dtype="float64")
-    prompts = [[1, 5, 9, 13, 2, 7], [1, 4], [1, 8, 3, 3, 6, 11, 12, 10, 5], [1, 2, 3]]
-    batched = dual.kv_tokens(lm, prompts, batch_size=3)  # a batch of three, then one
-    assert len(batched) == 4
-    for p, per_layer in zip(prompts, batched):
-        with Recorder(lm, points=("attn_in",)) as rec, torch.no_grad():  # one plain pass, no mask, no padding
-            lm.model(input_ids=torch.tensor([p]))
-        for layer, (k, v) in enumerate(per_layer):
-            _, k1, v1, _ = qkv(lm, layer, rec.acts[f"attn_in.{layer}"][0], torch.arange(len(p)))
-            assert k.shape == k1.shape and v.shape == v1.shape
-            torch.testing.assert_close(k, k1, rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(v, v1, rtol=1e-10, atol=1e-12)
-            W = dual.kv_outer(k, v)
-            torch.testing.assert_close(W, torch.einsum("htd,hte->hde", v1, k1), rtol=1e-10, atol=1e-12)
-    # a span: ΔW_ICL (Eq. 7) over tokens [1, 4) of the first prompt, by hand
-    k, v = batched[0][0]
-    by_hand = torch.stack([sum(torch.outer(v[h, t], k[h, t]) for t in range(1, 4)) for h in range(k.shape[0])])
-    torch.testing.assert_close(dual.kv_matrices(lm, prompts[0], (1, 4))[0], by_hand, rtol=1e-10, atol=1e-12)
+    prompt = [1, 5, 9, 13, 2, 7]
+    with Recorder(lm, points=("attn_in",)) as rec, torch.no_grad():
+        lm.model(input_ids=torch.tensor([prompt]))
+    for span, (a, b) in [(None, (0, len(prompt))), ((1, 4), (1, 4))]:
+        got = dual.kv_matrices(lm, prompt, span)
+        assert len(got) == lm.n_layers
+        for layer, W in enumerate(got):
+            _, k, v, _ = qkv(lm, layer, rec.acts[f"attn_in.{layer}"][0], torch.arange(len(prompt)))
+            by_hand = torch.stack([sum(torch.outer(v[h, t], k[h, t]) for t in range(a, b)) for h in range(k.shape[0])])
+            torch.testing.assert_close(W, by_hand, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,position", [("tiny-random-llama", "last"), ("tiny-random-gpt2", "label-token"),

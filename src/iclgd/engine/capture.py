@@ -69,8 +69,8 @@ class CaptureStore(MutableMapping):
     """Example index -> :class:`Observation`, with the large arrays (``h``, ``s_after``: per example
     L·(d_model + H·T) floats, for every example) in an anonymous temporary file that the OS deletes when it is
     closed or the process ends, and the small ones (``q``, ``s_demo``, ``kv``: only for the first examples) in memory.
-    Host memory stays flat in the number of examples; disk use is what the list of observations would have used
-    (e.g. 135 KB per example on SmolLM2 SST-2 prompts). Reading an example back gives an equal Observation."""
+    Host memory stays flat in the number of examples; disk use is 4·L·(d_model + H·T) bytes per example in fp32.
+    Reading an example back gives an equal Observation."""
 
     def __init__(self):
         self._file = tempfile.TemporaryFile(prefix="iclgd-captures-")
@@ -134,19 +134,21 @@ class Observer:
     def set_prefix(self, rec: Recorder, P: int) -> None:
         """From the prefix pass: the keys of the demonstration tokens per layer (H_kv, n_demo_tokens, d_head), and
         with ``keep_prefix_kv``/``keep_kv`` every prefix token's keys and values on the host."""
+        keep = self.keep_prefix_kv or self.keep_kv > 0
+        self._k_prefix = [] if self.demo_positions else None
+        self.prefix_kv = [] if keep else None
+        if not (self.demo_positions or keep):
+            return
         x0 = rec.acts["attn_in.0"]
         pos = torch.arange(P, device=x0.device)
         dpos = torch.tensor(self.demo_positions, dtype=torch.long, device=x0.device)
-        keep = self.keep_prefix_kv or self.keep_kv > 0
-        self._k_prefix, self.prefix_kv = [], [] if keep else None
         for l in range(self.lm.n_layers):
             _, k, v, _ = qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)  # (H_kv, P, d_head)
-            self._k_prefix.append(k[:, dpos])
+            if self.demo_positions:
+                self._k_prefix.append(k[:, dpos])
             if keep:
                 acc = torch.promote_types(k.dtype, torch.float32)
                 self.prefix_kv.append((k.to(acc).cpu().numpy(), v.to(acc).cpu().numpy()))
-        if not self.demo_positions:
-            self._k_prefix = None
 
     def take_batch(self, rec: Recorder, items: list[tuple[int, int, int, int]], P: int) -> None:
         """Read every item ``(example, row, pos, n_query)`` of one batch: example ``example`` from batch row ``row``

@@ -283,37 +283,16 @@ def kv_outer(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def kv_matrices(lm: LoadedModel, input_ids: list[int], span: tuple[int, int] | None = None) -> list[torch.Tensor]:
     """Per layer Σ_i v_i k_iᵀ per KV head, (H_kv, d, d), over the tokens of ``span`` [start, end) (all tokens
     when None) of one forward pass of ``input_ids``: W_ZSL (Eq. 6) of a ZSL prompt, or ΔW_ICL (Eq. 7) of an
-    ICL prefix with ``span`` its demonstrations. Computed with the model's current weights."""
+    ICL prefix with ``span`` its demonstrations. Computed with the model's current weights. (``iclgd compare`` takes
+    the same sums from the keys and values its scoring passes capture; this one pass is their reference.)"""
+    xs, _ = capture_layer_io(lm, input_ids)
+    pos = torch.arange(len(input_ids))
     a, b = span if span is not None else (0, len(input_ids))
-    (kv,) = kv_tokens(lm, [input_ids])
-    return [kv_outer(k[:, a:b], v[:, a:b]) for k, v in kv]
-
-
-@torch.no_grad()
-def kv_tokens(lm: LoadedModel, prompts: list[list[int]], batch_size: int = 8
-              ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per prompt, per layer, the keys and values of its tokens (H_kv, T_prompt, d_head) on the host, in the
-    model's dtype: what :func:`kv_outer` turns into W_ZSL (Eq. 6) or ΔW_ICL (Eq. 7). Forward passes of
-    ``batch_size`` right-padded prompts at a time (causal attention: a prompt's own tokens see no padding, so
-    they get what one pass per prompt gives, up to float rounding), and one :func:`qkv` per layer and batch.
-    Kept per token rather than as d×d matrices: T·d_head numbers per head instead of d_head², as computed."""
-    out, dev = [], lm.input_device
-    pad = next(t for t in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id, 0) if t is not None)
-    for a in range(0, len(prompts), batch_size):
-        batch = prompts[a: a + batch_size]
-        B, T = len(batch), max(map(len, batch))
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for r, p in enumerate(batch):
-            ids[r, : len(p)], mask[r, : len(p)] = torch.tensor(p), 1
-        with Recorder(lm, points=("attn_in",)) as rec:
-            lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
-        per_layer = []
+    out = []
+    with torch.no_grad():
         for layer in range(lm.n_layers):
-            x = rec.acts[f"attn_in.{layer}"]  # (B, T, d_model)
-            _, k, v, _ = qkv(lm, layer, x.reshape(B * T, -1), torch.arange(T, device=x.device).repeat(B))
-            per_layer.append((k.reshape(k.shape[0], B, T, -1).cpu(), v.reshape(v.shape[0], B, T, -1).cpu()))
-        out += [[(k[:, r, : len(p)], v[:, r, : len(p)]) for k, v in per_layer] for r, p in enumerate(batch)]
+            _, k, v, _ = qkv(lm, layer, xs[layer], pos.to(xs[layer].device))
+            out.append(kv_outer(k[:, a:b], v[:, a:b]).cpu())
     return out
 
 

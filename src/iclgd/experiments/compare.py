@@ -67,20 +67,28 @@ class CompareConfig:
             raise IclgdError("--kendall-n must be at least 1 and --updates-n at least 0")
 
 
-def _stats(per_layer: np.ndarray, per_example: np.ndarray | None = None) -> dict:
+def _stats(per_layer: np.ndarray, n_examples: np.ndarray | None = None) -> dict:
     """Overall (mean over the layers where the metric is defined) and per layer, with what they rest on:
-    ``n_layers`` defined layers, and with ``per_example`` (n_examples, n_layers) the defined examples per layer."""
+    ``n_layers`` defined layers, and with ``n_examples`` the defined examples per layer."""
     per_layer = np.asarray(per_layer, dtype=float)
     overall, n_layers = M.mean_defined(per_layer)
     out = {"overall": float(overall), "per_layer": [float(x) for x in per_layer], "n_layers": int(n_layers)}
-    if per_example is not None:
-        out["n_examples_per_layer"] = [int(x) for x in (~np.isnan(np.asarray(per_example, dtype=float))).sum(0)]
+    if n_examples is not None:
+        out["n_examples_per_layer"] = [int(x) for x in n_examples]
     return out
+
+
+def _stats_running(rm: M.RunningMean, per_example: bool = True) -> dict:
+    """:func:`_stats` of a mean over examples (``per_example``: with the defined examples per layer)."""
+    mean, n = rm.result()
+    return _stats(mean, n if per_example else None)
 
 
 def _stats_ex(per_example: np.ndarray) -> dict:
     """:func:`_stats` of a per-example metric (n_examples, n_layers): its per-layer means over defined examples."""
-    return _stats(M.mean_defined(per_example, axis=0)[0], per_example)
+    rm = M.RunningMean()
+    rm.add(per_example)
+    return _stats_running(rm)
 
 
 # Deviations from the paper's code that hold for every compare run (each results file and report lists them)
@@ -248,16 +256,6 @@ def _outcomes(labels: np.ndarray, logprobs: tuple[np.ndarray, ...], C: int) -> d
 
 
 METRICS_CHUNK = 64  # examples whose captures are read back and compared at a time
-
-
-def _stats_running(rm: M.RunningMean, per_example: bool = True) -> dict:
-    """:func:`_stats` of a running mean over examples (``per_example``: with the defined examples per layer, as
-    :func:`_stats_ex`)."""
-    mean, n = rm.result()
-    out = _stats(mean)
-    if per_example:
-        out["n_examples_per_layer"] = [int(x) for x in n]
-    return out
 
 
 def _similarities(observers: tuple[Observer, ...], N: int, seed: int, segment: str) -> tuple[dict, int]:
