@@ -1,6 +1,7 @@
 """Issue 17: placement under several processes, provenance of the hardware, batched captures."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -145,7 +146,7 @@ def test_kendall_logits_by_one_product_per_layer_equal_the_per_example_einsum():
     assert M.query_logits(q_test, q_train)[2, 1, 3] == pytest.approx(float((q_test[2, 1] * q_train[1, 3]).sum()))
 
 
-def test_batch_size_auto_and_halving_on_gpu_out_of_memory(tiny, data_dir, monkeypatch):
+def test_batch_size_auto_and_halving_on_gpu_out_of_memory(tiny, data_dir, monkeypatch, caplog):
     import numpy as np
     import torch
 
@@ -169,9 +170,13 @@ def test_batch_size_auto_and_halving_on_gpu_out_of_memory(tiny, data_dir, monkey
         return real(lm, prompts, batch, *args)
 
     monkeypatch.setattr(scoring, "_score_batch", small_gpu)
-    with pytest.warns(UserWarning, match="batch size now 4"):
+    monkeypatch.setattr(lm, "batch_limit", None)  # the cached model is shared: restored after the test
+    with caplog.at_level(logging.WARNING, logger="iclgd.engine.scoring"):
         got = scoring.score_options(lm, p, batch_size=8)
+    assert "batch size now 4" in caplog.text and "batch size now 2" in caplog.text  # shown, not filtered
     assert sizes[:3] == [7, 4, 2] and set(sizes[3:]) <= {2, 1}  # halved until it fits, then kept
+    # the size that fitted is what later passes use and what results record as applied
+    assert lm.batch_limit == 2 and scoring.resolve_batch_size(lm, "auto") == 2 and scoring.resolve_batch_size(lm, 8) == 2
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert not np.isnan(got).any()  # no example skipped by a failed batch
 

@@ -15,6 +15,7 @@ finetuning (:mod:`iclgd.engine.finetune`) all take their tensors here. Queries a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Callable
 
 import torch
@@ -45,11 +46,13 @@ class Recorder:
     """
 
     def __init__(self, lm: LoadedModel, points=("attn_in", "attn_out"), detach: bool = True,
-                 edit: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
+                 edit: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                 layers: Iterable[int] | None = None):
         unknown = [p for p in [*points, *(edit or {})] if p not in HOOK_POINTS]
         if unknown:
             raise ValueError(f"unknown hook point(s) {unknown}; expected {', '.join(HOOK_POINTS)}")
         self.lm, self.points, self.detach, self.edit = lm, points, detach, edit or {}
+        self.layers = list(range(lm.n_layers)) if layers is None else sorted(set(layers))
         self.acts: dict[str, torch.Tensor] = {}
         self._handles = []
 
@@ -77,7 +80,7 @@ class Recorder:
         return pre_hook
 
     def __enter__(self):
-        for l in range(self.lm.n_layers):
+        for l in self.layers:
             for point in [*self.edit, *(p for p in self.points if p not in self.edit)]:
                 module_of, kind = HOOK_POINTS[point]
                 hook, module = self._hook(point, f"{point}.{l}"), module_of(self.lm, l)
@@ -89,3 +92,57 @@ class Recorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def parse_names(lm: LoadedModel, names: Iterable[str]) -> tuple[list[str], list[int]]:
+    """``["attn_out.3", "block_in"]`` -> the points and layers to hook (a point without ``.l``: every layer);
+    an unknown point or a layer outside the model is a one-line error."""
+    from iclgd.core.errors import IclgdError
+
+    points, layers = [], set()
+    for n in names:
+        point, _, layer = str(n).partition(".")
+        if point not in HOOK_POINTS:
+            raise IclgdError(f"hook point {n!r}: unknown (expected one of {', '.join(HOOK_POINTS)}, optionally "
+                             f"with .LAYER, e.g. attn_out.3)")
+        if layer and not (layer.isdigit() and int(layer) < lm.n_layers):
+            raise IclgdError(f"hook point {n!r}: layer {layer} is not one of the model's 0..{lm.n_layers - 1}")
+        points.append(point) if point not in points else None
+        layers.update([int(layer)] if layer else range(lm.n_layers))
+    return points, sorted(layers)
+
+
+class Recording(Recorder):
+    """:class:`Recorder` limited to the names asked for: ``rec["attn_out.3"]`` after a forward pass."""
+
+    def __init__(self, lm: LoadedModel, names: Iterable[str], detach: bool = True):
+        names = [names] if isinstance(names, str) else list(names)
+        points, layers = parse_names(lm, names)
+        super().__init__(lm, points=tuple(points), detach=detach, layers=layers)
+        self.names = {f"{p}.{l}" for n in names for p, _, l0 in [str(n).partition(".")]
+                      for l in ([int(l0)] if l0 else range(lm.n_layers))}
+
+    def _keep(self, name):
+        keep = super()._keep(name)
+        return keep if name in self.names else (lambda t: None)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(f"{name!r} was not recorded (recorded: {', '.join(sorted(self.names))})")
+        if name not in self.acts:
+            raise KeyError(f"{name!r}: no forward pass has run inside the block yet")
+        return self.acts[name]
+
+    def keys(self) -> list[str]:
+        return sorted(self.acts)
+
+
+def record(lm: LoadedModel, names: Iterable[str], detach: bool = True) -> Recording:
+    """Record named hook points during the forward passes run inside the ``with`` block (see the module's
+    docstring for the points and their shapes)::
+
+        with iclgd.hooks.record(lm, ["attn_out.3", "block_out"]) as rec:
+            lm.model(input_ids=ids)
+        rec["attn_out.3"]        # (B, T, d_model), the last forward pass's
+    """
+    return Recording(lm, names, detach)

@@ -283,6 +283,7 @@ class LoadedModel:
     source: str  # where the weights came from
     start_token: str | None = None  # the token every prompt starts with; None: the tokenizer's BOS, else its EOS
     use_start: bool = True  # False (--bos none): prompts start with the first demonstration or the test input
+    batch_limit: int | None = None  # set when a batch ran out of GPU memory and was halved: the size that fitted
 
     @property
     def config(self):
@@ -301,6 +302,17 @@ class LoadedModel:
     @property
     def model_type(self) -> str:
         return self.model.config.model_type
+
+    @property
+    def device(self) -> str:
+        """The device applied, as results record it: 'cpu', 'cuda:0', 'mps:0'."""
+        d = self.input_device
+        return d.type if d.type == "cpu" else f"{d.type}:{d.index or 0}"
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the weights applied, as results record it: 'float32', 'bfloat16', ..."""
+        return str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
 
     @property
     def n_layers(self) -> int:
@@ -847,10 +859,27 @@ def deterministic(device: str) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def resolve_device(device: str) -> str:
+    """``--device auto``: CUDA when present, then Apple's MPS, else the CPU; any other value as given. Results
+    record the device this returns (the one applied), never 'auto'."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is off (``HF_HUB_OFFLINE=1``, which ``iclgd --offline`` sets)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "on", "yes", "true")
+
+
 def model_config(name: str):
     """(folder or hub id, source, config) of a registry name, local folder or hub id, without loading weights;
-    an unknown name or a config that cannot be read offline is a one-line error. A registry model is converted
-    into the cache here on its first use."""
+    a config that cannot be read is a one-line error that says whether the hub was off. A registry model is
+    converted into the cache here on its first use. Any other name is a hub id: ``owner/name`` or a legacy
+    one-part id such as ``gpt2``."""
     from transformers import AutoConfig
 
     if name in REGISTRY:
@@ -858,17 +887,25 @@ def model_config(name: str):
     elif Path(name).is_dir():
         check_model_folder(Path(name))
         folder, source = Path(name), f"local folder {Path(name).resolve()}"
-    elif "/" in name:
-        folder, source = name, f"hub {name}"
+    elif name.startswith("tiny-random-"):
+        raise IclgdError(f"--model {name!r}: unknown tiny model (expected one of {', '.join(tiny_configs())})")
+    elif Path(name).exists() or name.startswith((".", "/", "~")) or not name.strip():
+        raise IclgdError(f"--model {name!r}: not a model folder (expected one of {', '.join(REGISTRY)}, "
+                         "tiny-random-*, a local folder, or a hub id)")
     else:
-        raise IclgdError(
-            f"--model {name!r}: unknown model (expected one of {', '.join([*REGISTRY, *tiny_configs()])}, "
-            "a local folder, or a hub id owner/name)"
-        )
+        folder, source = name, f"hub {name}"
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as e:
-        raise IclgdError(f"--model {name!r}: cannot load its config offline ({str(e).splitlines()[0]})") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        known = f"{', '.join(REGISTRY)}, tiny-random-*, a local folder"
+        if isinstance(folder, str) and hub_offline():
+            raise IclgdError(f"--model {name!r}: unknown model offline: not {known}, nor in the local hub cache, and "
+                             "the hub is off (HF_HUB_OFFLINE=1 or --offline; run once online to download it)") from None
+        if isinstance(folder, str):
+            raise IclgdError(f"--model {name!r}: unknown model: not {known}, nor a hub model that could be "
+                             f"reached ({first})") from None
+        raise IclgdError(f"--model {name!r}: cannot read its config ({first})") from None
     return folder, source, config
 
 
@@ -882,6 +919,54 @@ def check_model(name: str, need_layout: bool = True) -> None:
         layout_for_config(config)
 
 
+def from_objects(model: nn.Module, tokenizer, name: str | None = None, bos: str | None = None,
+                 need_layout: bool = True, source: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` from a Hugging Face causal LM object and its tokenizer, as a researcher holds them in
+    a notebook. The attention layout is derived from the object's modules and checked against its own attention
+    (as for a model loaded by name); a family whose derived layout needs another attention implementation (eager
+    for soft-capping) is switched to it. ``need_layout=False`` keeps a family without a layout for ZSL/ICL
+    accuracy only. The weights are used as they are: nothing is copied or moved."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise IclgdError(f"model: expected a Hugging Face causal LM object (got {type(model).__name__})")
+    if tokenizer is None or not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
+        raise IclgdError(f"tokenizer: expected the model's Hugging Face tokenizer (got {type(tokenizer).__name__})")
+    name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    try:
+        layout = derive_layout(model)
+    except IclgdError:
+        if need_layout:
+            raise
+        layout = None
+    if layout is not None and getattr(model.config, "_attn_implementation", None) != layout.attn_implementation:
+        model.set_attn_implementation(layout.attn_implementation)
+    model.eval()
+    lm = LoadedModel(name, model, tokenizer, layout, source or f"Python object {type(model).__name__}")
+    if layout is not None:
+        try:
+            check_layout(lm)
+        except IclgdError:
+            if need_layout:
+                raise
+            lm.layout = None
+    lm.set_start(bos)
+    return lm
+
+
+def as_loaded(model, **load_kw) -> LoadedModel:
+    """``model`` as a :class:`LoadedModel`: one already loaded is used as it is, a name is loaded with ``load_kw``."""
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, (str, Path)):
+        raise IclgdError(f"model: expected a name, a folder or a LoadedModel (got {type(model).__name__}; wrap an "
+                         "HF model object with iclgd.load_model(model, tokenizer))")
+    return load_model(str(model), **load_kw)
+
+
+def model_name(model) -> str:
+    """What results record as the model: the name given, or a loaded model's own."""
+    return model.name if isinstance(model, LoadedModel) else str(model)
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
                device_map: str | None = None, bos: str | None = None, need_layout: bool = True) -> LoadedModel:
     """``name``: a registry short name, a tiny-random-* config, a local folder, or a hub id.
@@ -893,7 +978,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     need its attention layout, so by default such a family is refused before its weights load.
     """
     torch_dtype = _torch_dtype(dtype)
-    device, device_map = placement(device, device_map)
+    device, device_map = placement(resolve_device(device), device_map)
     deterministic(device)
     if name in tiny_configs():  # built in fp32 on the CPU; then the requested dtype and device, as for any model
         lm = build_tiny(name)

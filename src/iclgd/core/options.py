@@ -67,10 +67,12 @@ def dtype(value: str, allowed: tuple[str, ...] = DTYPES, option: str = "--dtype"
 
 
 def device(value: str, option: str = "--device") -> None:
-    """cpu, cuda or cuda:N (an available GPU), or mps (an available Apple GPU)."""
+    """auto (CUDA, then MPS, else CPU), cpu, cuda or cuda:N (an available GPU), or mps (an available Apple GPU)."""
+    if value == "auto":
+        return
     m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", value)
     if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
-        raise IclgdError(f"{option} {value!r}: expected cpu, cuda, cuda:N or mps")
+        raise IclgdError(f"{option} {value!r}: expected auto, cpu, cuda, cuda:N or mps")
     if m.group(1) == "cuda":
         import torch
 

@@ -69,8 +69,23 @@ class TaskSpec:
         """What defines the task's prompts and data (recorded in results files)."""
         return {k: v for k, v in asdict(self).items() if k not in ("lr", "demo_fallback", "notes")}
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TaskSpec":
+        """A user task from its JSON spec file (the ``--task-spec`` format; relative data paths from its folder)."""
+        return load_task_spec(path)
 
-def resolve_task(name: str, spec_file: str | None = None) -> TaskSpec:
+    @classmethod
+    def builtin(cls, name: str) -> "TaskSpec":
+        """One of the paper's six tasks: sst2, sst5, mr, subj, agnews, cb."""
+        return resolve_task(name)
+
+
+def resolve_task(name: "str | TaskSpec", spec_file: "str | Path | TaskSpec | None" = None) -> TaskSpec:
+    """A task by name, a spec file (``--task-spec``), or a :class:`TaskSpec` object as it is."""
+    if isinstance(spec_file, TaskSpec):
+        return spec_file
+    if isinstance(name, TaskSpec):
+        return name
     if spec_file is not None:
         return load_task_spec(spec_file)
     if name not in TASKS:
@@ -363,8 +378,11 @@ def load_tasks(task: str, task_spec=None, data_dir=None, n_test: int | None = No
                ) -> tuple[list[TaskData], Path | None]:
     """Every requested task's data (a name, a comma list, 'all', or one --task-spec file), and the data
     directory used. All data errors surface here, before any model is loaded."""
-    names = [None] if task_spec is not None else parse_task_list(task)
-    specs = [resolve_task(n or "", str(task_spec) if task_spec else None) for n in names]
+    if isinstance(task, TaskSpec) or isinstance(task_spec, TaskSpec):
+        specs = [resolve_task(task, task_spec)]
+    else:
+        names = [None] if task_spec is not None else parse_task_list(task)
+        specs = [resolve_task(n or "", str(task_spec) if task_spec else None) for n in names]
     ddir = resolve_data_dir(data_dir)
     return [load_task(s, ddir, n_test) for s in specs], ddir
 

@@ -9,7 +9,7 @@ the prefix ``[BOS]``.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -23,6 +23,8 @@ from iclgd.core.hooks import Recorder
 from iclgd.core.models import LoadedModel
 from iclgd.core.tasks import TaskData, TaskSpec, sample_demos
 from iclgd.engine.capture import Observer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SEPARATOR = "\n"  # the paper's fairseq code ends each demonstration with </s>; see README
 
@@ -160,7 +162,8 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
                     raise
                 torch.cuda.empty_cache()  # a batch too large for the GPU: retry it halved (same results up to rounding)
                 batch_size = max(1, batch_size // 2)
-                warnings.warn(f"batch out of GPU memory: batch size now {batch_size}")
+                lm.batch_limit = batch_size  # later passes start here; results record it as the size applied
+                log.warning("a batch ran out of GPU memory: batch size now %d (results record it)", batch_size)
                 continue
             b += len(batch)
             bar.update(len(batch))
@@ -169,13 +172,13 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
 
 
 def resolve_batch_size(lm: LoadedModel, batch_size: int | str) -> int:
-    """``--batch-size``: an int as given; 'auto' the largest that fits: from AUTO_GPU_BATCH down (halved on a GPU
+    """``--batch-size``: an int as given (at most the size that fitted after a halving); 'auto' the largest that fits: from AUTO_GPU_BATCH down (halved on a GPU
     out-of-memory error, in :func:`score_options`), AUTO_CPU_BATCH on CPU (larger batches are no faster there)."""
     if batch_size == "auto":
-        return AUTO_GPU_BATCH if lm.input_device.type == "cuda" else AUTO_CPU_BATCH
-    if not isinstance(batch_size, int) or batch_size < 1:  # <= 0 would score nothing and leave NaN log-probs
+        batch_size = AUTO_GPU_BATCH if lm.input_device.type == "cuda" else AUTO_CPU_BATCH
+    elif not isinstance(batch_size, int) or batch_size < 1:  # <= 0 would score nothing and leave NaN log-probs
         raise IclgdError(f"--batch-size {batch_size}: expected 'auto' or a positive integer")
-    return batch_size
+    return min(batch_size, lm.batch_limit or batch_size)  # after an out-of-memory halving, the size that fitted
 
 
 AUTO_GPU_BATCH, AUTO_CPU_BATCH = 64, 8
@@ -267,9 +270,11 @@ def score_split(lm: LoadedModel, data: TaskData, cfg: EvalConfig, icl: bool, pro
     return out
 
 
-def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = True) -> dict:
-    """ZSL and ICL accuracy of one task for one seed, with per-example records."""
-    zsl = score_split(lm, data, cfg, icl=False, progress=progress)
+def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = True, zsl: dict | None = None
+             ) -> dict:
+    """ZSL and ICL accuracy of one task for one seed, with per-example records. ``zsl``: the task's ZSL
+    :func:`score_split` when already computed (it does not depend on the seed)."""
+    zsl = zsl if zsl is not None else score_split(lm, data, cfg, icl=False, progress=progress)
     icl = score_split(lm, data, cfg, icl=True, progress=progress)
     records = [
         {"idx": z["idx"], "label": z["label"], "zsl_pred": z["pred"], "icl_pred": i["pred"],
@@ -278,6 +283,7 @@ def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = 
     ]
     return {
         "task": data.spec.name,
+        "seed": cfg.seed,
         "n": icl["n"],
         "k_requested": cfg.k,
         "k_true": icl["k_true"],

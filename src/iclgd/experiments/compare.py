@@ -8,6 +8,7 @@ functions of :mod:`iclgd.core.metrics`.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,12 +19,13 @@ import numpy as np
 from iclgd.core import metrics as M
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, atomic_write_jsonl
-from iclgd.core.models import LoadedModel, load_model, repeat_kv, run_versions
+from iclgd.core.models import LoadedModel, as_loaded, model_name, repeat_kv, run_versions
 from iclgd.core.tasks import TaskData, load_tasks, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.capture import Observer
 from iclgd.engine.finetune import FTRecord, Snapshot, finetune, reinit_untrained
 from iclgd.engine.scoring import Prompts, build_prompts, resolve_batch_size, score_options
+from iclgd.experiments.protocol import Result, tidy_rows
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
 # rates (GiilDe/ft-vs-icl configs for the 1.3B model, probably Dai et al. App. B) in their JSON files; they
@@ -382,7 +384,7 @@ def config_dict(cfg: CompareConfig) -> dict:
 class CompareJob:
     """What ``iclgd compare`` runs: every task × seed of one model, and optionally its untrained control."""
 
-    model: str = "smollm2-135m"
+    model: str | LoadedModel = "smollm2-135m"  # a name or folder (loaded with dtype, device, bos), or a loaded model
     task: str = "sst2"  # a name, a comma list or 'all'
     seeds: list[int] = field(default_factory=lambda: [1])
     n_test: int | None = None
@@ -390,7 +392,7 @@ class CompareJob:
     task_spec: Path | None = None  # or one user task
     data_dir: Path | None = None
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"
     bos: str | None = None  # the prompts' start token: None for the model's, or a token
     compare: CompareConfig = field(default_factory=CompareConfig)
 
@@ -420,11 +422,12 @@ def run(job: CompareJob, progress: bool = True) -> Iterator[TaskResult]:
 
 
 def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterator[TaskResult]:
-    lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
+    lm = as_loaded(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
     zsl_cache = ZslCache()  # the trained model's ZSL pass, once per task for all seeds
     control_lm = None
-    if job.untrained:
-        control_lm = load_model(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
+    if job.untrained:  # a second copy, re-initialised per seed (a model object given in Python is copied, not touched)
+        control_lm = (copy.deepcopy(lm) if isinstance(job.model, LoadedModel)
+                      else as_loaded(job.model, dtype=job.dtype, device=job.device, bos=job.bos))
     for data in datas:
         t0 = time.time()
         results, records, phases = [], [], []
@@ -441,8 +444,8 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
                 control.append({**c, "untrained_init_seed": init_seed})
         doc = {
             "kind": "iclgd.compare",
-            "config": {"model": job.model, "model_source": lm.source, "model_type": lm.model_type, "dtype": job.dtype,
-                       "device": job.device, "start_token": lm.start, "task": data.spec.to_dict(), "seeds": job.seeds, "n_test": job.n_test,
+            "config": {"model": model_name(job.model), "model_source": lm.source, "model_type": lm.model_type,
+                       "dtype": lm.dtype, "device": lm.device, "start_token": lm.start, "task": data.spec.to_dict(), "seeds": job.seeds, "n_test": job.n_test,
                        "data_dir": str(ddir) if ddir else "hf-hub", **config_dict(job.compare),
                        "untrained_control": job.untrained,
                        "batch_size_applied": resolve_batch_size(lm, job.compare.batch_size),
@@ -466,3 +469,26 @@ def write(result: TaskResult, out) -> Path:
     atomic_write_json(d / "results.json", result.doc)
     atomic_write_jsonl(d / "records.jsonl", result.records)
     return d / "results.json"
+
+
+class CompareResult(Result):
+    """``iclgd compare``'s files: per task a results.json (every seed's metrics, their aggregate, the untrained
+    control) and its records.jsonl (one row per test example and seed)."""
+
+    kind = "iclgd.compare"
+
+    @classmethod
+    def of(cls, tasks: list[TaskResult]) -> "CompareResult":
+        docs = {str(Path(t.subdir) / "results.json"): t.doc for t in tasks}
+        return cls(docs, {str(Path(t.subdir) / "records.jsonl"): t.records for t in tasks})
+
+    def rows(self) -> list[dict]:
+        out = []
+        for doc in self.docs.values():
+            task = doc["config"]["task"]["name"]
+            control = (doc.get("untrained") or {}).get("seeds") or []
+            for condition, seeds in (("trained", doc["seeds"]), ("untrained", control)):
+                for r in seeds:
+                    numbers = {k: v for k, v in r.items() if k not in ("seed", "untrained_init_seed")}
+                    out += tidy_rows(numbers, {"task": task, "seed": r["seed"], "condition": condition})
+        return out

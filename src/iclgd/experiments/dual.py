@@ -13,10 +13,11 @@ import torch
 
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, ensure_dir
-from iclgd.core.models import LoadedModel, load_model, run_versions
+from iclgd.core.models import LoadedModel, as_loaded, load_model, model_name, run_versions
 from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.scoring import build_prompts
+from iclgd.experiments.protocol import Result
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 
@@ -25,7 +26,7 @@ def icl_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None, exa
                ) -> tuple[list[int], tuple[int, int], dict]:
     """A real ICL prompt: k demonstrations (seeded) and the ``example``-th test input of the task
     (a built-in task name, or a user task's JSON spec file ``task_spec``)."""
-    spec = resolve_task(task, str(task_spec) if task_spec else None)
+    spec = resolve_task(task, task_spec)
     task = spec.name
     data = load_task(spec, resolve_data_dir(data_dir), n_test=example + 1)
     p = build_prompts(lm, spec, sample_demos(data.demo_pool, k, seed), data.eval_rows[example:])
@@ -50,7 +51,7 @@ def parse_layers(value: str, n_layers: int) -> list[int]:
 
 @dataclass
 class VerifyConfig:
-    model: str = "smollm2-135m"
+    model: str | LoadedModel = "smollm2-135m"  # a name or folder, or a loaded model (converted to ``dtype`` in place)
     task: str = "sst2"
     k: int = 8
     seed: int = 1
@@ -59,6 +60,7 @@ class VerifyConfig:
     data_dir: Path | None = None
     bos: str | None = None  # the prompt's start token (None: the model's)
     task_spec: Path | None = None  # a user task's JSON spec (e.g. an ICL-world task) instead of ``task``
+    device: str = "auto"  # where a model given by name is loaded (auto: CUDA, then MPS, else CPU)
 
     def __post_init__(self):
         if self.dtype not in ("float64", "float32"):
@@ -77,19 +79,24 @@ def verify_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None,
 
 def verify(cfg: VerifyConfig) -> dict:
     """``iclgd dual verify``: every chosen layer and head, with the tolerance of the dtype."""
-    lm = load_model(cfg.model, bos=cfg.bos)
-    torch_dtype = getattr(torch, cfg.dtype)
-    lm.model.to(torch_dtype)
+    lm = as_loaded(cfg.model, bos=cfg.bos, device=cfg.device)
+    torch_dtype, given = getattr(torch, cfg.dtype), lm.model.get_input_embeddings().weight.dtype
     chosen = parse_layers(cfg.layers, lm.n_layers)
     t0 = time.time()
-    v = verify_prompt(lm, cfg.task, cfg.k, cfg.seed, cfg.data_dir, chosen, task_spec=cfg.task_spec)
+    lm.model.to(torch_dtype)
+    try:
+        v = verify_prompt(lm, cfg.task, cfg.k, cfg.seed, cfg.data_dir, chosen, task_spec=cfg.task_spec)
+    finally:  # a model handed in from Python gets its dtype back (exact: float64 holds every float32 and bf16 value)
+        if isinstance(cfg.model, LoadedModel):
+            lm.model.to(given)
     tol = TOLERANCE[torch_dtype]
     ok = all(r["identity_rel_err"] <= tol for r in v["rows"])
     # sliding-window layers (Gemma-2/3, Mistral): the prediction position sees, and W_ZSL + ΔW_ICL sums, only
     # the last W tokens there
     windows = {l: lm.window(l) for l in chosen if lm.window(l) is not None}
     return {"kind": "iclgd.dual.verify",
-            "config": {"model": cfg.model, "model_source": lm.source, "dtype": cfg.dtype, "layers": chosen,
+            "config": {"model": model_name(cfg.model), "model_source": lm.source, "dtype": cfg.dtype,
+                       "device": lm.device, "layers": chosen,
                        **v["meta"], **({"sliding_windows": windows} if windows else {})},
             "data_sha256": v["data_sha256"], "versions": run_versions(),
             "summary": {**v["summary"], "tolerance": tol, "within_tolerance": ok},
@@ -143,3 +150,26 @@ def compare_updates(before: str, after: str, task: str = "sst2", k: int = 8, see
 
 def write_updates(result: dict, out) -> None:
     atomic_write_json(Path(out) / "dual_updates.json", result)
+
+
+class VerifyResult(Result):
+    """``iclgd dual verify``'s dual_verify.json: per layer the identity error, the reconstruction error,
+    ‖ΔW_ICL‖/‖W_ZSL‖ and the softmax gap; per head in ``rows``; the summary with its tolerance."""
+
+    kind = "iclgd.dual.verify"
+    doc_name = "dual_verify.json"
+
+    @property
+    def doc(self) -> dict:
+        return self.docs["dual_verify.json"]
+
+    @property
+    def ok(self) -> bool:
+        """The identity holds on every layer and head within the dtype's tolerance."""
+        return bool(self.doc["summary"]["within_tolerance"])
+
+    def rows(self) -> list[dict]:
+        c = self.doc["config"]
+        base = {"task": c["task"], "seed": c["seed"], "condition": "icl"}
+        return [{**base, "layer": row["layer"], "metric": k, "value": float(v)}
+                for row in self.doc["per_layer"] for k, v in row.items() if k != "layer"]

@@ -1,0 +1,109 @@
+"""What every experiment's result offers a Python user: the documents it wrote, as a dict, as a tidy table, on disk.
+
+A result holds the same JSON documents the CLI writes (``results.json`` and friends), so a run from Python
+and a run from the command line are the same files. :meth:`Result.to_pandas` flattens them into one row
+per (task, seed, condition, layer, metric): a figure with ``overall`` and ``per_layer`` gives a row with
+layer ``None`` (the mean over layers) and one per layer; any other number gives one row with layer
+``None``. Lists that are not per layer (per-head tables, demonstration ids, losses) stay in the documents.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from iclgd.core.errors import IclgdError
+from iclgd.core.io import atomic_write_json, atomic_write_jsonl
+from iclgd.core.runfolder import lock, refuse_existing
+
+TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value")
+COUNTS = ("n_layers", "n_examples_per_layer", "n_examples")  # what a figure rests on: in the documents, not rows
+
+
+def tidy_rows(obj: Any, base: dict, prefix: str = "") -> list[dict]:
+    """The numbers of ``obj`` (a nested dict) as tidy rows, each carrying ``base`` (task, seed, condition)."""
+    rows: list[dict] = []
+    if isinstance(obj, dict) and "overall" in obj and "per_layer" in obj:
+        rows.append({**base, "layer": None, "metric": prefix, "value": _num(obj["overall"])})
+        rows += [{**base, "layer": l, "metric": prefix, "value": _num(v)} for l, v in enumerate(obj["per_layer"])]
+        for k, v in obj.items():  # baselines beside the figure
+            if k not in ("overall", "per_layer") and k not in COUNTS:
+                rows += tidy_rows(v, base, f"{prefix}.{k}")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if k not in COUNTS:
+                rows += tidy_rows(v, base, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and prefix:
+        rows.append({**base, "layer": None, "metric": prefix, "value": _num(obj)})
+    return rows
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+@dataclass
+class Result:
+    """One experiment's result: ``docs`` maps each file name under the run folder (``results.json``,
+    ``sst2/results.json``) to its JSON document, ``records`` each per-example file to its rows."""
+
+    docs: dict[str, dict]
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        """The documents as written: one document when there is one, else {file name: document}."""
+        return next(iter(self.docs.values())) if len(self.docs) == 1 else dict(self.docs)
+
+    def rows(self) -> list[dict]:  # pragma: no cover - each experiment says how its documents flatten
+        raise NotImplementedError
+
+    def to_pandas(self):
+        """A tidy table: one row per task, seed, condition, layer and metric (columns :data:`TIDY_COLUMNS`)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows(), columns=list(TIDY_COLUMNS))
+
+    def save(self, out, overwrite: bool = False) -> Path:
+        """Write the documents (atomically, under the folder's lock); an earlier run's files are kept unless
+        ``overwrite``. Returns the folder."""
+        out = Path(out)
+        refuse_existing([out / name for name in self.docs], overwrite)
+        with lock(out):
+            self.write(out)
+        return out
+
+    def write(self, out: Path) -> None:
+        for name, doc in self.docs.items():
+            atomic_write_json(out / name, doc)
+        for name, rows in self.records.items():
+            atomic_write_jsonl(out / name, rows)
+
+    @classmethod
+    def load(cls, out) -> "Result":
+        """The result saved in ``out`` (by :meth:`save` or by the CLI)."""
+        out = Path(out)
+        docs = {str(p.relative_to(out)): _read(p) for p in sorted(out.rglob(cls.doc_name))}
+        docs = {k: v for k, v in docs.items() if v.get("kind") == cls.kind}
+        if not docs:
+            raise IclgdError(f"{out}: no {cls.doc_name} of an {cls.kind} run")
+        records = {}
+        for name in docs:
+            rec = out / Path(name).with_name("records.jsonl")
+            if rec.is_file():
+                records[str(rec.relative_to(out))] = [json.loads(l) for l in rec.read_text().splitlines() if l]
+        return cls(docs, records)
+
+    doc_name: ClassVar[str] = "results.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise IclgdError(f"{path}: not a readable results file ({e})") from None
+    if not isinstance(doc, dict):
+        raise IclgdError(f"{path}: not a results document (expected a JSON object)")
+    return doc
