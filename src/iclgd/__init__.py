@@ -1,3 +1,62 @@
-"""iclgd: in-context learning as implicit gradient descent, measured on real models."""
+"""iclgd: in-context learning as implicit gradient descent (Dai et al. 2022), measured on your own models.
 
-__version__ = "0.1.0"
+The Python API (the same experiments as the ``iclgd`` command line, on a model object)::
+
+    import iclgd
+    lm = iclgd.load_model(model, tokenizer)      # an HF causal LM object and its tokenizer; or a name, folder, hub id
+    iclgd.evaluate(lm, task="sst2", k=8, seeds=[1], n_test=100)             # ZSL and ICL accuracy
+    res = iclgd.compare(lm, task="sst2", k=8, seeds=[1, 2, 3], n_test=100, untrained=True)
+    res.to_pandas()                              # tidy: task, seed, condition, layer, metric, value
+    res.save("runs/x")                           # the files `iclgd compare --out runs/x` writes
+    iclgd.dual_verify(lm, task="sst2", k=8)      # ICL = (W_ZSL + ΔW_ICL) q on every layer and head
+    iclgd.metrics.simaou(...)                    # the paper's metrics as pure functions on arrays
+    with iclgd.hooks.record(lm, ["attn_out.3"]) as rec:   # named hook points on the real model
+        lm.model(input_ids=ids)
+    iclgd.Task.from_json("my_task.json")         # a task spec (template, verbalizer, files) as an object
+
+load_model(model, tokenizer=None, *, name, dtype, device, bos) -> LoadedModel
+evaluate(model, task, *, k, seeds, n_test, ...) -> EvalResult
+compare(model, task, *, k, seeds, n_test, untrained, **CompareConfig fields) -> CompareResult
+dual_verify(model, task, *, k, seed, layers, dtype) -> VerifyResult
+Each result: .to_dict(), .to_pandas(), .save(dir), ResultClass.load(dir).
+Names load online by default (hub ids download); HF_HUB_OFFLINE=1 keeps everything local.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.2.0"
+
+__all__ = ["load_model", "evaluate", "compare", "dual_verify", "Task", "LoadedModel", "EvalResult", "CompareResult",
+           "VerifyResult", "metrics", "hooks", "IclgdError", "__version__"]
+
+# loaded on first use, so that `iclgd --help` and `import iclgd` do not import torch
+_LAZY = {"load_model": "iclgd.api", "evaluate": "iclgd.api", "compare": "iclgd.api", "dual_verify": "iclgd.api",
+         "EvalResult": "iclgd.api", "CompareResult": "iclgd.api", "VerifyResult": "iclgd.api",
+         "LoadedModel": "iclgd.api", "IclgdError": "iclgd.core.errors"}
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from iclgd import hooks, metrics
+    from iclgd.api import (CompareResult, EvalResult, LoadedModel, VerifyResult, compare, dual_verify, evaluate,
+                           load_model)
+    from iclgd.core.errors import IclgdError
+    from iclgd.core.tasks import TaskSpec as Task
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name == "Task":
+        from iclgd.core.tasks import TaskSpec as value
+    elif name in ("metrics", "hooks"):
+        value = importlib.import_module(f"iclgd.{name}")
+    else:
+        raise AttributeError(f"module 'iclgd' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
