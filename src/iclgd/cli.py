@@ -6,6 +6,7 @@ Every user-caused error is an :class:`~iclgd.core.errors.IclgdError`, printed as
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from contextlib import nullcontext as _nothing
@@ -47,7 +48,8 @@ class OneLineErrors(typer.core.TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], cls=OneLineErrors)
+HELP = "iclgd: in-context learning as implicit gradient descent (Dai et al. 2022), measured on your own models."
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, cls=OneLineErrors)
 _QUIET = {"on": False}
 
 
@@ -65,35 +67,76 @@ def _print_version(value: bool) -> None:
 
 
 # options several commands share, declared once (typer reads them; nothing mutates them)
-MODEL_OPT = typer.Option("smollm2-135m", help="registry name, tiny-random-*, local folder or hub id")
-DATA_DIR_OPT = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data)")
+MODEL_OPT = typer.Option("smollm2-135m", help="registry name (smollm2-135m, gemma3-270m), tiny-random-*, a local "
+                                             "folder, or a hub id (gpt2, owner/name; downloaded unless --offline)")
+DATA_DIR_OPT = typer.Option(None, help="data directory (default $ICLGD_DATA_DIR or ../shared/data, else the hub)")
 DTYPE_OPT = typer.Option("float32", help="float32, float64, bfloat16 or float16 (applied to every model)")
-DEVICE_OPT = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (must be available)")
+DEVICE_OPT = typer.Option("auto", help="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps; results record "
+                                       "the device applied")
 BATCH_SIZE_OPT = typer.Option("auto", help="prompts scored per forward pass: a positive integer, or 'auto' (on a GPU "
                                             "the largest that fits, from 64 down; 8 on CPU)")
-DEMO_SEED_OPT = typer.Option(1, help="seed of the demonstration shuffle")
 ETA_OPT = typer.Option(0.9, help="momentum coefficient, strictly between 0 and 1")
 TASK_SPEC_OPT = typer.Option(None, help="JSON spec of a user task (template, label_words, files)")
-SEPARATOR_OPT = typer.Option("\n", help="text after each demonstration")
-BALANCED_OPT = typer.Option(False, help="class-balanced demonstrations (round robin over labels)")
+SEPARATOR_OPT = typer.Option("\n", help="text after each demonstration (a newline by default)", show_default=r"\n")
+BALANCED_OPT = typer.Option(False, "--balanced", help="class-balanced demonstrations (round robin over labels)",
+                            metavar="")
+SEEDS_HELP = "one seed or a comma list of distinct seeds, e.g. 1,2,3"
+OLD_SEED_OPT = typer.Option(None, "--seed", hidden=True, help="old name of --seeds (kept for one release)")
+
+
+def flag(help: str, name: str) -> typer.models.OptionInfo:
+    """A boolean option that is a plain flag (``--name``, off by default), shown without a value in --help."""
+    return typer.Option(False, name, help=help, metavar="")
+
+
+OVERWRITE_HELP = "replace the results of an earlier run in --out"
+
+
+def seeds_of(seeds: str | None, old_seed: int | None, default: str = "1") -> list[int]:
+    """``--seeds`` (one or many), or its old name ``--seed`` (one); both at once is a one-line error."""
+    if seeds is not None and old_seed is not None:
+        raise IclgdError("--seed is the old name of --seeds: give one of them")
+    out = [old_seed] if old_seed is not None else int_list(seeds if seeds is not None else default, "--seeds")
+    check.seed_list("--seed" if old_seed is not None else "--seeds", out)  # named as the user gave it
+    return out
 
 
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="print the version and exit"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (they appear only on a terminal)"),
+                                 help="print the version and exit", metavar=""),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (they appear only on a terminal)",
+                               metavar=""),
+    offline: bool = typer.Option(False, "--offline", help="never reach the Hugging Face hub (sets HF_HUB_OFFLINE=1): "
+                                                          "models and data sets from local files and the hub cache "
+                                                          "only", metavar=""),
 ) -> None:
-    """iclgd: in-context learning as implicit gradient descent, measured on real models."""
+    """iclgd: in-context learning as implicit gradient descent (Dai et al. 2022), measured on your own models."""
     _QUIET["on"] = quiet
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if "huggingface_hub.constants" in sys.modules:  # read at import: already imported, so set there too
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+
+
+class _WarningLine(logging.Handler):
+    """iclgd's own warnings (e.g. a GPU batch halved on out-of-memory) as ``warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"warning: {record.getMessage()}", err=True)
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.environ.get("ICLGD_OFFLINE", "1") == "1" else None
+    """Third-party chatter off (transformers' info logs and progress bars, torch's and others' Python warnings);
+    iclgd's own warnings stay on, through :mod:`logging`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", module=r"(?!iclgd)")  # warnings issued by any module but iclgd's
+    logger = logging.getLogger("iclgd")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
+        logger.setLevel(logging.INFO)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -113,6 +156,21 @@ def user_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def one_seed(seeds: list[int], command: str) -> int:
+    if len(seeds) != 1:
+        raise IclgdError(f"--seeds {','.join(map(str, seeds))}: {command} checks one prompt; give one seed")
+    return seeds[0]
+
+
+def old_name(option: str, value, default, old: str, old_value):
+    """An option renamed in 0.2 (``old`` kept, hidden, for one release): the value of whichever was given."""
+    if old_value is None:
+        return value
+    if value != default:
+        raise IclgdError(f"{old} is the old name of {option}: give one of them")
+    return old_value
 
 
 def int_list(value: str, option: str) -> list[int]:
@@ -144,10 +202,12 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 @user_errors
 def eval_cmd(
     model: str = MODEL_OPT,
-    task: str = typer.Option("sst2", help="task name, comma list, or 'all'"),
+    task: str = typer.Option("sst2", "--tasks", "--task", help="task name, comma list, or 'all'"),
     task_spec: Path = TASK_SPEC_OPT,
     k: int = typer.Option(32, help="demonstrations requested (fewer if the context overflows)"),
-    seed: int = DEMO_SEED_OPT,
+    seeds: str = typer.Option(None, help=f"demonstration seeds: {SEEDS_HELP} (one ICL run each; ZSL once) "
+                                         "[default: 1]"),
+    seed: int = OLD_SEED_OPT,
     n_test: int = typer.Option(None, help="evaluate only the first N test examples (after the seed-1 shuffle)"),
     balanced: bool = BALANCED_OPT,
     separator: str = SEPARATOR_OPT,
@@ -159,19 +219,21 @@ def eval_cmd(
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary, or 'none' "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write results.json here"),
-    overwrite: bool = typer.Option(False, help="replace an earlier results.json in --out"),
+    overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """Zero-shot and in-context accuracy of a causal LM on the paper's tasks."""
     from iclgd.engine.scoring import EvalConfig
     from iclgd.experiments.eval import SUMMARY, EvalJob, run, summary_rows, write
 
-    check.at_least("--k", k, 0), check.seed("--seed", seed), check.at_least("--n-test", n_test, 1)
+    seed_list = seeds_of(seeds, seed)
+    check.at_least("--k", k, 0), check.at_least("--n-test", n_test, 1)
     check.at_least("--max-len", max_len, 1), check.dtype(dtype), check.device(device), check.out_dir(out)
     check.text("--separator", separator)
     batch = check.batch_size(batch_size)
     job = EvalJob(model=model, task=task, task_spec=task_spec, n_test=n_test, data_dir=data_dir, dtype=dtype,
-                  device=device, bos=bos, eval=EvalConfig(k=k, seed=seed, balanced=balanced, separator=separator,
-                                                 max_len=max_len, batch_size=batch))
+                  device=device, bos=bos, seeds=seed_list,
+                  eval=EvalConfig(k=k, seed=seed_list[0], balanced=balanced, separator=separator, max_len=max_len,
+                                  batch_size=batch))
     if out is not None:
         refuse_existing([out / "results.json"], overwrite)
     with lock(out) if out is not None else _nothing():
@@ -187,17 +249,17 @@ def eval_cmd(
 @user_errors
 def compare_cmd(
     model: str = MODEL_OPT,
-    task: str = typer.Option("sst2", help="task name, comma list, or 'all'"),
+    task: str = typer.Option("sst2", "--tasks", "--task", help="task name, comma list, or 'all'"),
     task_spec: Path = TASK_SPEC_OPT,
     k: int = typer.Option(32, help="demonstrations (>= 1: finetuning needs at least one)"),
-    seeds: str = typer.Option("1", help="comma list of distinct seeds: mean and 95% bootstrap CI over seeds"),
+    seeds: str = typer.Option("1", help=f"{SEEDS_HELP}: mean and 95% bootstrap CI over seeds"),
     n_test: int = typer.Option(None, help="evaluate only the first N test examples"),
     lr: float = typer.Option(None, help="FT learning rate (default: the paper's per-task rate)"),
-    lr_search: bool = typer.Option(False, help="pick the rate from a grid on held-out train examples"),
+    lr_search: bool = flag("pick the rate from a grid on held-out train examples", "--lr-search"),
     ft_params: str = typer.Option("kv", help="kv (the paper) or all (full-model control)"),
     ft_mode: str = typer.Option("gd", help="gd or lcgd (layer-causal GD, Deutch et al. 2024)"),
     position: str = typer.Option("last", help="last prompt token, or label-token (the official code)"),
-    untrained: bool = typer.Option(False, help="also run the untrained-model control"),
+    untrained: bool = flag("also run the untrained-model control", "--untrained"),
     untrained_seed: int = typer.Option(None, help="init seed of the untrained control for every run seed "
                                                   "(default: the run seed)"),
     kendall_n: int = typer.Option(100, help="test examples of the Kendall rank correlation (>= 1)"),
@@ -215,7 +277,7 @@ def compare_cmd(
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write results.json, records.jsonl and per-layer plots here"),
-    overwrite: bool = typer.Option(False, help="replace an earlier results.json in --out"),
+    overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
     import pandas as pd
@@ -257,17 +319,19 @@ def pretrain_cmd(
     corpus: str = typer.Option("tinyshakespeare", help="tinyshakespeare, austen, kjv, a text file, or hf:DATASET"),
     attention: str = typer.Option("vanilla", help="vanilla or momentum"),
     eta: float = ETA_OPT,
-    learnable_eta: bool = typer.Option(False, help="learn eta per layer (starting from --eta)"),
-    config: str = typer.Option("small", help="tiny or small"),
+    learnable_eta: bool = flag("learn eta per head (sigmoid-parameterised, starting from --eta)", "--learnable-eta"),
+    config: str = typer.Option("small", "--size", help="model size: tiny or small"),
+    config_old: str = typer.Option(None, "--config", hidden=True, help="old name of --size"),
     steps: int = typer.Option(150, help="optimizer steps (>= 1)"),
     seed: int = typer.Option(1, help="seed of the initialization and the data order"),
     data_dir: Path = typer.Option(None, help="data directory holding the corpora"),
     out: Path = typer.Option(..., help="run folder (resumes if it holds a checkpoint of the same configuration)"),
-    overwrite: bool = typer.Option(False, help="start over in a folder that holds a run of another configuration"),
+    overwrite: bool = flag("start over in a folder that holds a run of another configuration", "--overwrite"),
 ):
     """Train a small Llama-style LM from scratch, with vanilla or momentum attention."""
     from iclgd.engine.train import TrainConfig, check_run_folder, pretrain
 
+    config = old_name("--size", config, "small", "--config", config_old)
     check.seed("--seed", seed), check.out_dir(out)
     cfg = TrainConfig(corpus=corpus, attention=attention, eta=eta, learnable_eta=learnable_eta, size=config,
                       steps=steps, seed=seed)
@@ -286,19 +350,21 @@ app.add_typer(momentum_app, name="momentum")
 @user_errors
 def momentum_compare(
     corpus: str = typer.Option("tinyshakespeare", help="tinyshakespeare, austen, kjv, a text file, or hf:DATASET"),
-    seeds: str = typer.Option("1,2,3", help="comma list of distinct seeds (one vanilla and one momentum run each)"),
+    seeds: str = typer.Option("1,2,3", help=f"{SEEDS_HELP} (one vanilla and one momentum run each)"),
     eta: float = ETA_OPT,
-    learnable_eta: bool = typer.Option(False, help="learn eta per layer (starting from --eta)"),
-    config: str = typer.Option("small", help="tiny or small"),
+    learnable_eta: bool = flag("learn eta per head (sigmoid-parameterised, starting from --eta)", "--learnable-eta"),
+    config: str = typer.Option("small", "--size", help="model size: tiny or small"),
+    config_old: str = typer.Option(None, "--config", hidden=True, help="old name of --size"),
     steps: int = typer.Option(150, help="optimizer steps per run (>= 1)"),
     lengths: str = typer.Option("128,256,512", help="comma list of distinct context lengths for perplexity"),
     data_dir: Path = typer.Option(None, help="data directory holding the corpora"),
     out: Path = typer.Option(..., help="folder of the runs, results.json and val_curves.png"),
-    overwrite: bool = typer.Option(False, help="replace a results.json of another configuration in --out"),
+    overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
     from iclgd.engine.train import TrainConfig
 
+    config = old_name("--size", config, "small", "--config", config_old)
     seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
     check.seed_list("--seeds", seed_list), check.distinct("--lengths", list(length_list)), check.out_dir(out)
     for L in length_list:
@@ -336,12 +402,12 @@ def momentum_apply(
     model: str = MODEL_OPT,
     eta: float = ETA_OPT,
     corpus: str = typer.Option("austen", help="corpus of the perplexity: tinyshakespeare, austen, kjv or a file"),
-    task: str = typer.Option("all", help="task name, comma list, or 'all'"),
+    task: str = typer.Option("all", "--tasks", "--task", help="task name, comma list, or 'all'"),
     n_test: int = typer.Option(50, help="test examples per task (>= 1)"),
     k: int = typer.Option(8, help="demonstrations per prompt (>= 0)"),
     data_dir: Path = DATA_DIR_OPT,
     out: Path = typer.Option(None, help="write momentum_apply.json here"),
-    overwrite: bool = typer.Option(False, help="replace an earlier momentum_apply.json in --out"),
+    overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """Add the EMA to a pretrained model without training: perplexity and ICL accuracy vs vanilla."""
     from iclgd.experiments.momentum import apply_pretrained
@@ -367,19 +433,21 @@ def momentum_apply(
 @app.command("synthetic")
 @user_errors
 def synthetic_cmd(
-    layers: int = typer.Option(1, help="attention layers (>= 1)"),
+    layers: int = typer.Option(1, "--n-layers", help="number of attention layers (>= 1)"),
+    layers_old: int = typer.Option(None, "--layers", hidden=True, help="old name of --n-layers"),
     dim: int = typer.Option(10, help="input dimension of the regression tasks (>= 1)"),
     n_context: int = typer.Option(20, help="in-context examples per task (>= 1)"),
     steps: int = typer.Option(2000, help="training steps (>= 1)"),
-    seed: int = typer.Option(1, help="seed of the training and evaluation tasks"),
-    seeds: str = typer.Option(None, help="several distinct seeds, e.g. 1,2,3: a table of means with 95% bootstrap CIs"),
+    seeds: str = typer.Option(None, help=f"seeds of the training and evaluation tasks: {SEEDS_HELP} (several: a "
+                                         "table of means with 95% bootstrap CIs) [default: 1]"),
+    seed: int = OLD_SEED_OPT,
     n_eval: int = typer.Option(2048, help="fresh tasks of the evaluation (>= 2)"),
     lr: float = typer.Option(1e-3, help="Adam learning rate of the training"),
     attention: str = typer.Option("linear", help="linear (LSA, has an exact GD construction) or softmax"),
     heads: int = typer.Option(1, help="attention heads per layer (>= 1)"),
     mlp_hidden: int = typer.Option(0, help="width of an MLP after each attention layer (0: none)"),
     out: Path = typer.Option(None, help="write results.json (or seed-*/ and summary.json) and plots here"),
-    overwrite: bool = typer.Option(False, help="replace earlier results in --out"),
+    overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """In-context linear regression: a trained attention model vs GD, and the metrics' calibration."""
     import pandas as pd
@@ -388,9 +456,9 @@ def synthetic_cmd(
     from iclgd.report.plots import plot_calibration, plot_synthetic
     from iclgd.report.tables import calibration_table, summary_table
 
-    seed_list = int_list(seeds, "--seeds") if seeds else [seed]
-    check.seed_list("--seeds" if seeds else "--seed", seed_list)
-    for opt, v, low in (("--layers", layers, 1), ("--dim", dim, 1), ("--n-context", n_context, 1),
+    seed_list = seeds_of(seeds, seed)
+    layers = old_name("--n-layers", layers, 1, "--layers", layers_old)
+    for opt, v, low in (("--n-layers", layers, 1), ("--dim", dim, 1), ("--n-context", n_context, 1),
                         ("--steps", steps, 1), ("--n-eval", n_eval, 2), ("--heads", heads, 1),
                         ("--mlp-hidden", mlp_hidden, 0)):
         check.at_least(opt, v, low)
@@ -428,15 +496,17 @@ def synthetic_cmd(
 @user_errors
 def reproduce_cmd(
     model: str = MODEL_OPT,
-    tasks: str = typer.Option("all", help="comma list or 'all'"),
-    seeds: str = typer.Option("1", help="comma list of distinct seeds (one compare unit per task and seed)"),
+    tasks: str = typer.Option("all", "--tasks", "--task", help="task name, comma list or 'all'"),
+    seeds: str = typer.Option("1", help=f"{SEEDS_HELP} (one compare unit per task and seed)"),
     n_test: int = typer.Option(200, help="test examples per task (>= 1)"),
     k: int = typer.Option(32, help="demonstrations (>= 1)"),
-    untrained: bool = typer.Option(True, help="the untrained-model control units"),
-    dual: bool = typer.Option(True, help="the dual-form check unit"),
-    synthetic: bool = typer.Option(True, help="the synthetic calibration unit"),
-    momentum: bool = typer.Option(False, help="also train vanilla vs momentum LMs (minutes per seed)"),
-    preset: str = typer.Option(None, help="'demo': sst2 and cb, 100 test examples, one seed (<= 15 min on 2 cores)"),
+    untrained: bool = typer.Option(True, help="the untrained-model control units", metavar=""),
+    dual: bool = typer.Option(True, help="the dual-form check unit", metavar=""),
+    synthetic: bool = typer.Option(True, help="the synthetic calibration unit", metavar=""),
+    momentum: bool = flag("also train vanilla vs momentum LMs (minutes per seed)", "--momentum"),
+    preset: str = typer.Option(None, help="demo: sst2 and cb, 100 test examples, one seed, a demo-size world "
+                                          "(<= 15 min on 2 cores); world: the ICL world's three experiments on models "
+                                          "trained here (<= 45 min)"),
     shard: str = typer.Option(None, help="i/n: process i of n sharing the sweep's unit queue (job arrays)"),
     dtype: str = DTYPE_OPT,
     device: str = DEVICE_OPT,
@@ -446,7 +516,7 @@ def reproduce_cmd(
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     data_dir: Path = typer.Option(None, help="data directory (recorded with its checksums in sweep.json)"),
     out: Path = typer.Option(Path("runs/repro"), help="the sweep folder (resumes a run of the same configuration)"),
-    overwrite: bool = typer.Option(False, help="discard the finished units of another configuration in --out"),
+    overwrite: bool = flag("discard the finished units of another configuration in --out", "--overwrite"),
     eval_only: bool = typer.Option(False, "--eval-only", help="ZSL/ICL accuracy units (one ZSL per task, one ICL per "
                                                              "task and seed) instead of compare units; any causal LM"),
     batch_size: str = BATCH_SIZE_OPT,
@@ -458,7 +528,11 @@ def reproduce_cmd(
 
     seed_list = int_list(seeds, "--seeds")
     check.seed_list("--seeds", seed_list), check.at_least("--n-test", n_test, 1), check.at_least("--k", k, 1)
-    check.dtype(dtype), check.device(device), check.device_map(device_map, device), check.out_dir(out)
+    check.dtype(dtype), check.device(device)
+    from iclgd.core.models import resolve_device
+
+    device = resolve_device(device)  # the sweep records the device applied
+    check.device_map(device_map, device), check.out_dir(out)
     batch = check.batch_size(batch_size)
     no_start_token(bos)
     cfg = SweepConfig(model=model, tasks=tasks.split(",") if tasks != "all" else ["all"], seeds=seed_list,
@@ -519,18 +593,21 @@ app.add_typer(dual_app, name="dual")
 @user_errors
 def dual_verify(
     model: str = MODEL_OPT,
-    task: str = typer.Option("sst2", help="task name"),
-    task_spec: Path = typer.Option(None, help="JSON spec of a user task (e.g. an ICL-world task) instead of --task"),
+    task: str = typer.Option("sst2", "--tasks", "--task", help="task name (one: the check runs on one prompt)"),
+    task_spec: Path = typer.Option(None, help="JSON spec of a user task (e.g. an ICL-world task) instead of --tasks"),
     k: int = typer.Option(8, help="demonstrations in the prompt (>= 1)"),
-    seed: int = DEMO_SEED_OPT,
-    layers: str = typer.Option("all", help="'all' or a comma list"),
+    seeds: str = typer.Option(None, help="seed of the demonstration shuffle (one: the check runs on one prompt) "
+                                         "[default: 1]"),
+    seed: int = OLD_SEED_OPT,
+    layers: str = typer.Option("all", help="layer indices: 'all' or a comma list, e.g. 0,3"),
     dtype: str = typer.Option("float64", help="float64 (tolerance 1e-5) or float32 (1e-3)"),
+    device: str = DEVICE_OPT,
     data_dir: Path = DATA_DIR_OPT,
-    json_out: bool = typer.Option(False, "--json", help="print the per-head rows as JSON"),
+    json_out: bool = flag("print the per-head rows as JSON", "--json"),
     bos: str = typer.Option(None, help="start token of every prompt: a token of the vocabulary "
                                        "(default: the model's, e.g. <|endoftext|> for SmolLM2, <bos> for Gemma)"),
     out: Path = typer.Option(None, help="write dual_verify.json and dual_verify.png here"),
-    overwrite: bool = typer.Option(False, help="replace an earlier dual_verify.json in --out"),
+    overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """Check ICL = (W_ZSL + ΔW_ICL) q on every layer and head of a real model, and measure the softmax gap."""
     import json
@@ -539,10 +616,11 @@ def dual_verify(
     from iclgd.report.plots import plot_verify
 
     no_start_token(bos)
-    check.at_least("--k", k, 1), check.seed("--seed", seed), check.dtype(dtype, ("float64", "float32"))
+    seed = one_seed(seeds_of(seeds, seed), "dual verify")
+    check.at_least("--k", k, 1), check.dtype(dtype, ("float64", "float32")), check.device(device)
     check.out_dir(out)
     cfg = VerifyConfig(model=model, task=task, k=k, seed=seed, layers=layers, dtype=dtype, data_dir=data_dir, bos=bos,
-                       task_spec=task_spec)
+                       task_spec=task_spec, device=device)
     if out is not None:
         refuse_existing([out / "dual_verify.json"], overwrite)
     r = verify(cfg)
@@ -573,19 +651,21 @@ def dual_verify(
 def dual_compare_updates(
     before: str = typer.Option(..., help="model (name or folder) before finetuning"),
     after: str = typer.Option(..., help="model folder after K/V finetuning, or a state-dict file (.pt/.safetensors)"),
-    task: str = typer.Option("sst2", help="task name"),
+    task: str = typer.Option("sst2", "--tasks", "--task", help="task name (one: the comparison runs on one prompt)"),
     k: int = typer.Option(8, help="demonstrations in the prompt (>= 1)"),
-    seed: int = DEMO_SEED_OPT,
+    seeds: str = typer.Option(None, help="seed of the demonstration shuffle (one) [default: 1]"),
+    seed: int = OLD_SEED_OPT,
     data_dir: Path = DATA_DIR_OPT,
     out: Path = typer.Option(None, help="write the per-layer comparison (dual_updates.json) here"),
-    overwrite: bool = typer.Option(False, help="replace an earlier dual_updates.json in --out"),
+    overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """Compare ΔW_FT = W_ZSL(after) − W_ZSL(before) with ΔW_ICL, per layer (LMOps issue #22)."""
     import pandas as pd
 
     from iclgd.experiments.dual import compare_updates, write_updates
 
-    check.at_least("--k", k, 1), check.seed("--seed", seed), check.out_dir(out)
+    seed = one_seed(seeds_of(seeds, seed), "dual compare-updates")
+    check.at_least("--k", k, 1), check.out_dir(out)
     if out is not None:
         refuse_existing([out / "dual_updates.json"], overwrite)
     r = compare_updates(before, after, task, k, seed, data_dir)
@@ -606,7 +686,7 @@ app.add_typer(world_app, name="world")
 def world_train(
     attention: str = typer.Option("vanilla", help="vanilla or momentum"),
     eta: float = typer.Option(0.9, help="momentum coefficient (fixed, or the initial value with --learnable-eta)"),
-    learnable_eta: bool = typer.Option(False, help="learn η per head (sigmoid-parameterised), starting at --eta"),
+    learnable_eta: bool = flag("learn eta per head (sigmoid-parameterised, starting from --eta)", "--learnable-eta"),
     seed: int = typer.Option(1, help="initialisation and data order"),
     size: str = typer.Option("default", help="default (the ICL >= 0.9 goal), demo (<= 3 min) or tiny (tests)"),
     steps: int = typer.Option(None, help="training steps (default: the size's)"),
