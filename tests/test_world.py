@@ -178,3 +178,21 @@ def test_a_world_sweep_reports_with_the_data_it_wrote_itself(tmp_path):
     assert "## ICL world" in report and "### 1. ICL vs finetuning where ICL works" in report
     used = json.loads((tmp_path / "units" / "world-compare-s1" / "result.json").read_text())["data_sha256"]
     assert used and all(str(tmp_path.resolve()) in p for p in used)
+
+
+def test_the_training_seed_sets_the_initialisation_and_the_world_seed_the_world():
+    """--seed is the initialisation (and data order), --world-seed the world: the two never mix (issue 23)."""
+    import torch
+
+    from iclgd.engine.world import World, build_model, sized
+
+    a, b, a2 = sized("tiny", seed=1), sized("tiny", seed=2), sized("tiny", seed=1)
+    assert (a.seed, b.seed) == (1, 2) and a.world.seed == b.world.seed == 0  # the world did not move
+    wa, wb, wa2 = (build_model(c).model.state_dict() for c in (a, b, a2))
+    assert all(torch.equal(wa[k], wa2[k]) for k in wa)  # the same seed: identical initial weights
+    assert not torch.equal(wa["model.layers.0.self_attn.q_proj.weight"], wb["model.layers.0.self_attn.q_proj.weight"])
+    assert World(a.world).tokens() == World(b.world).tokens()
+    ta, tb = (World(c.world).task_rows(0, 16, 0) for c in (a, b))
+    assert ta == tb  # the same evaluation task under both training seeds
+    w3 = sized("tiny", seed=1, world_seed=3)
+    assert w3.seed == 1 and w3.world.seed == 3 and World(w3.world).task_rows(0, 16, 0) != ta

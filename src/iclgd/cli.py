@@ -701,8 +701,8 @@ def world_train(
     check.seed("--seed", seed), check.seed("--world-seed", world_seed), check.at_least("--steps", steps, 1)
     check.at_least("--ckpt-every", ckpt_every, 1), check.at_least("--threads", threads, 1), check.out_dir(out)
     over = {k: v for k, v in dict(steps=steps, ckpt_every=ckpt_every, threads=threads).items() if v is not None}
-    cfg = sized(size, attention=attention, eta=eta, learnable_eta=learnable_eta, seed=seed, **over)
-    cfg.world.seed = world_seed
+    cfg = sized(size, attention=attention, eta=eta, learnable_eta=learnable_eta, seed=seed, world_seed=world_seed,
+                **over)
     cfg.check()
     with lock(out):
         r = train(cfg, out, progress=progress())

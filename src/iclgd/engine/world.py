@@ -148,13 +148,19 @@ SIZES: dict[str, dict] = {
 }
 
 
-def sized(size: str, **over) -> WorldTrainConfig:
+def sized(size: str, world_seed: int | None = None, **over) -> WorldTrainConfig:
+    """The training configuration of a size, with ``over`` replacing its fields. ``seed`` is the training seed
+    (initialisation and data order, :attr:`WorldTrainConfig.seed`), ``world_seed`` the world's
+    (:attr:`WorldConfig.seed`); the world's other fields may be given by name. (Before 0.2 ``seed`` went to the
+    world: every "seed" of a world experiment shared one initialisation and one batch order.)"""
     if size not in SIZES:
         raise IclgdError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
     s = {k: dict(v) if isinstance(v, dict) else v for k, v in SIZES[size].items()}
     w, m = WorldConfig(**s.pop("world", {})), ModelConfig(**s.pop("model", {}))
+    if world_seed is not None:
+        w.seed = world_seed
     for k in list(over):
-        if k in WorldConfig.__dataclass_fields__:
+        if k in WorldConfig.__dataclass_fields__ and k != "seed":
             setattr(w, k, over.pop(k))
     return WorldTrainConfig(world=w, model=m, **{**s, **over})
 
