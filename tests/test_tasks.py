@@ -99,3 +99,14 @@ def test_missing_data_file_and_dir(tmp_path):
 
     with pytest.raises(IclgdError, match="directory not found"):
         resolve_data_dir(tmp_path / "nowhere")
+
+
+def test_balanced_demonstrations_are_shuffled_by_the_seed(data_dir):
+    """Still one per class per round, but not in label order: the last demonstration is not always the last label."""
+    pool = load_task(TASKS["agnews"], data_dir, n_test=1).demo_pool
+    orders = [[r["label"] for r in sample_demos(pool, 8, s, balanced=True, n_labels=4)] for s in range(1, 21)]
+    assert all(sorted(o) == [0, 0, 1, 1, 2, 2, 3, 3] for o in orders)
+    assert len({o[-1] for o in orders}) == 4  # every label ends some prompt over 20 seeds
+    again = [[r["idx"] for r in sample_demos(pool, 8, s, balanced=True, n_labels=4)] for s in (1, 2)]
+    assert again[0] == [r["idx"] for r in sample_demos(pool, 8, 1, balanced=True, n_labels=4)]  # deterministic
+    assert again[0] != again[1]

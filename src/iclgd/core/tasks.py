@@ -390,7 +390,9 @@ def load_tasks(task: str, task_spec=None, data_dir=None, n_test: int | None = No
 def sample_demos(pool: list[dict], k: int, seed: int, balanced: bool = False, n_labels: int | None = None) -> list[dict]:
     """The paper's rule: shuffle the train split with the run's seed, keep the first k.
 
-    ``balanced`` instead takes, in that shuffled order, examples class by class in round robin.
+    ``balanced`` instead takes, in that shuffled order, examples class by class in round robin, then shuffles
+    the chosen ones with the same seed: round-robin order alone would always end the prompt (and finetuning's
+    last steps) on the last label, confounding recency with label identity.
     """
     if k < 0:
         raise IclgdError(f"--k {k}: expected a non-negative number of demonstrations")
@@ -409,4 +411,5 @@ def sample_demos(pool: list[dict], k: int, seed: int, balanced: bool = False, n_
             if depth < len(by_label[lab]) and len(out) < k:
                 out.append(by_label[lab][depth])
         depth += 1
-    return out
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the same seed, independent of the draw above
+    return [out[i] for i in rng.permutation(len(out))]
