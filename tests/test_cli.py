@@ -54,3 +54,26 @@ def test_version_prints_the_package_version():
 
     res = run("--version")
     assert res.exit_code == 0 and res.output.strip() == f"iclgd {version('iclgd')}"
+
+
+def test_renamed_options_keep_their_old_names_hidden(tmp_path, data_dir):
+    """CHANGELOG 0.2: --seed -> --seeds, --config -> --size, --layers -> --n-layers; the old names still work,
+    do not show in --help, and giving old and new at once is refused in one line."""
+    from typer.testing import CliRunner
+
+    from iclgd.cli import app
+
+    run = CliRunner().invoke
+    r = run(app, ["eval", "--model", "tiny-random-gpt2", "--seed", "3", "--k", "1", "--n-test", "2",
+                  "--data-dir", str(data_dir), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert doc["config"]["seeds"] == [3] and doc["results"][0]["seed"] == 3
+    for args, old in ((["synthetic", "--seed", "1", "--seeds", "2"], "--seed"),
+                      (["pretrain", "--config", "tiny", "--size", "tiny", "--out", str(tmp_path / "p")], "--config"),
+                      (["synthetic", "--layers", "2", "--n-layers", "3"], "--layers")):
+        r = run(app, args)
+        assert r.exit_code == 2 and f"{old} is the old name" in r.output, r.output
+    assert not (tmp_path / "p").exists()
+    help_text = run(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    assert "--seeds" in help_text and "--seed " not in help_text and "[default: auto]" in help_text
