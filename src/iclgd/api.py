@@ -24,7 +24,6 @@ from iclgd.experiments.dual import VerifyResult
 from iclgd.experiments.eval import EvalResult
 
 
-
 def load_model(model, tokenizer=None, *, name: str | None = None, dtype: str | None = None,
                device: str | None = None, bos: str | None = None) -> LoadedModel:
     """A model ready for every experiment: its attention layout derived from its modules and checked against its

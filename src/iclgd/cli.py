@@ -48,8 +48,7 @@ class OneLineErrors(typer.core.TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-HELP = "iclgd: in-context learning as implicit gradient descent (Dai et al. 2022), measured on your own models."
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, cls=OneLineErrors)
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=OneLineErrors)  # help: _root's docstring
 _QUIET = {"on": False}
 
 

@@ -94,12 +94,12 @@ class Recorder:
         self._handles.clear()
 
 
-def parse_names(lm: LoadedModel, names: Iterable[str]) -> tuple[list[str], list[int]]:
-    """``["attn_out.3", "block_in"]`` -> the points and layers to hook (a point without ``.l``: every layer);
-    an unknown point or a layer outside the model is a one-line error."""
+def parse_names(lm: LoadedModel, names: Iterable[str]) -> tuple[list[str], list[int], set[str]]:
+    """``["attn_out.3", "block_in"]`` -> the points and layers to hook and the names they yield (a point without
+    ``.l``: every layer); an unknown point or a layer outside the model is a one-line error."""
     from iclgd.core.errors import IclgdError
 
-    points, layers = [], set()
+    points, layers, wanted = [], set(), set()
     for n in names:
         point, _, layer = str(n).partition(".")
         if point not in HOOK_POINTS:
@@ -108,19 +108,18 @@ def parse_names(lm: LoadedModel, names: Iterable[str]) -> tuple[list[str], list[
         if layer and not (layer.isdigit() and int(layer) < lm.n_layers):
             raise IclgdError(f"hook point {n!r}: layer {layer} is not one of the model's 0..{lm.n_layers - 1}")
         points.append(point) if point not in points else None
-        layers.update([int(layer)] if layer else range(lm.n_layers))
-    return points, sorted(layers)
+        these = [int(layer)] if layer else range(lm.n_layers)
+        layers.update(these)
+        wanted.update(f"{point}.{l}" for l in these)
+    return points, sorted(layers), wanted
 
 
 class Recording(Recorder):
     """:class:`Recorder` limited to the names asked for: ``rec["attn_out.3"]`` after a forward pass."""
 
     def __init__(self, lm: LoadedModel, names: Iterable[str], detach: bool = True):
-        names = [names] if isinstance(names, str) else list(names)
-        points, layers = parse_names(lm, names)
+        points, layers, self.names = parse_names(lm, [names] if isinstance(names, str) else names)
         super().__init__(lm, points=tuple(points), detach=detach, layers=layers)
-        self.names = {f"{p}.{l}" for n in names for p, _, l0 in [str(n).partition(".")]
-                      for l in ([int(l0)] if l0 else range(lm.n_layers))}
 
     def _keep(self, name):
         keep = super()._keep(name)

@@ -923,9 +923,9 @@ def from_objects(model: nn.Module, tokenizer, name: str | None = None, bos: str 
                  need_layout: bool = True, source: str | None = None) -> LoadedModel:
     """A :class:`LoadedModel` from a Hugging Face causal LM object and its tokenizer, as a researcher holds them in
     a notebook. The attention layout is derived from the object's modules and checked against its own attention
-    (as for a model loaded by name); a family whose derived layout needs another attention implementation (eager
-    for soft-capping) is switched to it. ``need_layout=False`` keeps a family without a layout for ZSL/ICL
-    accuracy only. The weights are used as they are: nothing is copied or moved."""
+    (as for a model loaded by name). ``need_layout=False`` keeps a family without a layout for ZSL/ICL accuracy
+    only. The weights are used as they are, not copied or moved; the object is put in eval mode, and a family
+    whose layout needs another attention implementation (eager for soft-capping) is switched to it."""
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise IclgdError(f"model: expected a Hugging Face causal LM object (got {type(model).__name__})")
     if tokenizer is None or not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
@@ -941,15 +941,22 @@ def from_objects(model: nn.Module, tokenizer, name: str | None = None, bos: str 
         model.set_attn_implementation(layout.attn_implementation)
     model.eval()
     lm = LoadedModel(name, model, tokenizer, layout, source or f"Python object {type(model).__name__}")
-    if layout is not None:
-        try:
-            check_layout(lm)
-        except IclgdError:
-            if need_layout:
-                raise
-            lm.layout = None
+    _check_or_drop_layout(lm, need_layout)
     lm.set_start(bos)
     return lm
+
+
+def _check_or_drop_layout(lm: LoadedModel, need_layout: bool) -> None:
+    """A derived layout must reproduce the model's own attention (:func:`check_layout`); one that does not is
+    refused, or with ``need_layout=False`` dropped (the model then serves ZSL/ICL accuracy only)."""
+    if lm.layout is None:
+        return
+    try:
+        check_layout(lm)
+    except IclgdError:
+        if need_layout:
+            raise
+        lm.layout = None
 
 
 def as_loaded(model, **load_kw) -> LoadedModel:
@@ -1017,13 +1024,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
                          f"{(str(e).splitlines() or [''])[0][:160]})") from None
     model.eval()
     lm = LoadedModel(name, model, tokenizer, layout, source)
-    if layout is not None:
-        try:
-            check_layout(lm)  # a derived layout must reproduce the model's own attention
-        except IclgdError:
-            if need_layout:
-                raise
-            lm.layout = None
+    _check_or_drop_layout(lm, need_layout)
     lm.set_start(REGISTRY[name].bos if name in REGISTRY else None)
     lm.set_start(bos)
     if getattr(model.config, "momentum_eta", None) is not None:  # saved with momentum attention

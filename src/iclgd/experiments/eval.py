@@ -37,9 +37,10 @@ def run(job: EvalJob, progress: bool = True) -> dict:
     t0 = time.time()
     lm = as_loaded(job.model, dtype=job.dtype, device=job.device, bos=job.bos, need_layout=False)  # no layout needed
     results, files, deviations = [], {}, lm.start_deviations()
+    seeds = job.seeds or [job.eval.seed]
     for d in datas:
         zsl = score_split(lm, d, job.eval, icl=False, progress=progress)  # the same for every seed
-        for s in job.seeds or [job.eval.seed]:
+        for s in seeds:
             results.append(evaluate(lm, d, replace(job.eval, seed=s), progress=progress, zsl=zsl))
         files.update(d.files)
         deviations += d.deviations
@@ -48,7 +49,7 @@ def run(job: EvalJob, progress: bool = True) -> dict:
         "config": {"model": model_name(job.model), "model_source": lm.source, "model_type": lm.model_type,
                    "dtype": lm.dtype, "device": lm.device, "start_token": lm.start, "n_test": job.n_test, "data_dir": str(ddir) if ddir else "hf-hub",
                    "tasks": [d.spec.to_dict() for d in datas], "prediction": "argmax of mean label-token log-prob",
-                   **asdict(job.eval), "seeds": job.seeds or [job.eval.seed], "batch_size_applied": resolve_batch_size(lm, job.eval.batch_size)},
+                   **asdict(job.eval), "seeds": seeds, "batch_size_applied": resolve_batch_size(lm, job.eval.batch_size)},
         "versions": run_versions(),
         "data_sha256": files,
         "deviations": deviations,

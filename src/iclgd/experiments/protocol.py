@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, atomic_write_jsonl
+from iclgd.core.io import atomic_write_json, atomic_write_jsonl, read_result
 from iclgd.core.runfolder import lock, refuse_existing
 
 TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value")
@@ -51,7 +51,8 @@ class Result:
 
     docs: dict[str, dict]
     records: dict[str, list[dict]] = field(default_factory=dict)
-    kind: ClassVar[str] = ""
+    kind: ClassVar[str] = ""  # the documents' "kind"
+    doc_name: ClassVar[str] = "results.json"  # the file name of a document under the run folder
 
     def to_dict(self) -> dict:
         """The documents as written: one document when there is one, else {file name: document}."""
@@ -85,7 +86,7 @@ class Result:
     def load(cls, out) -> "Result":
         """The result saved in ``out`` (by :meth:`save` or by the CLI)."""
         out = Path(out)
-        docs = {str(p.relative_to(out)): _read(p) for p in sorted(out.rglob(cls.doc_name))}
+        docs = {str(p.relative_to(out)): read_result(p) for p in sorted(out.rglob(cls.doc_name))}
         docs = {k: v for k, v in docs.items() if v.get("kind") == cls.kind}
         if not docs:
             raise IclgdError(f"{out}: no {cls.doc_name} of an {cls.kind} run")
@@ -95,15 +96,3 @@ class Result:
             if rec.is_file():
                 records[str(rec.relative_to(out))] = [json.loads(l) for l in rec.read_text().splitlines() if l]
         return cls(docs, records)
-
-    doc_name: ClassVar[str] = "results.json"
-
-
-def _read(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise IclgdError(f"{path}: not a readable results file ({e})") from None
-    if not isinstance(doc, dict):
-        raise IclgdError(f"{path}: not a results document (expected a JSON object)")
-    return doc
