@@ -163,13 +163,14 @@ def one_seed(seeds: list[int], command: str) -> int:
     return seeds[0]
 
 
-def old_name(option: str, value, default, old: str, old_value):
-    """An option renamed in 0.2 (``old`` kept, hidden, for one release): the value of whichever was given."""
+def old_name(option: str, value, default, old: str, old_value) -> tuple:
+    """An option renamed in 0.2 (``old`` kept, hidden, for one release): the value of whichever was given, and
+    the name it was given under (for errors that name the option as the user typed it)."""
     if old_value is None:
-        return value
+        return value, option
     if value != default:
         raise IclgdError(f"{old} is the old name of {option}: give one of them")
-    return old_value
+    return old_value, old
 
 
 def int_list(value: str, option: str) -> list[int]:
@@ -328,9 +329,11 @@ def pretrain_cmd(
     overwrite: bool = flag("start over in a folder that holds a run of another configuration", "--overwrite"),
 ):
     """Train a small Llama-style LM from scratch, with vanilla or momentum attention."""
+    from iclgd.engine.train import SIZES as TRAIN_SIZES
     from iclgd.engine.train import TrainConfig, check_run_folder, pretrain
 
-    config = old_name("--size", config, "small", "--config", config_old)
+    config, size_opt = old_name("--size", config, "small", "--config", config_old)
+    check.one_of(size_opt, config, tuple(TRAIN_SIZES))
     check.seed("--seed", seed), check.out_dir(out)
     cfg = TrainConfig(corpus=corpus, attention=attention, eta=eta, learnable_eta=learnable_eta, size=config,
                       steps=steps, seed=seed)
@@ -361,9 +364,11 @@ def momentum_compare(
     overwrite: bool = flag(OVERWRITE_HELP, "--overwrite"),
 ):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
+    from iclgd.engine.train import SIZES as TRAIN_SIZES
     from iclgd.engine.train import TrainConfig
 
-    config = old_name("--size", config, "small", "--config", config_old)
+    config, size_opt = old_name("--size", config, "small", "--config", config_old)
+    check.one_of(size_opt, config, tuple(TRAIN_SIZES))
     seed_list, length_list = int_list(seeds, "--seeds"), tuple(int_list(lengths, "--lengths"))
     check.seed_list("--seeds", seed_list), check.distinct("--lengths", list(length_list)), check.out_dir(out)
     for L in length_list:
@@ -456,8 +461,8 @@ def synthetic_cmd(
     from iclgd.report.tables import calibration_table, summary_table
 
     seed_list = seeds_of(seeds, seed)
-    layers = old_name("--n-layers", layers, 1, "--layers", layers_old)
-    for opt, v, low in (("--n-layers", layers, 1), ("--dim", dim, 1), ("--n-context", n_context, 1),
+    layers, layers_opt = old_name("--n-layers", layers, 1, "--layers", layers_old)
+    for opt, v, low in ((layers_opt, layers, 1), ("--dim", dim, 1), ("--n-context", n_context, 1),
                         ("--steps", steps, 1), ("--n-eval", n_eval, 2), ("--heads", heads, 1),
                         ("--mlp-hidden", mlp_hidden, 0)):
         check.at_least(opt, v, low)

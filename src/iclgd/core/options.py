@@ -61,9 +61,13 @@ def distinct(option: str, values: list) -> None:
         raise IclgdError(f"{option}: {dup[0]} appears twice (expected distinct values)")
 
 
-def dtype(value: str, allowed: tuple[str, ...] = DTYPES, option: str = "--dtype") -> None:
+def one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise IclgdError(f"{option} {value!r}: expected one of {', '.join(allowed)}")
+
+
+def dtype(value: str, allowed: tuple[str, ...] = DTYPES, option: str = "--dtype") -> None:
+    one_of(option, value, allowed)
 
 
 def device(value: str, option: str = "--device") -> None:
