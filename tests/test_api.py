@@ -99,7 +99,9 @@ def test_results_are_tidy_tables_and_round_trip_through_save_and_load(hf_model, 
         ev.save(tmp_path / "ev")  # an earlier run is never replaced silently
     cmp = iclgd.compare(lm, task="sst2", k=2, seeds=[1, 2], n_test=4, data_dir=data_dir, kendall_n=3, updates_n=2)
     t = cmp.to_pandas()
-    simaou = t[t.metric == "simaou"]
+    simaou = t[t.metric == "simaou"]  # the untrained control runs by default, as in the CLI
+    assert sorted(simaou.condition.unique()) == ["trained", "untrained"]
+    simaou = simaou[simaou.condition == "trained"]
     assert sorted(simaou.layer.dropna().unique()) == [0, 1] and len(simaou) == 2 * (1 + lm.n_layers)
     overall = simaou[simaou.layer.isna()].set_index("seed").value
     for s, r in zip([1, 2], cmp.to_dict()["seeds"]):

@@ -20,7 +20,7 @@ def test_eval_writes_results(tmp_path):
     d = json.loads((tmp_path / "results.json").read_text())
     assert [r["task"] for r in d["results"]] == ["sst2", "cb"]
     assert all(len(h) == 64 for h in d["data_sha256"].values()) and len(d["data_sha256"]) == 4
-    assert d["versions"]["torch"] and d["config"]["k"] == 2 and d["config"]["seed"] == 1
+    assert d["versions"]["torch"] and d["config"]["k"] == 2 and d["config"]["seeds"] == [1] and "seed" not in d["config"]
     assert len(d["results"][0]["records"]) == 4
     assert not list(tmp_path.glob(".*.tmp"))
 

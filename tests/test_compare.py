@@ -117,3 +117,21 @@ def test_compare_cli_writes_results_deterministically(tmp_path):
 def test_compare_bad_options(args, message):
     res = CliRunner().invoke(app, ["compare", "--model", "tiny-random-gpt2", *args])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_compare_runs_the_registry_functions(monkeypatch, data_dir):
+    """The metric registry is what runs: each figure comes from its registered per-example function, and the
+    aggregate over seeds lists each metric's registered baselines."""
+    from iclgd.core import metrics as M
+    from iclgd.core.models import build_tiny
+    from iclgd.core.tasks import load_task, resolve_task
+    from iclgd.experiments import compare as C
+
+    assert all(C.RUN[n] is M.METRICS[n].function for n in C.RUN)
+    monkeypatch.setitem(C.RUN, "simaou", lambda hz, hi, hf: np.full(hz.shape[:2], 0.25))
+    lm = build_tiny("tiny-random-llama")
+    data = load_task(resolve_task("sst2"), data_dir, 3)
+    r, _, _ = C.compare_seed(lm, data, C.CompareConfig(k=2, kendall_n=2, updates_n=0), 1, progress=False)
+    assert r["simaou"]["overall"] == pytest.approx(0.25) and r["simaou"]["per_layer"] == [0.25] * lm.n_layers
+    agg = M.aggregate([r])
+    assert agg["simaou"]["baselines"] == ["simaou_random_uniform", "simaou_random_gaussian"]

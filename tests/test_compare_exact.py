@@ -167,7 +167,7 @@ def test_report_lists_the_ft_demos_deviation():
 
 @pytest.mark.parametrize("args,message", [
     (["--simam-segment", "all"], "--simam-segment"), (["--kendall-scale", "x"], "--kendall-scale"),
-    (["--untrained-seed", "3"], "--untrained-seed"), (["--updates-n", "-1"], "--updates-n"),
+    (["--untrained-seed", "3", "--no-untrained"], "--untrained-seed"), (["--updates-n", "-1"], "--updates-n"),
 ])
 def test_new_options_reject_bad_values(args, message):
     res = CliRunner().invoke(app, ["compare", "--model", "tiny-random-gpt2", "--task", "cb", "--n-test", "2", *args])

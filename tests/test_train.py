@@ -76,7 +76,7 @@ def test_lr_schedule_and_perplexity_of_uniform_model():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(attention="momentum", eta=1.0), "strictly between 0 and 1"),
     (dict(attention="linear"), "--attention"),
-    (dict(size="huge"), "--config"),
+    (dict(size="huge"), "--size"),
 ])
 def test_bad_training_options(tmp_path, kwargs, message):
     with pytest.raises(IclgdError, match=message):

@@ -15,9 +15,15 @@ The Python API (the same experiments as the ``iclgd`` command line, on a model o
     iclgd.Task.from_json("my_task.json")         # a task spec (template, verbalizer, files) as an object
 
 load_model(model, tokenizer=None, *, name, dtype, device, bos) -> LoadedModel
-evaluate(model, task, *, k, seeds, n_test, ...) -> EvalResult
-compare(model, task, *, k, seeds, n_test, untrained, **CompareConfig fields) -> CompareResult
-dual_verify(model, task, *, k, seed, layers, dtype) -> VerifyResult
+evaluate(model, task, *, seeds, **EvalJob/EvalConfig fields) -> EvalResult
+compare(model, task, *, seeds, **CompareJob/CompareConfig fields) -> CompareResult   (untrained control on)
+dual_verify(model, task, *, seed, layers, **VerifyConfig fields) -> VerifyResult
+compare_updates(before, after, **UpdatesConfig fields) -> UpdatesResult
+synthetic(*, seeds, out, **SyntheticConfig fields) -> SyntheticResult
+pretrain(out, **TrainConfig fields) -> PretrainResult; world_train(out, **WorldJob fields) -> WorldTrainResult
+momentum_compare(out, **MomentumConfig fields) -> MomentumResult; momentum_apply(model, ...) -> ApplyResult
+reproduce(out, **SweepConfig fields) -> str (the sweep, then report.md)
+Every option's default, check and help text lives in its config dataclass, from which the CLI is generated.
 Each result: .to_dict(), .to_pandas(), .save(dir), ResultClass.load(dir).
 Names load online by default (hub ids download); HF_HUB_OFFLINE=1 keeps everything local.
 """
@@ -29,13 +35,14 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.2.0"
 
-__all__ = ["load_model", "evaluate", "compare", "dual_verify", "Task", "LoadedModel", "EvalResult", "CompareResult",
-           "VerifyResult", "metrics", "hooks", "IclgdError", "__version__"]
+_API = ["load_model", "evaluate", "compare", "dual_verify", "compare_updates", "synthetic", "pretrain",
+        "momentum_compare", "momentum_apply", "world_train", "reproduce", "LoadedModel", "EvalResult", "CompareResult",
+        "VerifyResult", "UpdatesResult", "SyntheticResult", "PretrainResult", "MomentumResult", "ApplyResult",
+        "WorldTrainResult"]
+__all__ = [*_API, "Task", "metrics", "hooks", "IclgdError", "__version__"]
 
 # loaded on first use, so that `iclgd --help` and `import iclgd` do not import torch
-_LAZY = {"load_model": "iclgd.api", "evaluate": "iclgd.api", "compare": "iclgd.api", "dual_verify": "iclgd.api",
-         "EvalResult": "iclgd.api", "CompareResult": "iclgd.api", "VerifyResult": "iclgd.api",
-         "LoadedModel": "iclgd.api", "IclgdError": "iclgd.core.errors"}
+_LAZY = {**{name: "iclgd.api" for name in _API}, "IclgdError": "iclgd.core.errors"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from iclgd import hooks, metrics

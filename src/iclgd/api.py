@@ -13,15 +13,23 @@ from pathlib import Path
 from iclgd.core.errors import IclgdError
 from iclgd.core.models import LoadedModel, from_objects
 from iclgd.core.models import load_model as _load_named
-from iclgd.core.options import seed_list as _check_seeds
 from iclgd.core.tasks import TaskSpec
-from iclgd.engine.scoring import EvalConfig
 from iclgd.experiments import compare as _compare
 from iclgd.experiments import dual as _dual
 from iclgd.experiments import eval as _eval
+from iclgd.experiments import momentum as _momentum
+from iclgd.experiments import pretrain as _pretrain
+from iclgd.experiments import sweep as _sweep
+from iclgd.experiments import synthetic as _synthetic
+from iclgd.experiments import world as _world
 from iclgd.experiments.compare import CompareResult
-from iclgd.experiments.dual import VerifyResult
+from iclgd.experiments.dual import UpdatesResult, VerifyResult
 from iclgd.experiments.eval import EvalResult
+from iclgd.experiments.momentum import ApplyResult, MomentumResult
+from iclgd.experiments.pretrain import PretrainResult
+from iclgd.experiments.protocol import make
+from iclgd.experiments.synthetic import SyntheticResult
+from iclgd.experiments.world import WorldTrainResult
 
 
 def load_model(model, tokenizer=None, *, name: str | None = None, dtype: str | None = None,
@@ -62,58 +70,135 @@ def _loaded(model, tokenizer, need_layout: bool, what: str) -> LoadedModel | str
     return lm
 
 
-def _seeds(seeds: int | Sequence[int]) -> list[int]:
-    out = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not out:
-        raise IclgdError("seeds: expected one seed or a list of distinct seeds")
-    _check_seeds("seeds", out)
-    return out
+def _seeds(seeds) -> list[int]:
+    return [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
 
 
-def evaluate(model, task: str | TaskSpec = "sst2", *, tokenizer=None, k: int = 32, seeds: int | Sequence[int] = 1,
-             n_test: int | None = None, balanced: bool = False, separator: str = "\n", max_len: int = 2048,
-             batch_size: int | str = "auto", data_dir=None, dtype: str = "float32", device: str = "auto",
-             bos: str | None = None, progress: bool = False) -> EvalResult:
+def evaluate(model, task: str | TaskSpec = "sst2", *, tokenizer=None, seeds: int | Sequence[int] = 1,
+             progress: bool = False, **options) -> EvalResult:
     """ZSL and ICL accuracy (``iclgd eval``): ``task`` a name, a comma list, 'all' or a :class:`TaskSpec`;
-    one ICL run per seed (ZSL once per task). Any causal LM, also of a family without an attention layout."""
-    s = _seeds(seeds)
-    job = _eval.EvalJob(model=_loaded(model, tokenizer, False, "evaluate"), task=task, n_test=n_test,
-                        data_dir=data_dir, dtype=dtype, device=device, bos=bos, seeds=s,
-                        eval=EvalConfig(k=k, seed=s[0], balanced=balanced, separator=separator, max_len=max_len,
-                                        batch_size=batch_size))
-    return EvalResult({"results.json": _eval.run(job, progress=progress)})
+    one ICL run per seed (ZSL once per task). Any causal LM, also of a family without an attention layout.
+
+    ``options``: the fields of :class:`~iclgd.experiments.eval.EvalJob` and of its
+    :class:`~iclgd.engine.scoring.EvalConfig` (``k``, ``n_test``, ``balanced``, ``separator``, ``max_len``,
+    ``batch_size``, ``data_dir``, ``dtype``, ``device``, ``bos``), with the CLI's defaults."""
+    job = make(_eval.EvalJob, "evaluate", model=_loaded(model, tokenizer, False, "evaluate"), task=task,
+               seeds=_seeds(seeds), **options)
+    return _eval.run_in(job, progress=progress)
 
 
-def compare(model, task: str | TaskSpec = "sst2", *, tokenizer=None, k: int = 32, seeds: int | Sequence[int] = 1,
-            n_test: int | None = None, untrained: bool = False, data_dir=None, dtype: str = "float32",
-            device: str = "auto", bos: str | None = None, progress: bool = False, **options) -> CompareResult:
+def compare(model, task: str | TaskSpec = "sst2", *, tokenizer=None, seeds: int | Sequence[int] = 1,
+            progress: bool = False, **options) -> CompareResult:
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with the paper's metrics (``iclgd compare``).
 
-    ``options``: any field of :class:`~iclgd.experiments.compare.CompareConfig` (``lr``, ``lr_search``,
-    ``ft_params``, ``ft_mode``, ``position``, ``kendall_n``, ``updates_n``, ``balanced``, ...).
-    ``untrained=True`` adds the untrained-model control; a model object is copied for it, never changed.
-    """
-    unknown = sorted(set(options) - set(_compare.CompareConfig.__dataclass_fields__))
-    if unknown:
-        raise IclgdError(f"compare: unknown option(s) {', '.join(unknown)} (expected fields of CompareConfig: "
-                         f"{', '.join(_compare.CompareConfig.__dataclass_fields__)})")
-    job = _compare.CompareJob(model=_loaded(model, tokenizer, True, "compare"), task=task, seeds=_seeds(seeds),
-                              n_test=n_test, untrained=untrained, data_dir=data_dir, dtype=dtype, device=device,
-                              bos=bos, compare=_compare.CompareConfig(k=k, **options))
-    return CompareResult.of(list(_compare.run(job, progress=progress)))
+    ``options``: the fields of :class:`~iclgd.experiments.compare.CompareJob` and of its
+    :class:`~iclgd.experiments.compare.CompareConfig` (``k``, ``n_test``, ``untrained``, ``lr``, ``lr_search``,
+    ``ft_params``, ``ft_mode``, ``position``, ``kendall_n``, ``updates_n``, ``balanced``, ...), with the CLI's
+    defaults: the untrained-model control runs unless ``untrained=False`` (a model object is copied for it, never
+    changed)."""
+    job = make(_compare.CompareJob, "compare", model=_loaded(model, tokenizer, True, "compare"), task=task,
+               seeds=_seeds(seeds), **options)
+    return _compare.run_in(job, progress=progress)
 
 
-def dual_verify(model, task: str | TaskSpec = "sst2", *, tokenizer=None, k: int = 8, seed: int = 1,
-                layers: str | Sequence[int] = "all", dtype: str = "float64", data_dir=None, device: str = "auto",
-                bos: str | None = None) -> VerifyResult:
+def dual_verify(model, task: str | TaskSpec = "sst2", *, tokenizer=None, seed: int = 1,
+                layers: str | Sequence[int] = "all", **options) -> VerifyResult:
     """The dual form on every chosen layer and head (``iclgd dual verify``): ICL's attention output equals
     (W_ZSL + ΔW_ICL) q under linear attention, to 1e-5 in float64; with the softmax gap. The check runs in
-    ``dtype``; a model object is given its own dtype back afterwards."""
+    ``dtype`` (default float64); a model object is given its own dtype back afterwards. ``options``: the fields
+    of :class:`~iclgd.experiments.dual.VerifyConfig` (``k``, ``dtype``, ``device``, ``data_dir``, ``bos``)."""
     layer_arg = layers if isinstance(layers, str) else ",".join(str(int(l)) for l in layers)
-    cfg = _dual.VerifyConfig(model=_loaded(model, tokenizer, True, "dual_verify"), task=task, k=k, seed=seed,
-                             layers=layer_arg, dtype=dtype, data_dir=data_dir, bos=bos, device=device)
-    return VerifyResult({"dual_verify.json": _dual.verify(cfg)})
+    cfg = make(_dual.VerifyConfig, "dual_verify", model=_loaded(model, tokenizer, True, "dual_verify"), task=task,
+               seed=seed, layers=layer_arg, **options)
+    return _dual.verify_in(cfg)
 
 
-__all__ = ["load_model", "evaluate", "compare", "dual_verify", "EvalResult", "CompareResult", "VerifyResult",
-           "LoadedModel", "TaskSpec"]
+def compare_updates(before: str, after: str, **options) -> UpdatesResult:
+    """ΔW_FT of a finetuned copy against ΔW_ICL, per layer and head (``iclgd dual compare-updates``); ``options``:
+    the fields of :class:`~iclgd.experiments.dual.UpdatesConfig`."""
+    return _dual.updates_in(make(_dual.UpdatesConfig, "compare_updates", before=before, after=after, **options))
+
+
+def synthetic(*, seeds: int | Sequence[int] = 1, out=None, progress: bool = False, **options) -> SyntheticResult:
+    """In-context linear regression (``iclgd synthetic``): a trained attention model against GD, GD++, OLS and
+    ridge, and the metrics' calibration; ``options``: the fields of
+    :class:`~iclgd.experiments.synthetic.SyntheticConfig` (``d``, ``n_ctx``, ``layers``, ``steps``, ...)."""
+    job = make(_synthetic.SyntheticJob, "synthetic", seeds=_seeds(seeds), **options)
+    return _synthetic.run_job(job, out, progress=progress)
+
+
+def pretrain(out, *, overwrite: bool = False, progress: bool = False, **options) -> PretrainResult:
+    """Train (or resume) a small LM from scratch into ``out`` (``iclgd pretrain``); ``options``: the fields of
+    :class:`~iclgd.engine.train.TrainConfig` (``corpus``, ``attention``, ``eta``, ``size``, ``steps``, ``seed``,
+    ...) and ``data_dir``."""
+    return _pretrain.run(make(_pretrain.PretrainJob, "pretrain", **options), out, overwrite, progress)
+
+
+def momentum_compare(out, *, overwrite: bool = False, progress: bool = False, **options) -> MomentumResult:
+    """Vanilla and momentum LMs per seed, same init and data order (``iclgd momentum compare``); ``options``: the
+    fields of :class:`~iclgd.experiments.momentum.MomentumConfig`."""
+    return _momentum.run_job(make(_momentum.MomentumConfig, "momentum_compare", **options), out, overwrite, progress)
+
+
+def momentum_apply(model: str = "smollm2-135m", **options) -> ApplyResult:
+    """The EMA added to a pretrained model without training (``iclgd momentum apply``); ``options``: the fields of
+    :class:`~iclgd.experiments.momentum.ApplyConfig`."""
+    return _momentum.apply_job(make(_momentum.ApplyConfig, "momentum_apply", model=model, **options))
+
+
+def world_train(out, *, progress: bool = False, **options) -> WorldTrainResult:
+    """Train (or resume) an ICL-world model into ``out`` (``iclgd world train``); ``options``: the fields of
+    :class:`~iclgd.experiments.world.WorldJob` (``size``, ``seed``, ``world_seed``, ``attention``, ``device``,
+    ...)."""
+    return _world.train_job(make(_world.WorldJob, "world_train", **options), out, progress)
+
+
+def reproduce(out, *, data_dir=None, shard: str | None = None, overwrite: bool = False, progress: bool = False,
+              **options) -> str:
+    """The paper's analyses as resumable units, then report.md (``iclgd reproduce``); ``options``: the fields of
+    :class:`~iclgd.experiments.sweep.SweepConfig`. Returns what was done, in words."""
+    return run_sweep(make(_sweep.SweepConfig, "reproduce", **options), Path(out), data_dir, shard, overwrite, progress)
+
+def run_sweep(cfg, out: Path, data_dir=None, shard: str | None = None, overwrite: bool = False,
+              progress: bool = True) -> str:
+    """``iclgd reproduce``: this process's units of the sweep (:func:`iclgd.experiments.sweep.run`), then, when
+    every unit is finished, report.md (one writer; a second process finding it fresh skips). Returns what was done,
+    in words."""
+    from iclgd.core.runfolder import lock
+    from iclgd.experiments.sweep import check_units, run
+    from iclgd.report import report_is_fresh, write_report
+
+    r = run(cfg, out, data_dir, shard, overwrite, progress)
+    done = (f"{r['ran']} units run by process {r['process']}, {r['skipped']} already finished, {r['elsewhere']} taken "
+            f"by other processes (of {r['units']})")
+    if r["unfinished"]:  # the process that finishes the last unit writes the report
+        return (f"{done}; {len(r['unfinished'])} still running elsewhere, so no report yet (the last process to "
+                f"finish writes it; or run `iclgd report {out}`)")
+    with lock(out, "report", wait=True):
+        check_units(out)
+        fresh = report_is_fresh(out)
+        report = out / "report.md" if fresh else write_report(out)
+    return f"{done}; report: {report}" + (" (written by another process)" if fresh else "")
+
+
+def regenerate(out: Path) -> Path:
+    """``iclgd report DIR``: report.md, results.csv and plots again, from a reproduce folder's result files."""
+    from iclgd.core import options
+    from iclgd.core.errors import IclgdError
+    from iclgd.core.runfolder import lock
+    from iclgd.experiments.sweep import check_units
+    from iclgd.report import write_report
+
+    out = Path(out)
+    if not (out / "sweep.json").is_file():
+        raise IclgdError(f"{out}: not a reproduce folder (no sweep.json)")
+    options.out_dir(out, "report")
+    check_units(out)
+    with lock(out, "report"):
+        return write_report(out)
+
+
+__all__ = ["load_model", "evaluate", "compare", "dual_verify", "compare_updates", "synthetic", "pretrain",
+           "momentum_compare", "momentum_apply", "world_train", "reproduce", "regenerate", "EvalResult",
+           "CompareResult", "VerifyResult", "UpdatesResult", "SyntheticResult", "PretrainResult", "MomentumResult",
+           "ApplyResult", "WorldTrainResult", "LoadedModel", "TaskSpec"]

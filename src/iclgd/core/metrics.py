@@ -261,48 +261,41 @@ def bootstrap_ci(values, n_boot: int = 10_000, level: float = 0.95, seed: int = 
 
 @dataclass(frozen=True)
 class Metric:
-    """One number of a compare result: where it lies, what computes it, its controls and the paper's value.
+    """One number of a compare result: where it lies, the pure function that computes it per example, and its
+    controls. The paper's published values and how a report prints them live in :mod:`iclgd.report.paper`.
 
     Every metric aggregates over seeds the same way (mean with a 95% percentile bootstrap CI,
-    :func:`aggregate`); per layer it is the mean over layers of the ``per_layer`` list beside ``path``.
+    :func:`aggregate`, which records each metric's baselines beside it); per layer it is the mean over layers
+    of the ``per_layer`` list beside ``path``.
     """
 
     path: tuple[str, ...]  # keys into a compare seed's result, down to the overall value
-    function: Callable | None = None  # the pure function above that computes it (None: an accuracy)
+    function: Callable | None = None  # what computes it per example (compare runs it from here; None: a count)
     baselines: tuple[str, ...] = ()  # the registry names of its controls
     csv_layers: str | None = None  # name of its per-layer rows in results.csv (None: overall only)
-    # Dai et al. (2022) as summarised in shared/docs/paper-notes.md: the averages for the 1.3B and 2.7B
-    # models, the row's label, how ours is written beside them (a str.format over registry names, each
-    # the mean over tasks of the mean over seeds), and why ours can be undefined
-    paper: tuple[str, str] | None = None
-    label: str = ""
-    ours: str = ""
-    undefined: str = ""
 
 
 METRICS: dict[str, Metric] = {
     "acc_zsl": Metric(("acc", "zsl")),
     "acc_ft": Metric(("acc", "ft")),
     "acc_icl": Metric(("acc", "icl")),
-    "rec2ftp": Metric(("rec2ftp", "value"), rec2ftp, paper=("85.56%", "89.39%"), label="Rec2FTP",
-                      ours="{rec2ftp:.2%}", undefined="FT fixed no ZSL error on some task"),
-    "simaou": Metric(("simaou", "overall"), simaou_per_layer, ("simaou_random_uniform", "simaou_random_gaussian"),
-                     csv_layers="simaou", paper=("0.186 (random ≈ 0)", "0.225"), label="SimAOU",
-                     ours="{simaou:.3f} (random {simaou_random_uniform:.3f})"),
-    "simaou_random_uniform": Metric(("simaou", "baseline_uniform", "overall"), simaou_uniform_baseline),
-    "simaou_random_gaussian": Metric(("simaou", "baseline_gaussian", "overall"), simaou_gaussian_baseline),
-    "simam_ft": Metric(("simam", "icl_ft", "overall"), simam_per_layer, ("simam_zsl",), csv_layers="simam_icl_ft",
-                       paper=("0.442 vs 0.338", "0.434 vs 0.355"), label="SimAM (after FT) vs ZSL SimAM",
-                       ours="{simam_ft:.3f} vs {simam_zsl:.3f}"),
-    "simam_zsl": Metric(("simam", "icl_zsl", "overall"), simam_per_layer),
-    "simam_delta": Metric(("simam", "delta", "overall"), simam_delta_per_layer),
-    "kendall_token": Metric(("kendall", "token_qq", "overall"), kendall_per_layer, ("kendall_random",),
-                            csv_layers="kendall_token_qq", paper=("0.193 (random ≈ 0)", "0.214"), label="Kendall",
-                            ours="{kendall_token:.3f} (random {kendall_random:.3f})"),
-    "kendall_token_keys": Metric(("kendall", "token_qk", "overall"), kendall_per_layer),
-    "kendall_example": Metric(("kendall", "example_qq", "overall"), kendall_per_layer),
-    "kendall_random": Metric(("kendall", "random_token", "overall"), kendall_random_baseline),
-    "kendall_example_unscaled": Metric(("kendall", "example_qq_unscaled", "overall"), kendall_per_layer),
+    "rec2ftp": Metric(("rec2ftp", "value"), rec2ftp),
+    "simaou": Metric(("simaou", "overall"), simaou_per_example, ("simaou_random_uniform", "simaou_random_gaussian"),
+                     csv_layers="simaou"),
+    "simaou_random_uniform": Metric(("simaou", "baseline_uniform", "overall"), simaou_random_per_example),
+    "simaou_random_gaussian": Metric(("simaou", "baseline_gaussian", "overall"), simaou_random_per_example),
+    "simam_ft": Metric(("simam", "icl_ft", "overall"), simam_per_example, ("simam_zsl",), csv_layers="simam_icl_ft"),
+    "simam_zsl": Metric(("simam", "icl_zsl", "overall"), simam_per_example),
+    "simam_delta": Metric(("simam", "delta", "overall"), simam_delta_per_example),
+    "kendall_token": Metric(("kendall", "token_qq", "overall"), kendall_per_example, ("kendall_random",),
+                            csv_layers="kendall_token_qq"),
+    "kendall_token_keys": Metric(("kendall", "token_qk", "overall"), kendall_per_example, ("kendall_random",)),
+    "kendall_example": Metric(("kendall", "example_qq", "overall"), kendall_per_example),
+    "kendall_random": Metric(("kendall", "random_token", "overall"), kendall_per_example),
+    "kendall_example_unscaled": Metric(("kendall", "example_qq_unscaled", "overall"), kendall_per_example),
+    "kendall_example_keys": Metric(("kendall", "example_qk", "overall"), kendall_per_example,
+                                   ("kendall_random_example",)),
+    "kendall_random_example": Metric(("kendall", "random_example", "overall"), kendall_per_example),
     # ΔW_ICL (Eq. 7) against ΔW_FT (Eq. 8) on the test queries, with the random-update baseline
     "dw_cos": Metric(("updates", "cos_dW", "overall"), baselines=("dw_cos_random",), csv_layers="dw_cos"),
     "dw_cos_random": Metric(("updates", "cos_dW_random", "overall")),
@@ -343,7 +336,8 @@ def aggregate(results: list[dict]) -> dict:
         vals = [scalar(r, name) for r in results]
         mean, lo, hi = bootstrap_ci(vals)
         out[name] = {"mean": mean, "ci95": [lo, hi], "n_seeds": int(sum(v == v for v in vals)),
-                     "n_seeds_run": len(results)}
+                     "n_seeds_run": len(results), **({"baselines": list(METRICS[name].baselines)}
+                                                     if METRICS[name].baselines else {})}
     return out
 
 

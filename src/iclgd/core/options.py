@@ -133,3 +133,219 @@ def text(option: str, value: str | None, allow_empty: bool = True) -> None:
         raise IclgdError(f"{option}: contains a NUL character")
     if not allow_empty and not value.strip():
         raise IclgdError(f"{option} {value!r}: expected a non-empty value")
+
+
+# ----------------------------------------------------------------------------- options as dataclass fields
+#
+# An experiment's config dataclass is the only home of its options' defaults, help and checks: each field is
+# declared with :func:`option`, the CLI is generated from the fields (``iclgd.cli.command``), and
+# :func:`validate` (called by the dataclass's ``__post_init__``) parses and checks the values, the same way
+# for a value typed at the terminal and one passed from Python.
+
+from dataclasses import MISSING, field, fields  # noqa: E402
+
+
+def option(default=MISSING, help: str = "", *, factory=MISSING, name: str | None = None, aliases: tuple = (),
+           old: str | None = None, choices: tuple | None = None, parse=None, check=None, type=None,
+           show_default: str | None = None, cli: bool = True):
+    """A config field that is also a CLI option.
+
+    ``name``: the flag (default ``--field-name``), ``aliases`` visible other names, ``old`` a hidden name kept
+    for one release; ``choices``: the allowed values (listed in --help); ``parse(flag, text)``: turns the text
+    given at the terminal (or a string given from Python) into the value; ``check(flag, value)``: raises an
+    IclgdError naming the flag; ``type``: the CLI's type where the default does not say it (a default of None);
+    ``cli=False``: a field the CLI does not offer."""
+    meta = {"iclgd": dict(help=help, name=name, aliases=tuple(aliases), old=old, choices=choices, parse=parse,
+                          check=check, type=type, show_default=show_default, cli=cli)}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def nested(cls):
+    """A config field holding another config, whose options the CLI offers as its own."""
+    return field(default_factory=cls, metadata={"iclgd": {"nested": True}})
+
+
+def meta(f) -> dict:
+    return f.metadata.get("iclgd", {})
+
+
+def flag_of(f) -> str:
+    return meta(f).get("name") or "--" + f.name.replace("_", "-")
+
+
+def validate(cfg) -> None:
+    """Parse and check every option field of ``cfg`` (in place), in declaration order."""
+    for f in fields(cfg):
+        m = meta(f)
+        if not m or m.get("nested"):
+            continue
+        v, flag = getattr(cfg, f.name), flag_of(f)
+        if v is Ellipsis:
+            raise IclgdError(f"{flag}: required (no default)")
+        if isinstance(v, str) and m["parse"] is not None:
+            v = m["parse"](flag, v)
+            setattr(cfg, f.name, v)
+        if m["choices"] is not None and v not in m["choices"]:
+            raise IclgdError(f"{flag} {v!r}: expected one of {', '.join(map(str, m['choices']))}")
+        if m["check"] is not None:
+            m["check"](flag, v)
+
+
+# parsers: (flag, text) -> value
+
+def ints(flag: str, value) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] (a list given from Python is kept)."""
+    if not isinstance(value, str):
+        return [int(v) for v in value]
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise IclgdError(f"{flag} {value!r}: expected a comma list of integers, e.g. 1,2,3") from None
+    if not out:
+        raise IclgdError(f"{flag} {value!r}: expected a comma list of integers, e.g. 1,2,3")
+    return out
+
+
+def int_tuple(flag: str, value) -> tuple[int, ...]:
+    return tuple(ints(flag, value))
+
+
+def one_int(flag: str, value) -> int:
+    """One integer, given as text ('3'); a comma list of several is refused."""
+    got = ints(flag, value)
+    if len(got) != 1:
+        raise IclgdError(f"{flag} {value}: this command checks one prompt; give one seed")
+    return got[0]
+
+
+def batch_size_text(flag: str, value: str) -> int | str:
+    """'auto' or a positive integer, given as text."""
+    try:
+        return batch_size(value)
+    except IclgdError as e:
+        raise IclgdError(str(e).replace("--batch-size", flag, 1)) from None
+
+
+# checks: (flag, value) -> None, raising an IclgdError that names the flag
+
+def min_int(low: int):
+    def check(flag: str, value) -> None:
+        at_least(flag, value, low)
+
+    return check
+
+
+def each_at_least(low: int):
+    def check(flag: str, values) -> None:
+        for v in values:
+            at_least(flag, v, low)
+        distinct(flag, list(values))
+
+    return check
+
+
+def positive(flag: str, value) -> None:
+    positive_float(flag, value)
+
+
+def a_seed(flag: str, value) -> None:
+    if value is not None:
+        seed(flag, value)
+
+
+def seeds(flag: str, values) -> None:
+    if not values:
+        raise IclgdError(f"{flag}: expected one seed or a comma list of distinct seeds")
+    seed_list(flag, list(values))
+
+
+def a_device(flag: str, value) -> None:
+    device(value, flag)
+
+
+def no_nul(flag: str, value) -> None:
+    text(flag, value)
+
+
+def a_batch_size(flag: str, value) -> None:
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise IclgdError(f"{flag} {value!r}: expected 'auto' or a positive integer")
+
+
+def open_interval(flag: str, value) -> None:
+    if not (isinstance(value, (int, float)) and 0 < value < 1):
+        raise IclgdError(f"{flag} {value}: expected a value strictly between 0 and 1")
+
+
+# ----------------------------------------------------------------------------- the options several commands share
+
+DEFAULT_MODEL = "smollm2-135m"
+MAX_LEN = 2048  # the paper's context limit (fairseq dense models)
+BOS_HELP = ("start token of every prompt: a token of the vocabulary{none} (default: the model's, e.g. <|endoftext|> "
+            "for SmolLM2, <bos> for Gemma)")
+
+
+def model_field(default: str = DEFAULT_MODEL):
+    return option(default, "registry name (smollm2-135m, gemma3-270m), tiny-random-*, a local folder, or a hub id "
+                           "(gpt2, owner/name; downloaded unless --offline)", type=str)
+
+
+def tasks_field(default: str = "sst2", help: str = "task name, comma list, or 'all'"):
+    return option(default, help, name="--tasks", aliases=("--task",), check=no_nul)
+
+
+def task_spec_field():
+    return option(None, "JSON spec of a user task (template, label_words, files) instead of --tasks", type=Path)
+
+
+def seeds_field(default=(1,), help: str = "one seed or a comma list of distinct seeds, e.g. 1,2,3", old=None):
+    return option(help=help, factory=lambda: list(default), parse=ints, check=seeds, type=str, old=old)
+
+
+def n_test_field(default=None, help: str = "evaluate only the first N test examples"):
+    return option(default, help, type=int, check=min_int(1))
+
+
+def data_dir_field(help: str = "data directory (default $ICLGD_DATA_DIR or ../shared/data, else the hub)"):
+    return option(None, help, type=Path)
+
+
+def dtype_field(default: str = "float32", choices: tuple = DTYPES, help: str = "weights' dtype (applied to every "
+                                                                               "model)"):
+    return option(default, help, choices=choices)
+
+
+def device_field():
+    return option("auto", "auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps; results record the device "
+                          "applied", check=a_device)
+
+
+def bos_field(allow_none: bool = False):
+    return option(None, BOS_HELP.format(none=", or 'none'" if allow_none else ""), type=str)
+
+
+def k_field(default: int, low: int, help: str):
+    return option(default, help, check=min_int(low))
+
+
+def separator_field():
+    return option("\n", "text after each demonstration (a newline by default)", check=no_nul, show_default=r"\n")
+
+
+def max_len_field():
+    return option(MAX_LEN, "context limit in tokens (the paper's 2048)", check=min_int(1))
+
+
+def batch_size_field():
+    return option("auto", "prompts scored per forward pass: a positive integer, or 'auto' (on a GPU the largest that "
+                          "fits, from 64 down; 8 on CPU)", parse=batch_size_text, check=a_batch_size, type=str)
+
+
+def balanced_field():
+    return option(False, "class-balanced demonstrations (round robin over labels, then shuffled by the seed)")
+
+
+def eta_field(default: float = 0.9, help: str = "momentum coefficient, strictly between 0 and 1"):
+    return option(default, help, check=open_interval)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.hooks import Recorder
 from iclgd.core.models import LoadedModel
@@ -240,12 +241,17 @@ def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
 
 @dataclass
 class EvalConfig:
-    k: int = 32
-    seed: int = 1
-    balanced: bool = False
-    separator: str = DEFAULT_SEPARATOR
-    max_len: int = 2048  # the paper's context limit (fairseq dense models)
-    batch_size: int | str = "auto"  # or a positive integer (see resolve_batch_size)
+    """How one ZSL or ICL pass builds and scores its prompts."""
+
+    k: int = O.k_field(32, 0, "demonstrations requested (fewer if the context overflows)")
+    seed: int = O.option(1, "demonstration seed", check=O.a_seed, cli=False)  # set per run from the job's seeds
+    balanced: bool = O.balanced_field()
+    separator: str = O.separator_field()
+    max_len: int = O.max_len_field()
+    batch_size: int | str = O.batch_size_field()  # or a positive integer (see resolve_batch_size)
+
+    def __post_init__(self):
+        O.validate(self)
 
 
 def score_split(lm: LoadedModel, data: TaskData, cfg: EvalConfig, icl: bool, progress: bool = True) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 
 # ----------------------------------------------------------------------------- corpora
@@ -122,34 +123,33 @@ SIZES = {
 
 @dataclass
 class TrainConfig:
-    corpus: str = "tinyshakespeare"
-    attention: str = "vanilla"  # or "momentum"
-    eta: float = 0.9
-    learnable_eta: bool = False
-    size: str = "small"
-    seed: int = 1
-    steps: int = 150  # small: 150 × 4 × 512 tokens ≈ one epoch of Tiny Shakespeare, ~5 min on 2 cores
-    batch_size: int = 4
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 15
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 25
-    eval_tokens: int = 32768  # validation tokens per evaluation
-    ckpt_every: int = 25
+    """``iclgd pretrain``: a small Llama-style LM trained from scratch, with vanilla or momentum attention."""
+
+    corpus: str = O.option("tinyshakespeare", "tinyshakespeare, austen, kjv, a text file, or hf:DATASET",
+                           check=O.no_nul)
+    attention: str = O.option("vanilla", "vanilla or momentum", choices=("vanilla", "momentum"))
+    eta: float = O.eta_field(help="momentum coefficient strictly between 0 and 1 (fixed, or the initial value with "
+                                  "--learnable-eta)")
+    learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
+    size: str = O.option("small", "model size", choices=tuple(SIZES), old="--config")
+    seed: int = O.option(1, "seed of the initialization and the data order", check=O.a_seed)
+    steps: int = O.option(150, "optimizer steps (>= 1)", check=O.min_int(1))  # small: ≈ one epoch, ~5 min
+    batch_size: int = O.option(4, "sequences per step", cli=False)
+    lr: float = O.option(3e-3, "peak learning rate", cli=False)
+    min_lr: float = O.option(3e-4, "final learning rate of the cosine schedule", cli=False)
+    warmup: int = O.option(15, "linear warm-up steps", cli=False)
+    weight_decay: float = O.option(0.1, "AdamW weight decay", cli=False)
+    grad_clip: float = O.option(1.0, "gradient-norm clip", cli=False)
+    eval_every: int = O.option(25, "steps between validation evaluations", cli=False)
+    eval_tokens: int = O.option(32768, "validation tokens per evaluation", cli=False)
+    ckpt_every: int = O.option(25, "steps between checkpoints", cli=False)
+
+    def __post_init__(self):
+        O.validate(self)
 
     def check(self) -> None:
-        if self.attention not in ("vanilla", "momentum"):
-            raise IclgdError(f"--attention {self.attention!r}: expected vanilla or momentum")
-        if self.size not in SIZES:
-            raise IclgdError(f"--config {self.size!r}: expected one of {', '.join(SIZES)}")
-        if self.attention == "momentum":
-            from iclgd.engine.momentum import check_eta
-
-            check_eta(self.eta)
-        if self.steps < 1:
-            raise IclgdError(f"--steps {self.steps}: expected at least 1")
+        """Validated on construction; kept for callers that re-check after changing a field."""
+        O.validate(self)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int):

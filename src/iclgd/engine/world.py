@@ -379,12 +379,13 @@ def evaluate_proxy(lm, world: World, n: int, seed: int = 12345) -> dict:
     model = lm.model
     was = model.training
     model.eval()
-    x = torch.from_numpy(seq)
+    dev = next(model.parameters()).device
+    x = torch.from_numpy(seq).to(dev)
     logits = model(input_ids=x[:, :-1]).logits.float()
-    lab = torch.from_numpy(world.cfg.label_ids)
+    lab = torch.from_numpy(world.cfg.label_ids).to(dev)
     icl_pred = logits[:, -1, lab].argmax(-1)
     target = x[:, -1] - len(SPECIALS)
-    m = torch.from_numpy(mask)[:, 1:]
+    m = torch.from_numpy(mask).to(dev)[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[m], x[:, 1:][m]).item()
     zsl_in = torch.cat([x[:, :1], x[:, -1 - c.item_len: -1]], dim=1)  # [BOS] query item
     zsl_pred = model(input_ids=zsl_in).logits[:, -1, lab].argmax(-1)
@@ -407,8 +408,10 @@ def read_log(out: Path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train (or resume) a world model into ``out``; returns the summary written to ``out/final.json``.
+def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | None = None,
+          device: str = "cpu") -> dict:
+    """Train (or resume) a world model into ``out`` on ``device`` (``auto``: CUDA, then MPS, else the CPU);
+    returns the summary written to ``out/final.json``, which records the device applied.
 
     ``stop_after`` ends this call after that many steps (to test resumption). The task files are written
     too, so ``out`` is a complete world: model/, tasks/, data/.
@@ -416,10 +419,11 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     from tqdm.auto import tqdm
 
     from iclgd.core.io import atomic_write_json, ensure_dir
-    from iclgd.core.models import run_versions
+    from iclgd.core.models import resolve_device, run_versions
     from iclgd.engine.train import descend, load_checkpoint, optimizer, save_checkpoint
 
     cfg.check()
+    device = resolve_device(device)
     out = ensure_dir(out)
     cfg_doc = asdict(cfg)
     old_cfg = out / "train_config.json"
@@ -431,7 +435,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     world = World(cfg.world)
     world.write_tasks(out)
     lm = build_model(cfg)
-    model = lm.model.train()
+    model = lm.model.to(device).train()
     opt = optimizer(model, cfg)
     meta = load_checkpoint(out, model, opt) or {"step": 0, "wall_s": 0.0}
     start, wall0 = int(meta["step"]), float(meta["wall_s"])
@@ -450,6 +454,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         seq, mask = batch_at(world, step, cfg.seed, cfg.batch_size, is_copy_step(cfg, step))  # (B, T), (B, T)
+        seq, mask = seq.to(device), mask.to(device)
         loss = descend(model, opt, masked_loss(model, seq, mask), cfg.grad_clip, step, "world training")
         done += 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -475,7 +480,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     summary = {"kind": "iclgd.world.train", "config": cfg_doc, "final": {k: float(last[k]) for k in LOG_FIELDS[1:]
                                                                           if last[k] not in ("", None)},
                "n_params": sum(p.numel() for p in model.parameters()), "versions": run_versions(),
-               "threads": cfg.threads, "steps_per_s": round(cfg.steps / max(1e-9, float(last["wall_s"])), 2)}
+               "threads": cfg.threads, "device": device, "steps_per_s": round(cfg.steps / max(1e-9, float(last["wall_s"])), 2)}
     atomic_write_json(out / "final.json", summary)
     return summary
 

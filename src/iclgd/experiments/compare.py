@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from iclgd.core import metrics as M
+from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, atomic_write_jsonl
 from iclgd.core.models import LoadedModel, as_loaded, model_name, repeat_kv, run_versions
@@ -36,37 +37,35 @@ LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 @dataclass
 class CompareConfig:
-    k: int = 32
-    lr: float | None = None  # None: the task spec's lr, else DEFAULT_LR
-    lr_search: bool = False
-    lr_grid: tuple[float, ...] = LR_GRID
-    lr_holdout: int = 64  # train examples (disjoint from the demonstrations) that judge the grid
-    ft_params: str = "kv"
-    ft_mode: str = "gd"
-    position: str = "last"  # or "label-token" (the official code)
-    kendall_n: int = 100
-    simam_segment: str = "after-context"  # the official slice attn_map[:, :, -1, c_len:]; or "input-only"
-    kendall_scale: str = "paper"  # FT side scale²·q·q as the official code; or "none" (unscaled q·q)
-    updates_n: int = 100  # test examples on which ΔW_ICL is compared with ΔW_FT
-    untrained_seed: int | None = None  # the untrained control's init seed; None: the run seed
-    balanced: bool = False
-    separator: str = "\n"
-    max_len: int = 2048
-    batch_size: int | str = "auto"  # prompts per forward pass (engine.scoring.resolve_batch_size)
+    """How one (model, task, seed) compare runs: the demonstrations, finetuning and the metrics' settings."""
+
+    k: int = O.k_field(32, 1, "demonstrations (>= 1: finetuning needs at least one)")
+    lr: float | None = O.option(None, "FT learning rate (default: the paper's per-task rate)", type=float,
+                                check=O.positive)  # None: the task spec's lr, else DEFAULT_LR
+    lr_search: bool = O.option(False, "pick the rate from a grid on held-out train examples")
+    lr_grid: tuple[float, ...] = O.option(LR_GRID, "the rates --lr-search tries", cli=False)
+    lr_holdout: int = O.option(64, "train examples (disjoint from the demonstrations) that judge the grid", cli=False)
+    ft_params: str = O.option("kv", "kv (the paper) or all (full-model control)", choices=("kv", "all"))
+    ft_mode: str = O.option("gd", "gd or lcgd (layer-causal GD, Deutch et al. 2024)", choices=("gd", "lcgd"))
+    position: str = O.option("last", "last prompt token, or label-token (the official code)",
+                             choices=("last", "label-token"))
+    kendall_n: int = O.option(100, "test examples of the Kendall rank correlation (>= 1)", check=O.min_int(1))
+    simam_segment: str = O.option("after-context", "after-context (the paper's code: every position after the "
+                                                   "context) or input-only (the test input's tokens)",
+                                  choices=("after-context", "input-only"))
+    kendall_scale: str = O.option("paper", "FT-side logits: paper (head_dim^-1 · q·q) or none (q·q)",
+                                  choices=("paper", "none"))
+    updates_n: int = O.option(100, "test examples on which ΔW_ICL is compared with ΔW_FT (0: skip)",
+                              check=O.min_int(0))
+    untrained_seed: int | None = O.option(None, "init seed of the untrained control for every run seed (default: "
+                                                "the run seed)", type=int, check=O.a_seed)
+    balanced: bool = O.balanced_field()
+    separator: str = O.separator_field()
+    max_len: int = O.max_len_field()
+    batch_size: int | str = O.batch_size_field()  # prompts per forward pass (engine.scoring.resolve_batch_size)
 
     def __post_init__(self):
-        if self.position not in ("last", "label-token"):
-            raise IclgdError(f"--position {self.position!r}: expected last or label-token")
-        if self.ft_params not in ("kv", "all"):
-            raise IclgdError(f"--ft-params {self.ft_params!r}: expected kv or all")
-        if self.ft_mode not in ("gd", "lcgd"):
-            raise IclgdError(f"--ft-mode {self.ft_mode!r}: expected gd or lcgd")
-        if self.simam_segment not in ("after-context", "input-only"):
-            raise IclgdError(f"--simam-segment {self.simam_segment!r}: expected after-context or input-only")
-        if self.kendall_scale not in ("paper", "none"):
-            raise IclgdError(f"--kendall-scale {self.kendall_scale!r}: expected paper or none")
-        if self.kendall_n < 1 or self.updates_n < 0:
-            raise IclgdError("--kendall-n must be at least 1 and --updates-n at least 0")
+        O.validate(self)
 
 
 def _stats(per_layer: np.ndarray, n_examples: np.ndarray | None = None) -> dict:
@@ -250,13 +249,15 @@ def _f64(a: np.ndarray) -> np.ndarray:
 def _outcomes(labels: np.ndarray, logprobs: tuple[np.ndarray, ...], C: int) -> dict:
     """Accuracy and predictions per class of ZSL, ICL and FT, and Rec2FTP."""
     pz, pi, pf = (lp.argmax(1) for lp in logprobs)
-    r2f, den = M.rec2ftp(pz == labels, pf == labels, pi == labels)
+    r2f, den = RUN["rec2ftp"](pz == labels, pf == labels, pi == labels)
     return {"acc": {"zsl": float((pz == labels).mean()), "icl": float((pi == labels).mean()),
                     "ft": float((pf == labels).mean()), "majority": float(np.bincount(labels).max() / len(labels))},
             "pred_counts": {s: np.bincount(p, minlength=C).tolist() for s, p in zip(SETTINGS, (pz, pi, pf))},
             "rec2ftp": {"value": r2f, "denominator": den}}
 
 
+# what computes each figure: the registry's per-example functions (iclgd.core.metrics.METRICS)
+RUN = {name: m.function for name, m in M.METRICS.items() if m.function is not None}
 METRICS_CHUNK = 64  # examples whose captures are read back and compared at a time
 
 
@@ -275,13 +276,13 @@ def _similarities(observers: tuple[Observer, ...], N: int, seed: int, segment: s
         Hz, Hi, Hf = (np.stack([x.h for x in c]) for c in (oz, oi, of))  # (n, L, d_model), as captured (fp32)
         moved += int(np.any(Hf != Hz, axis=(1, 2)).sum())
         Hz, Hi, Hf = _f64(Hz), _f64(Hi), _f64(Hf)
-        acc["simaou"].add(M.simaou_per_example(Hz, Hi, Hf))
-        acc["uniform"].add(M.simaou_random_per_example(Hz, Hi, rng_u, "uniform"))
-        acc["gaussian"].add(M.simaou_random_per_example(Hz, Hi, rng_g, "gaussian"))
+        acc["simaou"].add(RUN["simaou"](Hz, Hi, Hf))
+        acc["uniform"].add(RUN["simaou_random_uniform"](Hz, Hi, rng_u, "uniform"))
+        acc["gaussian"].add(RUN["simaou_random_gaussian"](Hz, Hi, rng_g, "gaussian"))
         Sz, Si, Sf = ([_f64(x.simam_scores(segment)) for x in c] for c in (oz, oi, of))
-        acc["icl_ft"].add(M.simam_per_example(Si, Sf))
-        acc["icl_zsl"].add(M.simam_per_example(Si, Sz))
-        acc["delta"].add(M.simam_delta_per_example(Sz, Si, Sf))
+        acc["icl_ft"].add(RUN["simam_ft"](Si, Sf))
+        acc["icl_zsl"].add(RUN["simam_zsl"](Si, Sz))
+        acc["delta"].add(RUN["simam_delta"](Sz, Si, Sf))
     return {"simaou": {**_stats_running(acc["simaou"]),
                        "baseline_uniform": _stats_running(acc["uniform"], False),
                        "baseline_gaussian": _stats_running(acc["gaussian"], False)},
@@ -315,13 +316,13 @@ def _kendall(icl: Prompts, obs_i: Observer, obs_f: Observer, ft: FTRecord, nk: i
         # the dual-form variant: the attention logits scale · q·k of the test query on the training keys
         ft_qk = list(M.softmax(sc * M.query_logits(q_test, K)))
         icl_ex = per_demo(icl_tok)
-        acc["token_qq"].add(M.kendall_per_example(icl_tok, ft_qq))
-        acc["token_qk"].add(M.kendall_per_example(icl_tok, ft_qk))
-        acc["example_qq"].add(M.kendall_per_example(icl_ex, per_demo(ft_qq)))
-        acc["example_qq_unscaled"].add(M.kendall_per_example(icl_ex, per_demo(ft_qq_unscaled)))
-        acc["example_qk"].add(M.kendall_per_example(icl_ex, per_demo(ft_qk)))
-        acc["random_token"].add(M.kendall_per_example(icl_tok, [rng_tok.random(x.shape) for x in icl_tok]))
-        acc["random_example"].add(M.kendall_per_example(icl_ex, [rng_ex.random(x.shape) for x in icl_ex]))
+        acc["token_qq"].add(RUN["kendall_token"](icl_tok, ft_qq))
+        acc["token_qk"].add(RUN["kendall_token_keys"](icl_tok, ft_qk))
+        acc["example_qq"].add(RUN["kendall_example"](icl_ex, per_demo(ft_qq)))
+        acc["example_qq_unscaled"].add(RUN["kendall_example_unscaled"](icl_ex, per_demo(ft_qq_unscaled)))
+        acc["example_qk"].add(RUN["kendall_example_keys"](icl_ex, per_demo(ft_qk)))
+        acc["random_token"].add(RUN["kendall_random"](icl_tok, [rng_tok.random(x.shape) for x in icl_tok]))
+        acc["random_example"].add(RUN["kendall_random_example"](icl_ex, [rng_ex.random(x.shape) for x in icl_ex]))
     return {**{k: _stats_running(acc[k]) for k in names}, "n_examples": nk,
             "ft_logits": "scale^2 * q.q (paper)" if scale == "paper" else "q.q (unscaled)"}
 
@@ -382,19 +383,33 @@ def config_dict(cfg: CompareConfig) -> dict:
 
 @dataclass
 class CompareJob:
-    """What ``iclgd compare`` runs: every task × seed of one model, and optionally its untrained control."""
+    """What ``iclgd compare`` runs: every task × seed of one model, and its untrained control."""
 
-    model: str | LoadedModel = "smollm2-135m"  # a name or folder (loaded with dtype, device, bos), or a loaded model
-    task: str = "sst2"  # a name, a comma list or 'all'
-    seeds: list[int] = field(default_factory=lambda: [1])
-    n_test: int | None = None
-    untrained: bool = False
-    task_spec: Path | None = None  # or one user task
-    data_dir: Path | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    bos: str | None = None  # the prompts' start token: None for the model's, or a token
-    compare: CompareConfig = field(default_factory=CompareConfig)
+    model: str | LoadedModel = O.model_field()  # a name or folder (loaded with dtype, device, bos), or a loaded model
+    task: str = O.tasks_field()
+    task_spec: Path | None = O.task_spec_field()
+    seeds: list[int] = O.seeds_field(help="one seed or a comma list of distinct seeds, e.g. 1,2,3: mean and 95% "
+                                          "bootstrap CI over seeds")
+    n_test: int | None = O.n_test_field()
+    untrained: bool = O.option(True, "the untrained-model control (the same model re-initialised per seed)")
+    compare: CompareConfig = O.nested(CompareConfig)
+    data_dir: Path | None = O.data_dir_field()
+    dtype: str = O.dtype_field()
+    device: str = O.device_field()
+    bos: str | None = O.bos_field()  # the prompts' start token: None for the model's, or a token
+
+    def __post_init__(self):
+        O.validate(self)
+        no_start_token(self.bos)
+        if self.compare.untrained_seed is not None and not self.untrained:
+            raise IclgdError("--untrained-seed applies to the untrained control only: drop --no-untrained")
+
+
+def no_start_token(bos: str | None) -> None:
+    """Captures read the start token as the zero-shot context: the commands that take them need one."""
+    if bos == "none":
+        raise IclgdError("--bos none: only `iclgd eval` runs without a start token (compare, dual verify and "
+                         "reproduce read it as the zero-shot context); give a token instead")
 
 
 @dataclass
@@ -413,10 +428,6 @@ UNTRAINED_RECIPE = ("attention and MLP weights ~ N(0, initializer_range^2), bias
 def run(job: CompareJob, progress: bool = True) -> Iterator[TaskResult]:
     """The tasks' results, one task at a time (so each can be written as it finishes). The options and the
     data are checked here, before any model is loaded; the models load when the first task is asked for."""
-    if not job.seeds:
-        raise IclgdError("--seeds: expected a comma list of integers, e.g. 1,2,3")
-    if job.compare.untrained_seed is not None and not job.untrained:
-        raise IclgdError("--untrained-seed applies to the untrained control only: add --untrained")
     datas, ddir = load_tasks(job.task, job.task_spec, job.data_dir, job.n_test)
     return _run(job, datas, ddir, progress)
 
@@ -492,3 +503,24 @@ class CompareResult(Result):
                     numbers = {k: v for k, v in r.items() if k not in ("seed", "untrained_init_seed")}
                     out += tidy_rows(numbers, {"task": task, "seed": r["seed"], "condition": condition})
         return out
+
+
+def run_in(job: CompareJob, out=None, overwrite: bool = False, progress: bool = True,
+           each=None) -> CompareResult:
+    """:func:`run`, each task written to ``out`` as it finishes (an earlier run's results are refused unless
+    ``overwrite``); ``each(path)`` is called on every results.json written (the CLI draws its plots)."""
+    from contextlib import nullcontext
+
+    from iclgd.core.runfolder import lock, refuse_existing
+
+    if out is not None:
+        refuse_existing([Path(out) / "results.json"], overwrite)
+    tasks = []
+    with lock(Path(out)) if out is not None else nullcontext():
+        for r in run(job, progress=progress):
+            tasks.append(r)
+            if out is not None:
+                path = write(r, out)
+                if each is not None:
+                    each(path)
+    return CompareResult.of(tasks)

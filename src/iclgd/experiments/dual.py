@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, ensure_dir
 from iclgd.core.models import LoadedModel, as_loaded, load_model, model_name, run_versions
@@ -49,22 +50,40 @@ def parse_layers(value: str, n_layers: int) -> list[int]:
     return layers
 
 
+def _layer_list(flag: str, value) -> None:
+    """'all' or a comma list of integers (their range is checked against the model once it is loaded)."""
+    if value == "all":
+        return
+    try:
+        ok = bool([int(x) for x in str(value).split(",") if x.strip()])
+    except ValueError:
+        ok = False
+    if not ok:
+        raise IclgdError(f"{flag} {value!r}: expected 'all' or a comma list of layer numbers")
+
+
 @dataclass
 class VerifyConfig:
-    model: str | LoadedModel = "smollm2-135m"  # a name or folder, or a loaded model (converted to ``dtype`` in place)
-    task: str = "sst2"
-    k: int = 8
-    seed: int = 1
-    layers: str = "all"  # 'all' or a comma list
-    dtype: str = "float64"  # float64 (tolerance 1e-5) or float32 (1e-3)
-    data_dir: Path | None = None
-    bos: str | None = None  # the prompt's start token (None: the model's)
-    task_spec: Path | None = None  # a user task's JSON spec (e.g. an ICL-world task) instead of ``task``
-    device: str = "auto"  # where a model given by name is loaded (auto: CUDA, then MPS, else CPU)
+    """``iclgd dual verify``: the dual form on one real ICL prompt, on every chosen layer and head."""
+
+    model: str | LoadedModel = O.model_field()  # a name or folder, or a loaded model (converted to dtype in place)
+    task: str = O.tasks_field(help="task name (one: the check runs on one prompt)")
+    task_spec: Path | None = O.option(None, "JSON spec of a user task (e.g. an ICL-world task) instead of --tasks",
+                                      type=Path)
+    k: int = O.k_field(8, 1, "demonstrations in the prompt (>= 1)")
+    seed: int = O.option(1, "seed of the demonstration shuffle (one: the check runs on one prompt)", name="--seeds",
+                         old="--seed", parse=O.one_int, check=O.a_seed, type=str)
+    layers: str = O.option("all", "layer indices: 'all' or a comma list, e.g. 0,3", check=_layer_list)
+    dtype: str = O.dtype_field("float64", ("float64", "float32"), "float64 (tolerance 1e-5) or float32 (1e-3)")
+    device: str = O.device_field()  # where a model given by name is loaded
+    data_dir: Path | None = O.data_dir_field()
+    bos: str | None = O.bos_field()  # the prompt's start token (None: the model's)
 
     def __post_init__(self):
-        if self.dtype not in ("float64", "float32"):
-            raise IclgdError(f"--dtype {self.dtype!r}: expected float64 or float32")
+        O.validate(self)
+        from iclgd.experiments.compare import no_start_token
+
+        no_start_token(self.bos)
 
 
 def verify_prompt(lm: LoadedModel, task: str, k: int, seed: int, data_dir=None,
@@ -138,6 +157,22 @@ def load_after(before: str, after: str) -> LoadedModel:
     return lm
 
 
+@dataclass
+class UpdatesConfig:
+    """``iclgd dual compare-updates``: ΔW_FT of a finetuned copy against ΔW_ICL on one ICL prompt."""
+
+    before: str = O.option(..., "model (name or folder) before finetuning", type=str)
+    after: str = O.option(..., "model folder after K/V finetuning, or a state-dict file (.pt/.safetensors)", type=str)
+    task: str = O.tasks_field(help="task name (one: the comparison runs on one prompt)")
+    k: int = O.k_field(8, 1, "demonstrations in the prompt (>= 1)")
+    seed: int = O.option(1, "seed of the demonstration shuffle (one)", name="--seeds", old="--seed",
+                         parse=O.one_int, check=O.a_seed, type=str)
+    data_dir: Path | None = O.data_dir_field()
+
+    def __post_init__(self):
+        O.validate(self)
+
+
 def compare_updates(before: str, after: str, task: str = "sst2", k: int = 8, seed: int = 1, data_dir=None) -> dict:
     """``iclgd dual compare-updates``: ΔW_FT = W_ZSL(after) − W_ZSL(before) vs ΔW_ICL, per layer and head."""
     lm_b = load_model(before)
@@ -173,3 +208,44 @@ class VerifyResult(Result):
         base = {"task": c["task"], "seed": c["seed"], "condition": "icl"}
         return [{**base, "layer": row["layer"], "metric": k, "value": float(v)}
                 for row in self.doc["per_layer"] for k, v in row.items() if k != "layer"]
+
+
+class UpdatesResult(Result):
+    """``iclgd dual compare-updates``'s dual_updates.json: per layer and head, the cosine of ΔW_FT with ΔW_ICL,
+    their norm ratio and the cosine of their effects on the query."""
+
+    kind = "iclgd.dual.compare_updates"
+    doc_name = "dual_updates.json"
+
+    def rows(self) -> list[dict]:
+        doc = next(iter(self.docs.values()))
+        task = doc["config"].get("task")
+        return [{"task": task, "seed": doc["config"].get("seed"), "condition": f"head {r.get('head')}",
+                 "layer": r["layer"], "metric": k, "value": float(v)}
+                for r in doc["rows"] for k, v in r.items() if k not in ("layer", "head") and isinstance(v, (int, float))]
+
+
+def _guarded(out, name: str, overwrite: bool, compute, result_cls):
+    from contextlib import nullcontext
+
+    from iclgd.core.runfolder import lock, refuse_existing
+
+    if out is not None:
+        refuse_existing([Path(out) / name], overwrite)
+    with lock(Path(out)) if out is not None else nullcontext():
+        res = result_cls({name: compute()})
+        if out is not None:
+            res.write(Path(out))
+    return res
+
+
+def verify_in(cfg: VerifyConfig, out=None, overwrite: bool = False) -> VerifyResult:
+    """:func:`verify`, written to ``out/dual_verify.json`` when given (under the folder's lock)."""
+    return _guarded(out, "dual_verify.json", overwrite, lambda: verify(cfg), VerifyResult)
+
+
+def updates_in(cfg: UpdatesConfig, out=None, overwrite: bool = False) -> UpdatesResult:
+    """:func:`compare_updates`, written to ``out/dual_updates.json`` when given (under the folder's lock)."""
+    return _guarded(out, "dual_updates.json", overwrite,
+                    lambda: compare_updates(cfg.before, cfg.after, cfg.task, cfg.k, cfg.seed, cfg.data_dir),
+                    UpdatesResult)

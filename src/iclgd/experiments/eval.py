@@ -6,29 +6,33 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from iclgd.core import options as O
 from iclgd.core.io import atomic_write_json
 from iclgd.core.models import LoadedModel, as_loaded, model_name, run_versions
 from iclgd.core.tasks import load_tasks
 from iclgd.engine.scoring import EvalConfig, evaluate, resolve_batch_size, score_split
 from iclgd.experiments.protocol import Result
 
-SUMMARY = ("task", "seed", "acc_zsl", "acc_icl", "k_true", "n", "majority_baseline", "zsl_pred_counts", "icl_pred_counts")
-
 
 @dataclass
 class EvalJob:
     """What ``iclgd eval`` runs: one model on every requested task, with the engine's settings."""
 
-    model: str | LoadedModel = "smollm2-135m"  # a name or folder (loaded with dtype, device, bos), or a loaded model
-    task: str = "sst2"  # a name, a comma list or 'all'
-    task_spec: Path | None = None  # or one user task
-    n_test: int | None = None
-    data_dir: Path | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    bos: str | None = None  # the prompts' start token: None for the model's, 'none', or a token
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seeds: list[int] | None = None  # demonstration seeds, one ICL run each (None: eval.seed); ZSL is scored once
+    model: str | LoadedModel = O.model_field()  # a name or folder (loaded with dtype, device, bos), or a loaded model
+    task: str = O.tasks_field()
+    task_spec: Path | None = O.task_spec_field()
+    seeds: list[int] = O.seeds_field(help="demonstration seeds: one seed or a comma list of distinct seeds, e.g. "
+                                          "1,2,3 (one ICL run each; ZSL once)", old="--seed")
+    n_test: int | None = O.n_test_field(help="evaluate only the first N test examples (after the seed-1 shuffle)")
+    eval: EvalConfig = O.nested(EvalConfig)
+    data_dir: Path | None = O.data_dir_field()
+    dtype: str = O.dtype_field()
+    device: str = O.device_field()
+    bos: str | None = O.bos_field(allow_none=True)  # None for the model's, 'none', or a token
+
+    def __post_init__(self):
+        O.validate(self)
+        self.eval = replace(self.eval, seed=self.seeds[0])
 
 
 def run(job: EvalJob, progress: bool = True) -> dict:
@@ -37,7 +41,7 @@ def run(job: EvalJob, progress: bool = True) -> dict:
     t0 = time.time()
     lm = as_loaded(job.model, dtype=job.dtype, device=job.device, bos=job.bos, need_layout=False)  # no layout needed
     results, files, deviations = [], {}, lm.start_deviations()
-    seeds = job.seeds or [job.eval.seed]
+    seeds = job.seeds
     for d in datas:
         zsl = score_split(lm, d, job.eval, icl=False, progress=progress)  # the same for every seed
         for s in seeds:
@@ -49,7 +53,7 @@ def run(job: EvalJob, progress: bool = True) -> dict:
         "config": {"model": model_name(job.model), "model_source": lm.source, "model_type": lm.model_type,
                    "dtype": lm.dtype, "device": lm.device, "start_token": lm.start, "n_test": job.n_test, "data_dir": str(ddir) if ddir else "hf-hub",
                    "tasks": [d.spec.to_dict() for d in datas], "prediction": "argmax of mean label-token log-prob",
-                   **asdict(job.eval), "seeds": seeds, "batch_size_applied": resolve_batch_size(lm, job.eval.batch_size)},
+                   **{k: v for k, v in asdict(job.eval).items() if k != "seed"}, "seeds": seeds, "batch_size_applied": resolve_batch_size(lm, job.eval.batch_size)},
         "versions": run_versions(),
         "data_sha256": files,
         "deviations": deviations,
@@ -62,11 +66,6 @@ def write(doc: dict, out) -> Path:
     path = Path(out) / "results.json"
     atomic_write_json(path, doc)
     return path
-
-
-def summary_rows(doc: dict) -> list[dict]:
-    """One row per task: accuracies, true k, n, the majority baseline and the predictions per class."""
-    return [{k: r[k] for k in SUMMARY} for r in doc["results"]]
 
 
 class EvalResult(Result):
@@ -85,3 +84,18 @@ class EvalResult(Result):
             out += [{**base, "condition": c, "layer": None, "metric": "acc", "value": r[key]}
                     for c, key in (("zsl", "acc_zsl"), ("icl", "acc_icl"), ("majority", "majority_baseline"))]
         return out
+
+
+def run_in(job: EvalJob, out=None, overwrite: bool = False, progress: bool = True) -> EvalResult:
+    """:func:`run`, written to ``out`` when given (an earlier run's results are refused unless ``overwrite``)."""
+    from contextlib import nullcontext
+
+    from iclgd.core.runfolder import lock, refuse_existing
+
+    if out is not None:
+        refuse_existing([Path(out) / "results.json"], overwrite)
+    with lock(Path(out)) if out is not None else nullcontext():
+        res = EvalResult({"results.json": run(job, progress=progress)})
+        if out is not None:
+            res.write(Path(out))
+    return res

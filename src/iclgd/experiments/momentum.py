@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from iclgd.core import metrics as M
+from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json
+from iclgd.experiments.protocol import Result, tidy_rows
 
 
 @torch.no_grad()
@@ -26,26 +28,60 @@ def copy_accuracy(model, vocab_size: int, n_seq: int = 64, length: int = 32, see
     return float((pred == seg).float().mean())
 
 
+def _train_sizes() -> tuple[str, ...]:
+    from iclgd.engine.train import SIZES
+
+    return tuple(SIZES)
+
+
 @dataclass
 class MomentumConfig:
     """``iclgd momentum compare``: vanilla and momentum LMs trained from the same seeds, data order and init."""
 
-    corpus: str = "tinyshakespeare"
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    eta: float = 0.9
-    size: str = "small"
-    steps: int = 150
-    lengths: tuple[int, ...] = (128, 256, 512)  # perplexity windows
-    learnable_eta: bool = False
-    data_dir: Path | None = None
+    corpus: str = O.option("tinyshakespeare", "tinyshakespeare, austen, kjv, a text file, or hf:DATASET",
+                           check=O.no_nul)
+    seeds: list[int] = O.seeds_field((1, 2, 3), "one seed or a comma list of distinct seeds (one vanilla and one "
+                                                "momentum run each)")
+    eta: float = O.eta_field()
+    learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
+    size: str = O.option("small", "model size", choices=_train_sizes(), old="--config")
+    steps: int = O.option(150, "optimizer steps per run (>= 1)", check=O.min_int(1))
+    lengths: tuple[int, ...] = O.option(help="comma list of distinct context lengths for perplexity",
+                                        factory=lambda: (128, 256, 512), parse=O.int_tuple,
+                                        check=O.each_at_least(2), type=str)  # perplexity windows
+    data_dir: Path | None = O.data_dir_field("data directory holding the corpora")
     train: dict = field(default_factory=dict)  # any other TrainConfig field, e.g. eval_every
+
+    def __post_init__(self):
+        O.validate(self)
+
+    def identity(self) -> dict:
+        """What a results folder of this study must match to be resumed."""
+        return {"corpus": self.corpus, "seeds": list(self.seeds), "eta": self.eta, "learnable_eta": self.learnable_eta,
+                "size": self.size, "steps": self.steps, "lengths": list(self.lengths)}
+
+
+@dataclass
+class ApplyConfig:
+    """``iclgd momentum apply``: the EMA added to a pretrained model without training."""
+
+    model: str = O.model_field()
+    eta: float = O.eta_field()
+    corpus: str = O.option("austen", "corpus of the perplexity: tinyshakespeare, austen, kjv or a file",
+                           check=O.no_nul)
+    task: str = O.tasks_field("all")
+    n_test: int = O.n_test_field(50, "test examples per task (>= 1)")
+    k: int = O.k_field(8, 0, "demonstrations per prompt (>= 0)")
+    data_dir: Path | None = O.data_dir_field()
+
+    def __post_init__(self):
+        O.validate(self)
 
 
 def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
     """Train vanilla and momentum for each seed (resumable runs under out/<variant>-s<seed>), then compare."""
     from iclgd.core.io import ensure_dir
     from iclgd.core.models import run_versions
-    from iclgd.engine.momentum import check_eta
     from iclgd.engine.train import (
         SIZES,
         TrainConfig,
@@ -59,16 +95,11 @@ def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
 
     corpus, seeds, eta, size, steps, lengths = cfg.corpus, cfg.seeds, cfg.eta, cfg.size, cfg.steps, cfg.lengths
     learnable_eta, data_dir, train_kw = cfg.learnable_eta, cfg.data_dir, cfg.train
-    check_eta(eta)
-    if not seeds:
-        raise IclgdError("--seeds: expected a comma list of integers")
-    out = ensure_dir(out)
-    s = SIZES[size] if size in SIZES else None
-    if s is None:
-        raise IclgdError(f"--config {size!r}: expected one of {', '.join(SIZES)}")
+    s = SIZES[size]
     bad = [L for L in lengths if L > s.block_size]
     if bad:
         raise IclgdError(f"--lengths: {bad} exceed the model's context of {s.block_size} tokens")
+    out = ensure_dir(out)
     corp = load_corpus(corpus, data_dir)
     tok_file = out / "tokenizer.json"
     if tok_file.is_file():
@@ -147,3 +178,63 @@ def apply_pretrained(model: str, eta: float, corpus: str = "austen", tasks: str 
     if out is not None:
         atomic_write_json(Path(out) / "momentum_apply.json", doc)
     return doc
+
+
+class MomentumResult(Result):
+    """``iclgd momentum compare``'s results.json: per seed and variant the perplexities and the copying probe;
+    the summary with paired differences (momentum − vanilla)."""
+
+    kind = "iclgd.momentum.compare"
+
+    def rows(self) -> list[dict]:
+        doc = next(iter(self.docs.values()))
+        out = []
+        for name, r in doc["runs"].items():
+            variant, seed = name.rsplit("-s", 1)
+            base = {"task": doc["config"]["corpus"], "seed": int(seed), "condition": variant}
+            out += tidy_rows({"ppl": r["ppl"], "copy_acc": r["copy_acc"]}, base)
+        return out
+
+
+class ApplyResult(Result):
+    """``iclgd momentum apply``'s momentum_apply.json: perplexity and ICL accuracy, vanilla vs the EMA added."""
+
+    kind = "iclgd.momentum.apply"
+    doc_name = "momentum_apply.json"
+
+    def rows(self) -> list[dict]:
+        doc = next(iter(self.docs.values()))
+        return [row for v, r in doc["results"].items()
+                for row in tidy_rows(r, {"task": doc["config"]["corpus"], "seed": None, "condition": v})]
+
+
+def run_job(cfg: MomentumConfig, out, overwrite: bool = False, progress: bool = True) -> MomentumResult:
+    """The study in ``out`` (resumable); a folder holding the results of another configuration is refused before
+    any training, unless ``overwrite``."""
+    from iclgd.core.runfolder import differing_keys, lock, read_json_object
+
+    out = Path(out)
+    old = read_json_object(out / "results.json", "momentum results file", ("config",))
+    if old is not None and not overwrite:
+        new = cfg.identity()
+        differ = differing_keys({k: old["config"].get(k) for k in new}, new)
+        if differ:
+            raise IclgdError(f"{out / 'results.json'}: from a run of another configuration (differs in "
+                             f"{', '.join(differ)}); use another --out, or --overwrite to replace it")
+    with lock(out):
+        doc = run(cfg, out, progress=progress)
+        write(doc, out)
+    return MomentumResult({"results.json": doc})
+
+
+def apply_job(cfg: ApplyConfig, out=None, overwrite: bool = False, progress: bool = True) -> ApplyResult:
+    from contextlib import nullcontext
+
+    from iclgd.core.runfolder import lock, refuse_existing
+
+    if out is not None:
+        refuse_existing([Path(out) / "momentum_apply.json"], overwrite)
+    with lock(Path(out)) if out is not None else nullcontext():
+        doc = apply_pretrained(cfg.model, cfg.eta, cfg.corpus, cfg.task, cfg.n_test, cfg.k, data_dir=cfg.data_dir,
+                               out=out)
+    return ApplyResult({"momentum_apply.json": doc})

@@ -96,3 +96,31 @@ class Result:
             if rec.is_file():
                 records[str(rec.relative_to(out))] = [json.loads(l) for l in rec.read_text().splitlines() if l]
         return cls(docs, records)
+
+
+def make(cls, what: str, **flat):
+    """An experiment config ``cls`` from flat keyword options: the fields of ``cls`` and of the configs nested in it
+    (as the CLI offers them), defaults from the dataclasses; an unknown name is a one-line error."""
+    import dataclasses
+
+    def names(c) -> set[str]:
+        out = set()
+        for f in dataclasses.fields(c):
+            nested = f.metadata.get("iclgd", {}).get("nested")
+            out |= names(f.default_factory) if nested else {f.name}
+        return out
+
+    unknown = sorted(set(flat) - names(cls))
+    if unknown:
+        raise IclgdError(f"{what}: unknown option(s) {', '.join(unknown)} (expected: {', '.join(sorted(names(cls)))})")
+
+    def build(c):
+        kw = {}
+        for f in dataclasses.fields(c):
+            if f.metadata.get("iclgd", {}).get("nested"):
+                kw[f.name] = build(f.default_factory)
+            elif f.name in flat:
+                kw[f.name] = flat[f.name]
+        return c(**kw)
+
+    return build(cls)

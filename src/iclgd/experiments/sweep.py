@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, ensure_dir, library_versions, read_result
 
@@ -31,30 +32,53 @@ class Unit:
         return dict(self.params)
 
 
+def _preset(flag: str, value) -> None:
+    if value is not None and value not in PRESETS:
+        raise IclgdError(f"{flag} {value!r}: expected one of {', '.join(PRESETS)}")
+
+
+def _task_names(flag: str, value) -> list[str]:
+    return [t for t in value.split(",") if t.strip()] if isinstance(value, str) else list(value)
+
+
 @dataclass
 class SweepConfig:
-    model: str = "smollm2-135m"
-    tasks: list[str] = field(default_factory=lambda: ["sst2"])
-    seeds: list[int] = field(default_factory=lambda: [1])
-    n_test: int | None = 200
-    k: int = 32
-    untrained: bool = True
-    dual: bool = True
-    synthetic: bool = True
-    synthetic_steps: int = 2000
-    momentum: bool = False
-    momentum_steps: int = 150
-    dtype: str = "float32"
-    device: str = "cpu"
-    device_map: str | None = None
-    bos: str | None = None  # the prompts' start token; None: the model's
-    preset: str | None = None
-    world: bool = False  # the ICL-world experiments (iclgd.experiments.world)
-    world_size: str = "demo"
-    world_momentum: bool = True
-    world_along: bool = True
-    eval_only: bool = False  # ZSL/ICL accuracy units instead of compare units (no captures, no finetuning)
-    batch_size: int | str = "auto"  # prompts scored per forward pass (engine.scoring.resolve_batch_size)
+    """``iclgd reproduce``: the paper's analyses as resumable units (model x task x seed), recorded in sweep.json."""
+
+    model: str = O.model_field()
+    tasks: list[str] = O.option(help="task name, comma list or 'all'", factory=lambda: ["all"], name="--tasks",
+                                aliases=("--task",), parse=_task_names, type=str)
+    seeds: list[int] = O.seeds_field(help="one seed or a comma list of distinct seeds (one compare unit per task and "
+                                          "seed)")
+    n_test: int | None = O.n_test_field(200, "test examples per task (>= 1)")
+    k: int = O.k_field(32, 1, "demonstrations (>= 1)")
+    untrained: bool = O.option(True, "the untrained-model control units")
+    dual: bool = O.option(True, "the dual-form check unit")
+    synthetic: bool = O.option(True, "the synthetic calibration unit")
+    synthetic_steps: int = O.option(2000, "training steps of the synthetic unit", cli=False)
+    momentum: bool = O.option(False, "also train vanilla vs momentum LMs (minutes per seed)")
+    momentum_steps: int = O.option(150, "training steps of each momentum run", cli=False)
+    dtype: str = O.dtype_field()
+    device: str = O.device_field()
+    device_map: str | None = O.option(None, "'auto': spread a large model over the GPUs (HF Accelerate; needs "
+                                            "--device cuda)", type=str)
+    bos: str | None = O.bos_field()  # the prompts' start token; None: the model's
+    preset: str | None = O.option(None, "demo: sst2 and cb, 100 test examples, one seed, a demo-size world (<= 15 "
+                                        "min on 2 cores); world: the ICL world's three experiments on models trained "
+                                        "here (<= 45 min)", type=str, check=lambda f, v: _preset(f, v))
+    world: bool = O.option(False, "the ICL-world experiments (iclgd.experiments.world)", cli=False)
+    world_size: str = O.option("demo", "the world models' size", cli=False)
+    world_momentum: bool = O.option(True, "the world's momentum experiment", cli=False)
+    world_along: bool = O.option(True, "the world's metrics-along-training experiment", cli=False)
+    eval_only: bool = O.option(False, "ZSL/ICL accuracy units (one ZSL per task, one ICL per task and seed) "
+                                      "instead of compare units; any causal LM")
+    batch_size: int | str = O.batch_size_field()  # prompts scored per forward pass
+
+    def __post_init__(self):
+        O.validate(self)
+        from iclgd.experiments.compare import no_start_token
+
+        no_start_token(self.bos)
 
     def apply_preset(self, name: str) -> None:
         """Overwrite the fields a preset sets (see :data:`PRESETS`)."""
@@ -384,3 +408,22 @@ def _finished(d: Path, unit: Unit) -> bool:
     prev = read_result(d / "result.json")
     header = prev.get("unit") if prev is not None else None
     return isinstance(header, dict) and header.get("params") == json.loads(json.dumps(unit.p()))
+
+
+def run(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, overwrite: bool = False,
+        progress: bool = True) -> dict:
+    """``iclgd reproduce`` up to the report: the device resolved (and recorded), a preset applied, the model
+    checked readable before the sweep folder is written, then this shard's units under the shard's lock."""
+    from iclgd.core import options
+    from iclgd.core.models import check_model, resolve_device
+    from iclgd.core.runfolder import lock
+
+    cfg.device = resolve_device(cfg.device)  # the sweep records the device applied
+    options.device_map(cfg.device_map, cfg.device)
+    if cfg.preset is not None:
+        cfg.apply_preset(cfg.preset)
+    i, n = parse_shard(shard)
+    if cfg.tasks:  # the model is known and readable before the sweep folder is written
+        check_model(cfg.model, need_layout=not cfg.eval_only)
+    with lock(Path(out), f"shard-{i}-of-{n}"):
+        return reproduce(cfg, out, data_dir, shard, progress=progress, overwrite=overwrite)

@@ -20,13 +20,16 @@ far a less idealised model is from GD and what the metrics then say.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from iclgd.core import metrics as M
+from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
+from iclgd.experiments.protocol import Result, tidy_rows
 
 
 @dataclass
@@ -270,16 +273,39 @@ def calibration(model: RegressionTransformer, t: Tasks, eta: float, steps: int =
 class SyntheticConfig:
     """One synthetic run: the regression task, the model and its training."""
 
-    d: int = 10  # input dimension
-    n_ctx: int = 20  # context examples per task
-    layers: int = 1
-    steps: int = 2000  # Adam steps of the training
-    seed: int = 1
-    n_eval: int = 2048  # fresh tasks behind every reported number
-    lr: float = 1e-3
-    attention: str = "linear"  # or "softmax"
-    heads: int = 1
-    mlp_hidden: int = 0  # width of an MLP after each attention layer (0: none)
+    d: int = O.option(10, "input dimension of the regression tasks (>= 1)", name="--dim", check=O.min_int(1))
+    n_ctx: int = O.option(20, "in-context examples per task (>= 1)", name="--n-context", check=O.min_int(1))
+    layers: int = O.option(1, "number of attention layers (>= 1)", name="--n-layers", old="--layers",
+                           check=O.min_int(1))
+    steps: int = O.option(2000, "training steps (>= 1)", check=O.min_int(1))
+    seed: int = O.option(1, "seed of the training and evaluation tasks", check=O.a_seed, cli=False)
+    n_eval: int = O.option(2048, "fresh tasks of the evaluation (>= 2)", check=O.min_int(2))
+    lr: float = O.option(1e-3, "Adam learning rate of the training", check=O.positive)
+    attention: str = O.option("linear", "linear (LSA, has an exact GD construction) or softmax",
+                              choices=("linear", "softmax"))
+    heads: int = O.option(1, "attention heads per layer (>= 1)", check=O.min_int(1))
+    mlp_hidden: int = O.option(0, "width of an MLP after each attention layer (0: none)", check=O.min_int(0))
+
+    def __post_init__(self):
+        O.validate(self)
+
+
+@dataclass
+class SyntheticJob:
+    """``iclgd synthetic``: one run per seed (several: a table of means with 95% bootstrap CIs)."""
+
+    seeds: list[int] = O.seeds_field(help="seeds of the training and evaluation tasks: one seed or a comma list of "
+                                          "distinct seeds (several: a table of means with 95% bootstrap CIs)",
+                                     old="--seed")
+    run: SyntheticConfig = O.nested(SyntheticConfig)
+
+    def __post_init__(self):
+        O.validate(self)
+
+    def configs(self) -> list[SyntheticConfig]:
+        from dataclasses import replace
+
+        return [replace(self.run, seed=s) for s in self.seeds]
 
 
 def run(cfg: SyntheticConfig, progress: bool = True) -> dict:
@@ -290,9 +316,6 @@ def run(cfg: SyntheticConfig, progress: bool = True) -> dict:
     """
     d, n_ctx, layers, steps, seed, n_eval = cfg.d, cfg.n_ctx, cfg.layers, cfg.steps, cfg.seed, cfg.n_eval
     lr, attention, heads, mlp_hidden = cfg.lr, cfg.attention, cfg.heads, cfg.mlp_hidden
-    if d < 1 or n_ctx < 1 or layers < 1 or steps < 0 or heads < 1 or mlp_hidden < 0 or n_eval < 2:
-        raise IclgdError("--dim, --n-context, --layers, --heads must be ≥ 1, --steps and --mlp-hidden ≥ 0, "
-                         "--n-eval ≥ 2")
     arch = ModelConfig(layers, heads, attention, mlp_hidden)
     untrained = arch.build(d, seed)  # the trained model's own initialisation; building it validates the options
     g = torch.Generator().manual_seed(seed)
@@ -350,7 +373,8 @@ def write(r: dict, out) -> None:
     from iclgd.core.models import run_versions
 
     out = ensure_dir(out)
-    atomic_write_json(out / "results.json", {**{k: v for k, v in r.items() if k not in ("_sens",)},
+    atomic_write_json(out / "results.json", {"kind": SyntheticResult.kind,
+                                             **{k: v for k, v in r.items() if k not in ("_sens",)},
                                              "versions": run_versions()})
 
 
@@ -364,4 +388,56 @@ def write_seeds(runs: list[dict], summary: dict, out) -> None:
     for r in runs:
         write(r, out / f"seed-{r['config']['seed']}")
     config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
-    atomic_write_json(out / "summary.json", {"config": config, **summary, "versions": run_versions()})
+    atomic_write_json(out / "summary.json", {"kind": SyntheticResult.kind + ".summary", "config": config, **summary,
+                                             "versions": run_versions()})
+
+
+class SyntheticResult(Result):
+    """``iclgd synthetic``: each seed's results.json (under ``seed-S/`` with several seeds, beside summary.json).
+    ``runs`` keeps the in-memory runs (with the sensitivity arrays the plots use)."""
+
+    kind = "iclgd.synthetic"
+
+    def __init__(self, docs, records=None, runs=None):
+        super().__init__(docs, records or {})
+        self.runs = runs or []
+        self.per_seed = [summarize_seeds([r]) for r in self.runs]  # what each seed's calibration plot shows
+
+    def rows(self) -> list[dict]:
+        out = []
+        for name, doc in self.docs.items():
+            if doc.get("kind") != self.kind:
+                continue
+            base = {"task": "regression", "seed": doc["config"]["seed"]}
+            for model, c in doc["calibration"].items():
+                out += tidy_rows({k: v for k, v in c.items() if not k.endswith("per_layer")},
+                                 {**base, "condition": model})
+            out += tidy_rows(doc["loss"], {**base, "condition": "loss"})
+        return out
+
+
+def run_job(job: SyntheticJob, out=None, overwrite: bool = False, progress: bool = True) -> SyntheticResult:
+    """Every seed of ``job``; written to ``out`` (refusing an earlier run's files unless ``overwrite``)."""
+    from iclgd.core.models import run_versions
+    from iclgd.core.runfolder import refuse_existing
+
+    if out is not None:
+        refuse_existing([Path(out) / "results.json", Path(out) / "summary.json"], overwrite)
+    runs = [run(c, progress) for c in job.configs()]
+    strip = lambda r: {"kind": SyntheticResult.kind, **{k: v for k, v in r.items() if k != "_sens"},  # noqa: E731
+                       "versions": run_versions()}
+    if len(runs) == 1:
+        docs = {"results.json": strip(runs[0])}
+    else:
+        summary = summarize_seeds(runs)
+        config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
+        docs = {**{f"seed-{r['config']['seed']}/results.json": strip(r) for r in runs},
+                "summary.json": {"kind": SyntheticResult.kind + ".summary", "config": config, **summary,
+                                 "versions": run_versions()}}
+    res = SyntheticResult(docs, runs=runs)
+    if out is not None:
+        from iclgd.core.runfolder import lock
+
+        with lock(Path(out)):
+            res.write(Path(out))
+    return res

@@ -13,9 +13,13 @@ computes one; the report section (:mod:`iclgd.report.world`) reads finished unit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from iclgd.core import options as O
+from iclgd.experiments.protocol import Result
 
 VARIANTS = {  # name -> training options
     "vanilla": dict(attention="vanilla"),
@@ -24,6 +28,70 @@ VARIANTS = {  # name -> training options
     "momentum-learnable": dict(attention="momentum", eta=0.5, learnable_eta=True),
 }
 THRESHOLDS = (0.5, 0.9)
+
+
+def _world_sizes() -> tuple[str, ...]:
+    from iclgd.engine.world import SIZES
+
+    return tuple(SIZES)
+
+
+@dataclass
+class WorldJob:
+    """``iclgd world train``: one world model, of a size, with its training options."""
+
+    attention: str = O.option("vanilla", "vanilla or momentum", choices=("vanilla", "momentum"))
+    eta: float = O.eta_field(help="momentum coefficient strictly between 0 and 1 (fixed, or the initial value with "
+                                  "--learnable-eta)")
+    learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
+    seed: int = O.option(1, "initialisation and data order", check=O.a_seed)
+    size: str = O.option("default", "default (the ICL >= 0.9 goal), demo (<= 3 min) or tiny (tests)",
+                         choices=_world_sizes())
+    steps: int | None = O.option(None, "training steps (default: the size's)", type=int, check=O.min_int(1))
+    world_seed: int = O.option(0, "the world: prototypes and evaluation tasks", check=O.a_seed)
+    ckpt_every: int | None = O.option(None, "resume state and an HF checkpoint every N steps", type=int,
+                                      check=O.min_int(1))
+    threads: int | None = O.option(None, "torch threads (default 1: faster than 2 on shared cores)", type=int,
+                                   check=O.min_int(1))
+    device: str = O.device_field()
+
+    def __post_init__(self):
+        O.validate(self)
+
+    def config(self):
+        """The training configuration (:class:`iclgd.engine.world.WorldTrainConfig`) these options give."""
+        from iclgd.engine.world import sized
+
+        over = {k: v for k, v in dict(steps=self.steps, ckpt_every=self.ckpt_every, threads=self.threads).items()
+                if v is not None}
+        cfg = sized(self.size, attention=self.attention, eta=self.eta, learnable_eta=self.learnable_eta,
+                    seed=self.seed, world_seed=self.world_seed, **over)
+        cfg.check()
+        return cfg
+
+
+class WorldTrainResult(Result):
+    """``iclgd world train``'s final.json: the configuration, the final ICL / ZSL accuracy and loss, the device."""
+
+    kind = "iclgd.world.train"
+    doc_name = "final.json"
+
+    def rows(self) -> list[dict]:
+        doc = next(iter(self.docs.values()))
+        c = doc["config"]
+        base = {"task": f"world-{c['world']['seed']}", "seed": c["seed"], "condition": c["attention"], "layer": None}
+        return [{**base, "metric": k, "value": float(v)} for k, v in doc["final"].items()]
+
+
+def train_job(job: WorldJob, out, progress: bool = True) -> WorldTrainResult:
+    """Train (or resume) the world model of ``job`` into ``out``."""
+    from iclgd.core.runfolder import lock
+    from iclgd.engine.world import train
+
+    cfg = job.config()
+    with lock(Path(out)):
+        summary = train(cfg, out, progress=progress, device=job.device)
+    return WorldTrainResult({"final.json": summary})
 KINDS = ("world-train", "world-compare", "world-ckpt")
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from iclgd.core.io import atomic_write_text, read_result
 from iclgd.core.metrics import METRICS, fmt_mean_ci, per_layer_of, scalar
 from iclgd.core.tasks import TASKS
+from iclgd.report.paper import PAPER
 from iclgd.report.plots import plot_accuracy, plot_compare, plot_curves, plot_verify
 from iclgd.report.tables import calibration_table
 from iclgd.report.world import report_lines as world_report_lines
@@ -168,9 +169,7 @@ def _paper_table(sw: Sweep, tasks: list[str]) -> list[str]:
              for name in METRICS}
     lines = ["## The paper's published averages beside ours", "",
              "| metric | paper 1.3B | paper 2.7B | ours (mean over tasks) |", "|---|---|---|---|"]
-    for name, m in METRICS.items():
-        if m.paper is None:
-            continue
+    for name, m in PAPER.items():
         ours = m.ours.format(**means) if means[name] == means[name] else f"n/a ({m.undefined})"
         lines.append(f"| {m.label} | {m.paper[0]} | {m.paper[1]} | {ours} |")
     return lines + [""]
@@ -315,3 +314,14 @@ def deviations(cfg: dict, units: dict) -> list[str]:
                    + f" (of {cfg['k']}).")
     out += [note[0].upper() + note[1:] + "." for t in cfg["tasks"] if t in TASKS for note in TASKS[t].notes]
     return out
+
+
+def report_is_fresh(out: Path) -> bool:
+    """report.md is newer than sweep.json (rewritten by every reproduce start) and than every unit result."""
+    rep = out / "report.md"
+    if not rep.is_file():
+        return False
+    newest = max([(out / "sweep.json").stat().st_mtime_ns,
+                  *(f.stat().st_mtime_ns for f in (out / "units").glob("*/result.json"))])
+    return rep.stat().st_mtime_ns > newest
+

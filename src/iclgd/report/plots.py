@@ -189,6 +189,21 @@ def plot_synthetic(r: dict, summary: dict, out) -> None:
     plot_calibration(summary, out / "calibration.png", r["config"]["model"])
 
 
+def plot_synthetic_result(res, out) -> str:
+    """The plots of an ``iclgd synthetic`` result (its in-memory runs): per seed loss, sensitivities and
+    calibration; with several seeds each in ``seed-S/`` and the calibration over seeds at the top. Returns what
+    was written, as words."""
+    out = Path(out)
+    summary = res.docs.get("summary.json")
+    if summary is None:
+        plot_synthetic(res.runs[0], res.per_seed[0], out)
+        return f"{out / 'results.json'}, loss.png, sensitivities.png, calibration.png"
+    for r, s in zip(res.runs, res.per_seed):
+        plot_synthetic(r, s, out / f"seed-{r['config']['seed']}")
+    plot_calibration(summary, out / "calibration.png", res.runs[0]["config"]["model"])
+    return f"{out}/seed-*/, {out / 'summary.json'}, {out / 'calibration.png'}"
+
+
 def plot_accuracy(rows: list[dict], path, title: str) -> None:
     """ZSL, ICL (each seed a dot, the mean a bar) and the majority baseline per task, in %."""
     plt = _plt()
