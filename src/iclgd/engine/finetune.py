@@ -38,18 +38,22 @@ def trainable_parameters(lm: LoadedModel, which: str = "kv") -> list[tuple[str, 
     return lm.kv_parameters()
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; ids[0] (BOS) is context only."""
-    return F.cross_entropy(logits[:-1].float(), ids[1:])
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, n_target: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy; ids[0] (BOS) is context only. ``n_target``: over the last ``n_target``
+    tokens only (a demonstration's label tokens: ``--ft-loss label``), the rest context; None: over every token
+    (the paper's LM loss on the demonstrations)."""
+    if n_target is None:
+        return F.cross_entropy(logits[:-1].float(), ids[1:])
+    return F.cross_entropy(logits[-n_target - 1:-1].float(), ids[-n_target:])
 
 
-def lcgd_losses(lm: LoadedModel, ids: torch.Tensor) -> list[torch.Tensor]:
+def lcgd_losses(lm: LoadedModel, ids: torch.Tensor, n_target: int | None = None) -> list[torch.Tensor]:
     """Per-layer LM losses with each block's input detached (layer causality)."""
     final_norm = get_path(lm.model, lm.layout.final_norm)
     head = lm.model.get_output_embeddings()
     with Recorder(lm, points=("block_out",), detach=False, edit={"block_in": torch.Tensor.detach}) as rec:
         lm.model.base_model(input_ids=ids[None], use_cache=False)
-    return [lm_loss(head(final_norm(rec.acts[f"block_out.{l}"][0])), ids) for l in range(lm.n_layers)]
+    return [lm_loss(head(final_norm(rec.acts[f"block_out.{l}"][0])), ids, n_target) for l in range(lm.n_layers)]
 
 
 @dataclass
@@ -75,8 +79,10 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str = "kv", mode: str = "gd",
-             record: bool = True, master_fp32: bool = True) -> FTRecord:
+             record: bool = True, master_fp32: bool = True, label_lens: list[int] | None = None) -> FTRecord:
     """One epoch of batch-1 SGD over the demonstrations (in order), in place. ``demo_ids`` exclude BOS.
+    ``label_lens``: the loss over each demonstration's last ``label_lens[i]`` tokens only (its label);
+    None: over every token.
 
     Low-precision (float16/bfloat16) parameters are stepped on fp32 master copies (``master_fp32``, the
     paper's setup); with ``master_fp32=False`` low precision is refused rather than silently losing updates.
@@ -101,14 +107,15 @@ def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str 
     rec = FTRecord(lr, master_fp32=bool(low))
     dev = lm.input_device
     try:
-        for d in demo_ids:
+        for i, d in enumerate(demo_ids):
+            n_target = None if label_lens is None else label_lens[i]
             ids = torch.tensor(([] if lm.bos_id is None else [lm.bos_id]) + list(d), device=dev)
             opt.zero_grad(set_to_none=True)
             with Recorder(lm, points=("attn_in",)) as r:
                 if mode == "gd":
-                    loss = lm_loss(model(input_ids=ids[None], use_cache=False).logits[0], ids)
+                    loss = lm_loss(model(input_ids=ids[None], use_cache=False).logits[0], ids, n_target)
                 else:
-                    loss = torch.stack(lcgd_losses(lm, ids)).sum()
+                    loss = torch.stack(lcgd_losses(lm, ids, n_target)).sum()
                 if record:  # the training tokens' q/k as the model sees them at this step (before its update)
                     pos = torch.arange(len(ids))
                     with torch.no_grad():

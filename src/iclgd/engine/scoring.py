@@ -41,6 +41,7 @@ class Prompts:
     labels: list[int]
     demos: list[dict] = field(default_factory=list)  # the demonstrations actually used (after overflow drop)
     k_requested: int = 0
+    demo_label_lens: list[int] = field(default_factory=list)  # per demonstration: its label tokens, at its end
 
     @property
     def k_true(self) -> int:
@@ -67,14 +68,30 @@ def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows:
         raise IclgdError(f"{limit}: a test prompt of {start + tail} tokens (task {spec.name}) does not fit even without "
                          "demonstrations")
     demo_ids = [_ids(tok, spec.format_demo(d)) for d in demos]
-    prefix, spans, used = ([] if lm.bos_id is None else [lm.bos_id]), [], []
+    prefix, spans, used, label_lens = ([] if lm.bos_id is None else [lm.bos_id]), [], [], []
     for d, ids in zip(demos, demo_ids):
         if len(prefix) + len(ids) + len(sep_ids) + tail > max_len:
             break
         spans.append((len(prefix), len(prefix) + len(ids)))
         prefix += ids + sep_ids
         used.append(d)
-    return Prompts(prefix, spans, query_ids, option_ids, [r["label"] for r in eval_rows], used, len(demos))
+        label_lens.append(label_tokens(tok, spec, d, ids))
+    return Prompts(prefix, spans, query_ids, option_ids, [r["label"] for r in eval_rows], used, len(demos),
+                   label_lens)
+
+
+def label_tokens(tok, spec: TaskSpec, row: dict, ids: list[int]) -> int:
+    """How many tokens at the end of a demonstration's ids ``ids`` are its answer (the label word): the tokens
+    after those of its input alone. (A tokenizer may merge across the boundary; then the answer owns every
+    token from the first one that differs from the input's tokens.)"""
+    inp = _ids(tok, spec.format_input(row))
+    n = 0
+    while n < min(len(inp), len(ids)) and inp[n] == ids[n]:
+        n += 1
+    if n >= len(ids):
+        raise IclgdError(f"task {spec.name}: a demonstration's answer adds no token to its input (label "
+                         f"{row.get('label')!r}); --ft-loss label has nothing to learn from")
+    return len(ids) - n
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -26,7 +26,7 @@ from iclgd.engine import dual
 from iclgd.engine.capture import Observer
 from iclgd.engine.finetune import FTRecord, Snapshot, finetune, reinit_untrained
 from iclgd.engine.scoring import Prompts, build_prompts, resolve_batch_size, score_options
-from iclgd.experiments.protocol import Result, tidy_rows
+from iclgd.experiments.protocol import Result, UnitKind, tidy_rows
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
 # rates (GiilDe/ft-vs-icl configs for the 1.3B model, probably Dai et al. App. B) in their JSON files; they
@@ -47,6 +47,9 @@ class CompareConfig:
     lr_holdout: int = O.option(64, "train examples (disjoint from the demonstrations) that judge the grid", cli=False)
     ft_params: str = O.option("kv", "kv (the paper) or all (full-model control)", choices=("kv", "all"))
     ft_mode: str = O.option("gd", "gd or lcgd (layer-causal GD, Deutch et al. 2024)", choices=("gd", "lcgd"))
+    ft_loss: str = O.option("all", "FT loss: all (LM loss over every demonstration token, the paper's) or label "
+                                   "(the label tokens only, e.g. for models trained on label positions)",
+                            choices=("all", "label"))
     position: str = O.option("last", "last prompt token, or label-token (the official code)",
                              choices=("last", "label-token"))
     kendall_n: int = O.option(100, "test examples of the Kendall rank correlation (>= 1)", check=O.min_int(1))
@@ -112,11 +115,33 @@ def compare_deviations(cfg: CompareConfig) -> list[str]:
         out.append("Kendall FT side: unscaled q·q logits (the paper's code: head_dim^-1 · q·q)")
     if cfg.untrained_seed is not None:
         out.append(f"untrained control initialised with seed {cfg.untrained_seed} for every run seed")
+    if cfg.ft_loss != "all":
+        out.append("FT loss over the demonstrations' label tokens only (--ft-loss label; the paper's: the LM loss "
+                   "over every demonstration token)")
     return out
 
 
+def _label_lens(icl: Prompts, cfg: CompareConfig) -> list[int] | None:
+    """What ``finetune`` takes for ``cfg.ft_loss``: each demonstration's label tokens, or None for every token."""
+    return icl.demo_label_lens if cfg.ft_loss == "label" else None
+
+
+def _heldout(lp: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Held-out loss (mean cross-entropy of the gold label over the options' log-probs) and accuracy."""
+    from scipy.special import logsumexp
+
+    nll = -(lp[np.arange(len(labels)), labels] - logsumexp(lp, axis=1))
+    return float(nll.mean()), float((lp.argmax(1) == labels).mean())
+
+
+LOSS_TIE = 1e-9  # held-out losses closer than this are a tie
+
+
 def _choose_lr(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, demos: list[dict],
-               demo_ids: list[list[int]]) -> tuple[float, dict | None]:
+               demo_ids: list[list[int]], label_lens: list[int] | None = None) -> tuple[float, dict | None]:
+    """The FT rate: given, the task's, or (``lr_search``) the grid rate of lowest held-out loss after finetuning
+    on the demonstrations. Each grid rate's held-out loss, accuracy and changed predictions (against the model
+    before FT) are recorded; rates tied at the lowest loss are reported, and the smallest of them is taken."""
     if not cfg.lr_search:
         lr = cfg.lr if cfg.lr is not None else data.spec.lr if data.spec.lr is not None else DEFAULT_LR
         return lr, None
@@ -127,20 +152,31 @@ def _choose_lr(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, d
         raise IclgdError("--lr-search: no train examples left beside the demonstrations")
     p = build_prompts(lm, data.spec, [], held, cfg.separator, cfg.max_len)
     labels = np.array(p.labels)
+    before = score_options(lm, p, cfg.batch_size)
+    loss0, acc0 = _heldout(before, labels)
     grid = []
     for lr in cfg.lr_grid:
         snap = Snapshot(lm, cfg.ft_params)
         try:
-            finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode, record=False)
-            acc = float((score_options(lm, p, cfg.batch_size).argmax(1) == labels).mean())
+            finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode, record=False, label_lens=label_lens)
+            lp = score_options(lm, p, cfg.batch_size)
+            loss, acc = _heldout(lp, labels)
+            changed = int((lp.argmax(1) != before.argmax(1)).sum())
         except IclgdError:  # diverged (NaN loss) at this rate
-            acc = float("nan")
+            loss, acc, changed = float("nan"), float("nan"), None
         snap.restore()
-        grid.append({"lr": lr, "holdout_acc": acc})
-    best = max((g for g in grid if not np.isnan(g["holdout_acc"])), key=lambda g: g["holdout_acc"], default=None)
-    if best is None:
+        if not np.isfinite(loss):
+            loss, acc, changed = float("nan"), float("nan"), None
+        grid.append({"lr": lr, "holdout_loss": loss, "holdout_acc": acc, "changed_predictions": changed})
+    finite = [g for g in grid if g["holdout_loss"] == g["holdout_loss"]]
+    if not finite:
         raise IclgdError("--lr-search: finetuning diverged at every rate of the grid")
-    return best["lr"], {"grid": grid, "holdout_n": len(held), "holdout_source": "train split, outside the demos"}
+    best = min(g["holdout_loss"] for g in finite)
+    tied = [g["lr"] for g in finite if g["holdout_loss"] - best <= LOSS_TIE]
+    return tied[0], {"grid": grid, "criterion": "lowest held-out loss", "tied": tied,
+                     "tie_break": "the smallest tied rate" if len(tied) > 1 else None,
+                     "before_ft": {"holdout_loss": loss0, "holdout_acc": acc0},
+                     "holdout_n": len(held), "holdout_source": "train split, outside the demos"}
 
 
 class _Laps:
@@ -203,11 +239,11 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     lp_i, obs_i = _observed(lm, icl, cfg, demo_positions, progress and f"{name} ICL", keep_q=n_upd, keep_demo=nk,
                             keep_prefix_kv=n_upd > 0)
     lap("icl")
-    lr, search = _choose_lr(lm, data, cfg, seed, icl.demos, demo_ids)
+    lr, search = _choose_lr(lm, data, cfg, seed, icl.demos, demo_ids, _label_lens(icl, cfg))
     lap("lr_search")
     snap = Snapshot(lm, cfg.ft_params)
     try:
-        ft = finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode)
+        ft = finetune(lm, demo_ids, lr, cfg.ft_params, cfg.ft_mode, label_lens=_label_lens(icl, cfg))
         ft_params_changed = snap.changed()
         lap("ft")
         lp_f, obs_f = _observed(lm, zsl, cfg, [], progress and f"{name} FT", keep_q=nk, keep_kv=n_upd)
@@ -524,3 +560,25 @@ def run_in(job: CompareJob, out=None, overwrite: bool = False, progress: bool = 
                 if each is not None:
                     each(path)
     return CompareResult.of(tasks)
+
+
+# ----------------------------------------------------------------------------- as sweep units (iclgd reproduce)
+
+def compare_unit(p: dict, models, data_dir, progress: bool) -> dict:
+    from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task
+    from iclgd.engine.finetune import reinit_untrained
+
+    data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
+    lm = models.get("untrained" if p["untrained"] else "trained")
+    cfg = CompareConfig(k=p["k"], batch_size=models.cfg.batch_size)
+    if p["untrained"]:  # the control's init follows the run seed, so its CI includes init variance
+        reinit_untrained(lm, seed=p["seed"])
+    # the trained model's ZSL pass is shared by the seeds this process runs (the control changes every seed)
+    result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress, None if p["untrained"] else models.zsl)
+    if p["untrained"]:
+        result["untrained_init_seed"] = p["seed"]
+    return {"result": result, "data_sha256": data.files,
+            "deviations": lm.start_deviations() + data.deviations + compare_deviations(cfg), "_timing": phases}
+
+
+UNITS = (UnitKind("compare", compare_unit, cost=lambda p: 3 * (p.get("n_test") or 200)),)

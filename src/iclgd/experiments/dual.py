@@ -18,7 +18,7 @@ from iclgd.core.models import LoadedModel, as_loaded, load_model, model_name, ru
 from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.scoring import build_prompts
-from iclgd.experiments.protocol import Result
+from iclgd.experiments.protocol import Result, UnitKind
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 
@@ -249,3 +249,13 @@ def updates_in(cfg: UpdatesConfig, out=None, overwrite: bool = False) -> Updates
     return _guarded(out, "dual_updates.json", overwrite,
                     lambda: compare_updates(cfg.before, cfg.after, cfg.task, cfg.k, cfg.seed, cfg.data_dir),
                     UpdatesResult)
+
+
+# ----------------------------------------------------------------------------- as sweep units (iclgd reproduce)
+
+def dual_unit(p: dict, models, data_dir, progress: bool) -> dict:
+    v = verify_prompt(models.get("dual"), p["task"], p["k"], p["seed"], data_dir)
+    return {key: v[key] for key in ("per_layer", "meta", "data_sha256", "summary")}
+
+
+UNITS = (UnitKind("dual", dual_unit, cost=lambda p: 5),)

@@ -11,7 +11,7 @@ from iclgd.core.io import atomic_write_json
 from iclgd.core.models import LoadedModel, as_loaded, model_name, run_versions
 from iclgd.core.tasks import load_tasks
 from iclgd.engine.scoring import EvalConfig, evaluate, resolve_batch_size, score_split
-from iclgd.experiments.protocol import Result
+from iclgd.experiments.protocol import Result, UnitKind
 
 
 @dataclass
@@ -99,3 +99,26 @@ def run_in(job: EvalJob, out=None, overwrite: bool = False, progress: bool = Tru
         if out is not None:
             res.write(Path(out))
     return res
+
+
+# ----------------------------------------------------------------------------- as sweep units (iclgd reproduce)
+
+def eval_unit(icl: bool):
+    def run(p: dict, models, data_dir, progress: bool) -> dict:
+        from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task
+        from iclgd.engine.scoring import EvalConfig, score_split
+
+        data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
+        lm = models.get("trained")
+        cfg = EvalConfig(k=p.get("k", 0), seed=p.get("seed", 0), batch_size=models.cfg.batch_size)
+        t0 = time.time()
+        res = score_split(lm, data, cfg, icl=icl, progress=progress)
+        return {"result": res, "start_token": lm.start, "data_sha256": data.files,
+                "deviations": lm.start_deviations() + data.deviations,
+                "_timing": {"scoring": round(time.time() - t0, 2)}}
+
+    return run
+
+
+UNITS = (UnitKind("zsl", eval_unit(icl=False), cost=lambda p: (p.get("n_test") or 200) / 2),
+         UnitKind("icl", eval_unit(icl=True), cost=lambda p: p.get("n_test") or 200))

@@ -12,7 +12,7 @@ from iclgd.core import metrics as M
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json
-from iclgd.experiments.protocol import Result, tidy_rows
+from iclgd.experiments.protocol import Result, UnitKind, tidy_rows
 
 
 @torch.no_grad()
@@ -238,3 +238,16 @@ def apply_job(cfg: ApplyConfig, out=None, overwrite: bool = False, progress: boo
         doc = apply_pretrained(cfg.model, cfg.eta, cfg.corpus, cfg.task, cfg.n_test, cfg.k, data_dir=cfg.data_dir,
                                out=out)
     return ApplyResult({"momentum_apply.json": doc})
+
+
+# ----------------------------------------------------------------------------- as sweep units (iclgd reproduce)
+
+def momentum_unit(p: dict, models, data_dir, progress: bool) -> dict:
+    cfg = MomentumConfig(corpus=p["corpus"], seeds=list(p["seeds"]), eta=p["eta"], steps=p["steps"],
+                                  data_dir=data_dir)
+    doc = run(cfg, models.out / "momentum", progress)
+    write(doc, models.out / "momentum")
+    return {k: doc[k] for k in ("config", "summary", "runs")}
+
+
+UNITS = (UnitKind("momentum", momentum_unit, cost=lambda p: 1e8),)

@@ -18,6 +18,17 @@ from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, atomic_write_jsonl, read_result
 from iclgd.core.runfolder import lock, refuse_existing
 
+@dataclass(frozen=True)
+class UnitKind:
+    """A kind of ``iclgd reproduce`` unit, declared by the experiment that computes it: ``run(params, models,
+    data_dir, progress)`` returns the unit's result fields (``_timing`` apart); ``cost(params)`` orders the queue
+    longest first (it never changes a result). The report reads a unit's result by its kind (report/)."""
+
+    name: str
+    run: Any
+    cost: Any = None
+
+
 TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value")
 COUNTS = ("n_layers", "n_examples_per_layer", "n_examples")  # what a figure rests on: in the documents, not rows
 

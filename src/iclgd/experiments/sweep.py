@@ -142,11 +142,8 @@ def world_units(cfg: SweepConfig) -> list[Unit]:
 def unit_cost(unit: Unit) -> float:
     """A rough relative cost, only for ordering the queue longest first (it never changes a result). A world
     model's training comes first: the world's other units read its folder (and wait for it)."""
-    p = unit.p()
-    n = p.get("n_test") or 200
-    cost = {"world-train": 1e9, "momentum": 1e8, "compare": 3 * n, "world-compare": 3 * n, "icl": n, "zsl": n / 2,
-            "world-ckpt": n, "synthetic": p.get("steps", 0) / 10, "dual": 5}
-    return cost.get(unit.kind, 100)
+    kind = unit_kinds().get(unit.kind)
+    return kind.cost(unit.p()) if kind is not None else 100
 
 
 def queue(units: list[Unit]) -> list[Unit]:
@@ -205,83 +202,15 @@ class _Models:
 
 
 def run_unit(unit: Unit, models: _Models, data_dir, progress: bool) -> dict:
-    """The unit's result (without its ``unit`` header), from the experiment registered for its kind."""
-    return UNIT_KINDS[unit.kind](unit.p(), models, data_dir, progress)
+    """The unit's result (without its ``unit`` header), from the experiment that declares its kind."""
+    return unit_kinds()[unit.kind].run(unit.p(), models, data_dir, progress)
 
 
-def _compare_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
-    from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task
-    from iclgd.engine.finetune import reinit_untrained
-    from iclgd.experiments.compare import CompareConfig, compare_deviations, compare_seed
+def unit_kinds() -> dict:
+    """Every unit kind, as the experiment modules declare them (``UNITS`` beside each experiment's code)."""
+    from iclgd.experiments import compare, dual, eval, momentum, synthetic, world
 
-    data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
-    lm = models.get("untrained" if p["untrained"] else "trained")
-    cfg = CompareConfig(k=p["k"], batch_size=models.cfg.batch_size)
-    if p["untrained"]:  # the control's init follows the run seed, so its CI includes init variance
-        reinit_untrained(lm, seed=p["seed"])
-    # the trained model's ZSL pass is shared by the seeds this process runs (the control changes every seed)
-    result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress, None if p["untrained"] else models.zsl)
-    if p["untrained"]:
-        result["untrained_init_seed"] = p["seed"]
-    return {"result": result, "data_sha256": data.files,
-            "deviations": lm.start_deviations() + data.deviations + compare_deviations(cfg), "_timing": phases}
-
-
-def _eval_unit(icl: bool):
-    def run(p: dict, models: _Models, data_dir, progress: bool) -> dict:
-        from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task
-        from iclgd.engine.scoring import EvalConfig, score_split
-
-        data = load_task(resolve_task(p["task"]), resolve_data_dir(data_dir), p["n_test"])
-        lm = models.get("trained")
-        cfg = EvalConfig(k=p.get("k", 0), seed=p.get("seed", 0), batch_size=models.cfg.batch_size)
-        t0 = time.time()
-        res = score_split(lm, data, cfg, icl=icl, progress=progress)
-        return {"result": res, "start_token": lm.start, "data_sha256": data.files,
-                "deviations": lm.start_deviations() + data.deviations,
-                "_timing": {"scoring": round(time.time() - t0, 2)}}
-
-    return run
-
-
-def _dual_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
-    from iclgd.experiments.dual import verify_prompt
-
-    v = verify_prompt(models.get("dual"), p["task"], p["k"], p["seed"], data_dir)
-    return {key: v[key] for key in ("per_layer", "meta", "data_sha256", "summary")}
-
-
-def _synthetic_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
-    from iclgd.experiments import synthetic
-
-    r = synthetic.run(synthetic.SyntheticConfig(layers=p["layers"], steps=p["steps"], seed=p["seed"]), progress)
-    r.pop("_sens")
-    return r
-
-
-def _momentum_unit(p: dict, models: _Models, data_dir, progress: bool) -> dict:
-    from iclgd.experiments import momentum
-
-    cfg = momentum.MomentumConfig(corpus=p["corpus"], seeds=list(p["seeds"]), eta=p["eta"], steps=p["steps"],
-                                  data_dir=data_dir)
-    doc = momentum.run(cfg, models.out / "momentum", progress)
-    momentum.write(doc, models.out / "momentum")
-    return {k: doc[k] for k in ("config", "summary", "runs")}
-
-
-# unit kind -> the function that runs one unit of it: (params, models, data dir, progress) -> result fields
-def _world_unit(kind: str):
-    def run(p: dict, models: _Models, data_dir, progress: bool) -> dict:
-        from iclgd.experiments.world import run_unit
-
-        return run_unit(kind, p, models.out, progress)
-
-    return run
-
-
-UNIT_KINDS = {"compare": _compare_unit, "zsl": _eval_unit(icl=False), "icl": _eval_unit(icl=True), "dual": _dual_unit,
-              "synthetic": _synthetic_unit, "momentum": _momentum_unit,
-              **{k: _world_unit(k) for k in ("world-train", "world-compare", "world-ckpt")}}
+    return {u.name: u for mod in (compare, eval, dual, synthetic, momentum, world) for u in mod.UNITS}
 
 
 def check_units(out) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 from iclgd.core import metrics as M
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
-from iclgd.experiments.protocol import Result, tidy_rows
+from iclgd.experiments.protocol import Result, UnitKind, tidy_rows
 
 
 @dataclass
@@ -441,3 +441,14 @@ def run_job(job: SyntheticJob, out=None, overwrite: bool = False, progress: bool
         with lock(Path(out)):
             res.write(Path(out))
     return res
+
+
+# ----------------------------------------------------------------------------- as sweep units (iclgd reproduce)
+
+def synthetic_unit(p: dict, models, data_dir, progress: bool) -> dict:
+    r = run(SyntheticConfig(layers=p["layers"], steps=p["steps"], seed=p["seed"]), progress)
+    r.pop("_sens")
+    return r
+
+
+UNITS = (UnitKind("synthetic", synthetic_unit, cost=lambda p: p.get("steps", 0) / 10),)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from iclgd.core import options as O
-from iclgd.experiments.protocol import Result
+from iclgd.experiments.protocol import Result, UnitKind
 
 VARIANTS = {  # name -> training options
     "vanilla": dict(attention="vanilla"),
@@ -92,7 +92,6 @@ def train_job(job: WorldJob, out, progress: bool = True) -> WorldTrainResult:
     with lock(Path(out)):
         summary = train(cfg, out, progress=progress, device=job.device)
     return WorldTrainResult({"final.json": summary})
-KINDS = ("world-train", "world-compare", "world-ckpt")
 
 
 def plan_units(size: str, seeds: list[int], k: int, n_test: int, momentum: bool = True, along: bool = True
@@ -151,7 +150,8 @@ def _compare(lm, d: Path, seed: int, k: int, n_test: int, lr_search: bool, progr
 
     spec_file = _task_for(d, seed)
     data = load_task(load_task_spec(spec_file), d / "data", n_test)
-    cfg = CompareConfig(k=k, lr_search=lr_search, lr=None, balanced=True)  # every class of the task in the prompt
+    # every class in the prompt; the loss the world models were trained with (label positions only)
+    cfg = CompareConfig(k=k, lr_search=lr_search, lr=None, balanced=True, ft_loss="label")
     result, _, phases = compare_seed(lm, data, cfg, seed, progress)
     return {"result": result, "task": data.spec.name, "data_sha256": data.files, "_timing": phases}
 
@@ -209,3 +209,16 @@ def run_unit(kind: str, p: dict, out: Path, progress: bool) -> dict:
         res["checkpoint"] = str(folder.relative_to(out))
         return res
     raise AssertionError(kind)
+
+
+def _unit(kind: str):
+    def run(p: dict, models, data_dir, progress: bool) -> dict:
+        return run_unit(kind, p, models.out, progress)
+
+    return run
+
+
+# a world model's training comes first in the queue: the world's other units read its folder (and wait for it)
+UNITS = (UnitKind("world-train", _unit("world-train"), cost=lambda p: 1e9),
+         UnitKind("world-compare", _unit("world-compare"), cost=lambda p: 3 * (p.get("n_test") or 200)),
+         UnitKind("world-ckpt", _unit("world-ckpt"), cost=lambda p: p.get("n_test") or 200))

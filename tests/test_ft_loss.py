@@ -1,0 +1,75 @@
+"""Finetuning that fits the model (issue 23): --ft-loss label takes the loss over the label tokens only,
+and --lr-search picks the rate by held-out loss, reporting ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iclgd.core.models import build_tiny
+from iclgd.core.tasks import load_task, resolve_task, sample_demos
+from iclgd.engine.finetune import Snapshot, finetune
+from iclgd.engine.scoring import build_prompts
+from iclgd.experiments.compare import CompareConfig, _choose_lr, compare_deviations, compare_seed
+
+
+def _one_demo(data_dir):
+    lm = build_tiny("tiny-random-llama")
+    data = load_task(resolve_task("sst2"), data_dir, 2)
+    p = build_prompts(lm, data.spec, sample_demos(data.demo_pool, 2, 1), data.eval_rows)
+    return lm, data, p
+
+
+def test_label_tokens_are_the_answer_at_the_end_of_each_demonstration(data_dir):
+    lm, data, p = _one_demo(data_dir)
+    for (a, b), n, d in zip(p.demo_spans, p.demo_label_lens, p.demos):
+        answer = lm.tokenizer(data.spec.format_answer(d["label"]), add_special_tokens=False)["input_ids"]
+        assert 1 <= n < b - a and p.prefix_ids[b - n:b] == answer
+
+
+def test_label_only_loss_equals_the_hand_computed_cross_entropy(data_dir):
+    lm, _, p = _one_demo(data_dir)
+    (a, b), n = p.demo_spans[0], p.demo_label_lens[0]
+    demo = p.prefix_ids[a:b]
+    ids = torch.tensor([lm.bos_id] + demo)
+    with torch.no_grad():
+        logp = F.log_softmax(lm.model(input_ids=ids[None]).logits[0].double(), -1)
+    T = len(ids)
+    by_hand = -np.mean([logp[t - 1, ids[t]].item() for t in range(T - n, T)])  # the label tokens' positions
+    every = -np.mean([logp[t - 1, ids[t]].item() for t in range(1, T)])
+    snap = Snapshot(lm, "kv")
+    rec = finetune(lm, [demo], 1e-3, label_lens=[n], record=False)  # the loss is taken before the step
+    snap.restore()
+    rec_all = finetune(lm, [demo], 1e-3, record=False)
+    snap.restore()
+    assert rec.losses[0] == pytest.approx(by_hand, rel=1e-5) and rec_all.losses[0] == pytest.approx(every, rel=1e-5)
+    assert abs(by_hand - every) > 1e-3  # the two objectives differ on this demonstration
+
+
+def test_ft_loss_label_is_recorded_and_listed_as_a_deviation(data_dir):
+    lm, data, _ = _one_demo(data_dir)
+    cfg = CompareConfig(k=2, ft_loss="label", kendall_n=2, updates_n=0)
+    r, _, _ = compare_seed(lm, data, cfg, 1, progress=False)
+    r_all, _, _ = compare_seed(lm, data, CompareConfig(k=2, kendall_n=2, updates_n=0), 1, progress=False)
+    assert r["ft_losses"] != r_all["ft_losses"]
+    assert any("label tokens only" in d for d in compare_deviations(cfg))
+    assert not any("label tokens only" in d for d in compare_deviations(CompareConfig()))
+
+
+def test_lr_search_takes_the_lowest_held_out_loss_and_reports_ties(data_dir):
+    lm, data, p = _one_demo(data_dir)
+    demo_ids = [p.prefix_ids[a:b] for a, b in p.demo_spans]
+    # rates so small that finetuning changes nothing measurable: every rate ties
+    cfg = CompareConfig(k=2, lr_search=True, lr_grid=(1e-14, 1e-13), lr_holdout=8)
+    lr, search = _choose_lr(lm, data, cfg, 1, p.demos, demo_ids)
+    assert search["tied"] == [1e-14, 1e-13] and lr == 1e-14 and search["tie_break"] == "the smallest tied rate"
+    assert all(g["changed_predictions"] == 0 for g in search["grid"])
+    assert all(g["holdout_loss"] == pytest.approx(search["before_ft"]["holdout_loss"]) for g in search["grid"])
+    # a grid whose rates differ in effect: the lowest held-out loss wins, no tie
+    cfg = CompareConfig(k=2, lr_search=True, lr_grid=(1e-14, 3.0), lr_holdout=8)
+    lr, search = _choose_lr(lm, data, cfg, 1, p.demos, demo_ids)
+    losses = {g["lr"]: g["holdout_loss"] for g in search["grid"]}
+    assert lr == min(losses, key=lambda r: losses[r] if losses[r] == losses[r] else np.inf)
+    assert search["tied"] == [lr] and search["tie_break"] is None and search["criterion"] == "lowest held-out loss"
