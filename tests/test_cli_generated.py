@@ -4,6 +4,7 @@ field of its config, with the field's default, help and checks; booleans are pla
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 
 import pytest
@@ -13,12 +14,11 @@ from typer.testing import CliRunner
 from iclgd.cli import _default_of, _flat, _text, app
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
-from iclgd.experiments import compare, dual, eval, momentum, pretrain, sweep, synthetic, world
+from iclgd.experiments import compare, eval, sweep
+from iclgd.experiments.protocol import experiments
 
-CONFIGS = {"eval": eval.EvalJob, "compare": compare.CompareJob, "pretrain": pretrain.PretrainJob,
-           "momentum compare": momentum.MomentumConfig, "momentum apply": momentum.ApplyConfig,
-           "synthetic": synthetic.SyntheticJob, "reproduce": sweep.SweepConfig, "dual verify": dual.VerifyConfig,
-           "dual compare-updates": dual.UpdatesConfig, "world train": world.WorldJob}
+# every declared experiment is a command whose options are its config's fields (and reproduce, the sweep)
+CONFIGS = {**{name: e.config for name, e in experiments().items()}, "reproduce": sweep.SweepConfig}
 EXTRAS = {"out", "overwrite", "shard", "data_dir", "json_out"}  # run options, not the experiment's configuration
 
 
@@ -96,3 +96,18 @@ def test_world_tasks_takes_out_like_every_command(tmp_path):
     assert (tmp_path / "tasks" / "world-0.json").is_file()
     res = CliRunner().invoke(app, ["world", "tasks", str(tmp_path), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "give the folder once" in res.output
+
+
+def test_every_experiment_declares_one_protocol():
+    """Each experiment: a config dataclass, a run function, a Result class with a kind; the sweep's unit kinds are
+    the union of what the experiments declare (nothing typed twice)."""
+    exps = experiments()
+    assert len(exps) == 9
+    for name, e in exps.items():
+        assert dataclasses.is_dataclass(e.config) and callable(e.run) and e.result.kind, name
+        assert list(inspect.signature(e.run).parameters)[:4] == [list(inspect.signature(e.run).parameters)[0], "out",
+                                                                 "overwrite", "progress"], name
+    kinds = sweep.unit_kinds()
+    assert set(kinds) == {"compare", "zsl", "icl", "dual", "synthetic", "momentum", "world-train", "world-compare",
+                          "world-ckpt"}
+    assert all(callable(k.run) and k.cost({}) >= 0 for k in kinds.values())

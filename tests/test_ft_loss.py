@@ -73,3 +73,19 @@ def test_lr_search_takes_the_lowest_held_out_loss_and_reports_ties(data_dir):
     losses = {g["lr"]: g["holdout_loss"] for g in search["grid"]}
     assert lr == min(losses, key=lambda r: losses[r] if losses[r] == losses[r] else np.inf)
     assert search["tied"] == [lr] and search["tie_break"] is None and search["criterion"] == "lowest held-out loss"
+
+
+def test_untrained_control_reinit_all_also_resets_the_embeddings():
+    from iclgd.engine.finetune import reinit_untrained
+
+    a, b = build_tiny("tiny-random-llama"), build_tiny("tiny-random-llama")
+    emb0 = a.model.get_input_embeddings().weight.clone()
+    reinit_untrained(a, seed=1, what="blocks")
+    reinit_untrained(b, seed=1, what="all")
+    assert torch.equal(a.model.get_input_embeddings().weight, emb0)
+    assert not torch.equal(b.model.get_input_embeddings().weight, emb0)
+    std = b.config.initializer_range
+    assert b.model.get_input_embeddings().weight.std().item() == pytest.approx(std, rel=0.1)
+    with pytest.raises(Exception, match="--untrained-reinit"):
+        reinit_untrained(a, what="some")
+    assert CompareConfig(untrained_reinit="all").untrained_reinit == "all"

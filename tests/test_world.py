@@ -196,3 +196,15 @@ def test_the_training_seed_sets_the_initialisation_and_the_world_seed_the_world(
     assert ta == tb  # the same evaluation task under both training seeds
     w3 = sized("tiny", seed=1, world_seed=3)
     assert w3.seed == 1 and w3.world.seed == 3 and World(w3.world).task_rows(0, 16, 0) != ta
+
+
+def test_zsl_null_of_a_model_that_cannot_know_the_assignments_sits_at_chance():
+    """ZSL against its null (issue 23): over random label assignments drawn as the world draws tasks, a model's
+    ZSL accuracy is centred on chance whatever the model, and the fixed tasks' mean is placed against it."""
+    from iclgd.engine.world import World, build_model, sized, zsl_null
+
+    cfg = sized("tiny")
+    z = zsl_null(build_model(cfg), World(cfg.world), n_assign=64, n_per=128)
+    assert z["n_assign"] == 64 and len(z["fixed_per_task"]) == cfg.world.n_eval_tasks
+    assert abs(z["null_mean"] - 0.25) < 4 * z["null_sd"] / 8  # 4 standard errors of the mean of 64 draws
+    assert 0 <= z["p_null_set_mean_at_least_fixed"] <= 1 and z["null_set_mean_sd"] < z["null_sd"]

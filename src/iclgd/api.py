@@ -150,7 +150,7 @@ def world_train(out, *, progress: bool = False, **options) -> WorldTrainResult:
     """Train (or resume) an ICL-world model into ``out`` (``iclgd world train``); ``options``: the fields of
     :class:`~iclgd.experiments.world.WorldJob` (``size``, ``seed``, ``world_seed``, ``attention``, ``device``,
     ...)."""
-    return _world.train_job(make(_world.WorldJob, "world_train", **options), out, progress)
+    return _world.train_job(make(_world.WorldJob, "world_train", **options), out, progress=progress)
 
 
 def reproduce(out, *, data_dir=None, shard: str | None = None, overwrite: bool = False, progress: bool = False,

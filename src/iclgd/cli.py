@@ -1,6 +1,9 @@
-"""The ``iclgd`` command line: thin wrappers that parse options, call the library, print tables.
+"""The ``iclgd`` command line, generated from the experiments' declarations.
 
-Every user-caused error is an :class:`~iclgd.core.errors.IclgdError`, printed as one line with exit status 2.
+Each command's options are the fields of its experiment's config dataclass (:func:`command`: help, defaults,
+choices and checks come from there; :mod:`iclgd.core.options`); its body calls the experiment's ``run`` and
+echoes what :mod:`iclgd.report.terminal` formats. Every user-caused error is an
+:class:`~iclgd.core.errors.IclgdError`, printed as one line with exit status 2.
 """
 
 from __future__ import annotations
@@ -214,12 +217,16 @@ def _build(cls, values: dict, renamed: dict):
     return cls(**kw)
 
 
-def command(group, name: str, config_cls, **extra):
-    """Register ``body(cfg, **extra)`` as command ``name`` of ``group``: its options are the fields of
-    ``config_cls`` (help, defaults and checks from there) plus the ``extra`` typer options (``out``,
-    ``overwrite`` ...). The config is built, so validated, before the body runs."""
+def command(group, name: str, config_cls=None, **extra):
+    """Register ``body(cfg, **extra)`` as command ``name`` of ``group``: its options are the fields of the
+    experiment's config (``iclgd.experiments.protocol.experiments()[name].config``, or ``config_cls``), with
+    their help, defaults and checks, plus the ``extra`` typer options (``out``, ``overwrite`` ...). The config
+    is built, so validated, before the body runs."""
     import inspect
     import re
+
+    config_cls = config_cls or EXP[name].config
+    leaf = name.split()[-1]
 
     def deco(body):
         params, annotations = [], {}
@@ -250,7 +257,7 @@ def command(group, name: str, config_cls, **extra):
         run.__signature__ = inspect.Signature(params)
         run.__annotations__ = annotations
         run.__doc__, run.__name__ = body.__doc__, body.__name__
-        group.command(name, cls=Command)(user_errors(run))
+        group.command(leaf, cls=Command)(user_errors(run))
         return body
 
     return deco
@@ -269,29 +276,25 @@ def overwrite_option(help: str = OVERWRITE_HELP):
 # Each command is an experiment's config (its options, generated above) and the experiment's own run function;
 # what a command prints comes from iclgd.report.terminal, its plots from iclgd.report.plots.
 
-from iclgd.experiments import compare as _compare  # noqa: E402
-from iclgd.experiments import dual as _dual  # noqa: E402
-from iclgd.experiments import eval as _eval  # noqa: E402
-from iclgd.experiments import momentum as _momentum  # noqa: E402
-from iclgd.experiments import pretrain as _pretrain  # noqa: E402
-from iclgd.experiments import synthetic as _synthetic  # noqa: E402
 from iclgd.experiments import sweep as _sweep  # noqa: E402
-from iclgd.experiments import world as _world  # noqa: E402
+from iclgd.experiments.protocol import experiments  # noqa: E402
+
+EXP = experiments()  # every experiment, by command name: config, run, result, unit kinds
 
 
-@command(app, "eval", _eval.EvalJob, out=out_option(help="write results.json here"), overwrite=overwrite_option())
+@command(app, "eval", out=out_option(help="write results.json here"), overwrite=overwrite_option())
 def eval_cmd(job, out, overwrite):
     """Zero-shot and in-context accuracy of a causal LM on the paper's tasks."""
     from iclgd.report.terminal import eval_text
 
     check.out_dir(out)
-    res = _eval.run_in(job, out, overwrite, progress())
+    res = EXP["eval"].run(job, out, overwrite, progress())
     typer.echo(eval_text(res.doc))
     if out is not None:
         typer.echo(f"wrote {out / 'results.json'}")
 
 
-@command(app, "compare", _compare.CompareJob,
+@command(app, "compare",
          out=out_option(help="write results.json, records.jsonl and per-layer plots here"),
          overwrite=overwrite_option())
 def compare_cmd(job, out, overwrite):
@@ -300,19 +303,19 @@ def compare_cmd(job, out, overwrite):
     from iclgd.report.terminal import compare_text
 
     check.out_dir(out)
-    res = _compare.run_in(job, out, overwrite, progress(), each=plot_compare_file)
+    res = EXP["compare"].run(job, out, overwrite, progress(), each=plot_compare_file)
     typer.echo(compare_text(list(res.docs.values())))
     if out is not None:
         typer.echo(f"wrote results.json, records.jsonl and per-layer plots under {out}")
 
 
-@command(app, "pretrain", _pretrain.PretrainJob,
+@command(app, "pretrain",
          out=out_option(True, "run folder (resumes if it holds a checkpoint of the same configuration)"),
          overwrite=overwrite_option("start over in a folder that holds a run of another configuration"))
 def pretrain_cmd(job, out, overwrite):
     """Train a small Llama-style LM from scratch, with vanilla or momentum attention."""
     check.out_dir(out)
-    r = _pretrain.run(job, out, overwrite, progress()).to_dict()
+    r = EXP["pretrain"].run(job, out, overwrite, progress()).to_dict()
     typer.echo(f"final train loss {r['final_train_loss']:.4f}; log in {out / 'log.csv'}")
 
 
@@ -320,7 +323,7 @@ momentum_app = typer.Typer(no_args_is_help=True, cls=Group, help="Momentum atten
 app.add_typer(momentum_app, name="momentum")
 
 
-@command(momentum_app, "compare", _momentum.MomentumConfig,
+@command(momentum_app, "momentum compare",
          out=out_option(True, "folder of the runs, results.json and val_curves.png"), overwrite=overwrite_option())
 def momentum_compare(cfg, out, overwrite):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
@@ -328,23 +331,23 @@ def momentum_compare(cfg, out, overwrite):
     from iclgd.report.terminal import momentum_text
 
     check.out_dir(out)
-    res = _momentum.run_job(cfg, out, overwrite, progress())
-    plot_curves(out, cfg.seeds)
+    res = EXP["momentum compare"].run(cfg, out, overwrite, progress())
+    plot_curves(out, cfg.seeds, cfg.variants)
     typer.echo(momentum_text(res.to_dict()))
     typer.echo(f"wrote {out / 'results.json'} and {out / 'val_curves.png'}")
 
 
-@command(momentum_app, "apply", _momentum.ApplyConfig, out=out_option(help="write momentum_apply.json here"),
+@command(momentum_app, "momentum apply", out=out_option(help="write momentum_apply.json here"),
          overwrite=overwrite_option())
 def momentum_apply(cfg, out, overwrite):
     """Add the EMA to a pretrained model without training: perplexity and ICL accuracy vs vanilla."""
     from iclgd.report.terminal import apply_text
 
     check.out_dir(out)
-    typer.echo(apply_text(_momentum.apply_job(cfg, out, overwrite, progress()).to_dict()))
+    typer.echo(apply_text(EXP["momentum apply"].run(cfg, out, overwrite, progress()).to_dict()))
 
 
-@command(app, "synthetic", _synthetic.SyntheticJob,
+@command(app, "synthetic",
          out=out_option(help="write results.json (or seed-*/ and summary.json) and plots here"),
          overwrite=overwrite_option())
 def synthetic_cmd(job, out, overwrite):
@@ -353,7 +356,7 @@ def synthetic_cmd(job, out, overwrite):
     from iclgd.report.terminal import synthetic_text
 
     check.out_dir(out)
-    res = _synthetic.run_job(job, out, overwrite, progress())
+    res = EXP["synthetic"].run(job, out, overwrite, progress())
     typer.echo(synthetic_text(res.runs, res.docs.get("summary.json")))
     if out is not None:
         typer.echo("wrote " + plot_synthetic_result(res, out))
@@ -386,7 +389,7 @@ dual_app = typer.Typer(no_args_is_help=True, cls=Group, help="The dual form betw
 app.add_typer(dual_app, name="dual")
 
 
-@command(dual_app, "verify", _dual.VerifyConfig,
+@command(dual_app, "dual verify",
          json_out=(bool, typer.Option(False, "--json", help="print the per-head rows as JSON", metavar="")),
          out=out_option(help="write dual_verify.json and dual_verify.png here"), overwrite=overwrite_option())
 def dual_verify(cfg, json_out, out, overwrite):
@@ -397,7 +400,7 @@ def dual_verify(cfg, json_out, out, overwrite):
     from iclgd.report.terminal import verify_text
 
     check.out_dir(out)
-    r = _dual.verify_in(cfg, out, overwrite).doc
+    r = EXP["dual verify"].run(cfg, out, overwrite).doc
     if json_out:
         typer.echo(json.dumps({"summary": r["summary"], "rows": r["rows"]}, indent=1))
     else:
@@ -411,14 +414,14 @@ def dual_verify(cfg, json_out, out, overwrite):
         raise typer.Exit(1)
 
 
-@command(dual_app, "compare-updates", _dual.UpdatesConfig,
+@command(dual_app, "dual compare-updates",
          out=out_option(help="write the per-layer comparison (dual_updates.json) here"), overwrite=overwrite_option())
 def dual_compare_updates(cfg, out, overwrite):
     """Compare ΔW_FT = W_ZSL(after) − W_ZSL(before) with ΔW_ICL, per layer (LMOps issue #22)."""
     from iclgd.report.terminal import updates_text
 
     check.out_dir(out)
-    typer.echo(updates_text(_dual.updates_in(cfg, out, overwrite).to_dict()))
+    typer.echo(updates_text(EXP["dual compare-updates"].run(cfg, out, overwrite).to_dict()))
 
 
 # ----------------------------------------------------------------------------- the ICL world
@@ -427,13 +430,13 @@ world_app = typer.Typer(no_args_is_help=True, cls=Group, help="The ICL world: fe
 app.add_typer(world_app, name="world")
 
 
-@command(world_app, "train", _world.WorldJob, out=out_option(True, "world folder (resumes if it holds a checkpoint)"))
+@command(world_app, "world train", out=out_option(True, "world folder (resumes if it holds a checkpoint)"))
 def world_train(job, out):
     """Train a world model; writes DIR/model (HF folder), DIR/tasks, DIR/data, DIR/checkpoints, DIR/log.csv."""
     from iclgd.report.terminal import world_text
 
     check.out_dir(out)
-    typer.echo(world_text(_world.train_job(job, out, progress()).to_dict()))
+    typer.echo(world_text(EXP["world train"].run(job, out, progress=progress()).to_dict()))
     typer.echo(f"wrote {out / 'model'}, {out / 'tasks'}, {out / 'data'}, {out / 'log.csv'}")
 
 

@@ -162,15 +162,28 @@ class Snapshot:
                 p.copy_(v)
 
 
-def reinit_untrained(lm: LoadedModel, seed: int = 0) -> None:
+REINIT = ("blocks", "all")
+
+
+def reinit_untrained(lm: LoadedModel, seed: int = 0, what: str = "blocks") -> None:
     """Deutch et al.'s untrained control: re-initialise every weight inside the transformer blocks except
     the norms (attention and MLP), N(0, initializer_range²) weights and zero biases; embeddings, norms and
-    unembedding keep their trained values."""
+    unembedding keep their trained values (``what="blocks"``). ``what="all"`` also re-initialises the input
+    embeddings (and so a tied unembedding) and any untied output embedding, N(0, initializer_range²): with the
+    blocks near zero the residual stream is almost the embedding, so trained embeddings alone can answer above
+    chance; this control removes that too."""
     from transformers.pytorch_utils import Conv1D
 
+    if what not in REINIT:
+        raise IclgdError(f"--untrained-reinit {what!r}: expected one of {', '.join(REINIT)}")
     std = getattr(lm.config, "initializer_range", 0.02) or 0.02
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        if what == "all":
+            emb, out = lm.model.get_input_embeddings(), lm.model.get_output_embeddings()
+            for m in {id(emb): emb, **({id(out): out} if out is not None else {})}.values():
+                if m.weight is not None:
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g).to(m.weight) * std)
         for block in lm.blocks():
             for m in block.modules():
                 if isinstance(m, (nn.Linear, Conv1D)):

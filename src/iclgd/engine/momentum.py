@@ -7,8 +7,19 @@ of strictly earlier positions, per head and before the output projection (the pa
 
 ``enable_momentum(model, eta)`` registers it through transformers' ``AttentionInterface`` (models that
 call it: the families marked ``momentum`` in the adapter table), so no modeling file is copied. η is
-fixed, or learnable per head (η = sigmoid(θ_h)). The EMA is computed by a chunked scan (:func:`ema_before`):
-O(T·C·d) work, no Python loop over positions, and no negative powers of η (nothing overflows).
+fixed, or learnable per head (η = sigmoid(θ_h)); ``gate=True`` multiplies the EMA by a learnable per-head
+gate g_h initialised at 0 (the model starts as vanilla attention). The EMA is computed by a chunked scan
+(:func:`ema_before`): O(T·C·d) work, no Python loop over positions, and no negative powers of η.
+
+``kind="ema"`` is the authors' released code variant instead (``rot-momentum`` in their model file; see
+shared/docs/paper-notes.md), not Eq. (9): per value channel c (all H·d channels) an EMA of N = 8 components
+with learnable decays and signed coefficients, the current position included,
+
+    EMA_c(t) = Σ_{i≤t} k_c(t−i) v_{i,c},     k_c(l) = Σ_n γ_{c,n} N^{-1/2} p_{c,n}^l,   p = sigmoid(δ)
+
+with δ ~ N(0, 0.2²) and γ ~ N(0, 1) at initialisation (N^{-1/2} is MEGA's scale over the components), added
+to the attention output before the output projection. It is a causal convolution, computed by FFT
+(:func:`ema_conv`).
 """
 
 from __future__ import annotations
@@ -62,6 +73,22 @@ def ema_before(v: torch.Tensor, log_eta: torch.Tensor, chunk: int = CHUNK) -> to
     return out.reshape(B, H, N * C, d)[:, :, :S]
 
 
+def ema_kernel(log_p: torch.Tensor, gamma: torch.Tensor, S: int) -> torch.Tensor:
+    """k_c(l) = Σ_n γ_{c,n} N^{-1/2} p_{c,n}^l for l = 0..S-1.  log_p, gamma: (..., N) -> (..., S)."""
+    N = log_p.shape[-1]
+    l = torch.arange(S, device=log_p.device, dtype=log_p.dtype)
+    return torch.einsum("...n,...nl->...l", gamma * N ** -0.5, torch.exp(log_p[..., None] * l))
+
+
+def ema_conv(v: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Causal convolution out_t = Σ_{i≤t} k(t−i) v_i per channel, by FFT.  v: (B, H, S, d); kernel: (H, d, S)."""
+    S = v.shape[2]
+    n = 2 * S  # zero padding: no wrap-around
+    vf = torch.fft.rfft(v.transpose(2, 3).to(torch.float32), n=n)  # (B, H, d, n//2+1)
+    kf = torch.fft.rfft(kernel.to(torch.float32), n=n)  # (H, d, n//2+1)
+    return torch.fft.irfft(vf * kf, n=n)[..., :S].transpose(2, 3).to(v.dtype)
+
+
 def _key_validity(attention_mask: torch.Tensor | None, S: int) -> torch.Tensor | None:
     """(B, S) 1.0 for keys a real token can see (the last query row of the mask), 0.0 for padding."""
     if attention_mask is None:
@@ -85,8 +112,15 @@ def momentum_attention_forward(module: nn.Module, query, key, value, attention_m
         v = v * valid[:, None, :, None].to(v.dtype)
     if H != Hkv:
         v = repeat_kv(v, H // Hkv, dim=1)
-    log_eta = module_log_eta(module, H, v)
-    ema = ema_before(v, log_eta)[:, :, S - Tq:]  # queries are the last Tq of the S key positions
+    delta = getattr(module, "ema_delta", None)
+    if delta is not None:  # the authors' code variant: (H, d, N) learnable decays and coefficients
+        kernel = ema_kernel(torch.nn.functional.logsigmoid(delta.float()), module.ema_gamma.float(), S)
+        ema = ema_conv(v, kernel)[:, :, S - Tq:]
+    else:  # Eq. (9)
+        ema = ema_before(v, module_log_eta(module, H, v))[:, :, S - Tq:]  # queries: the last Tq of the S positions
+        gate = getattr(module, "momentum_gate", None)
+        if gate is not None:
+            ema = ema * gate.to(ema.dtype)[None, :, None, None]
     return out + ema.transpose(1, 2).to(out.dtype), weights
 
 
@@ -115,27 +149,47 @@ def check_eta(eta: float) -> float:
     return float(eta)
 
 
-def enable_momentum(lm, eta: float = 0.9, learnable: bool = False) -> None:
+KINDS = ("eq9", "ema")
+EMA_COMPONENTS = 8
+
+
+def enable_momentum(lm, eta: float = 0.9, learnable: bool = False, kind: str = "eq9", gate: bool = False,
+                    seed: int = 0) -> None:
     """Switch every attention layer of a loaded model to momentum attention (in place).
 
-    ``lm``: a :class:`iclgd.core.models.LoadedModel`. With ``learnable`` each layer gets a parameter θ (one
-    per head) initialised so that sigmoid(θ) = eta.
+    ``lm``: a :class:`iclgd.core.models.LoadedModel`. ``kind="eq9"``: Eq. (9); with ``learnable`` each layer
+    gets a parameter θ (one per head) initialised so that sigmoid(θ) = eta, with ``gate`` a per-head gate
+    initialised at 0. ``kind="ema"``: the authors' code variant (module docstring), its parameters drawn from
+    a generator seeded by ``seed`` and the layer (the model's other weights and the global RNG are untouched).
     """
+    if kind not in KINDS:
+        raise IclgdError(f"momentum kind {kind!r}: expected one of {', '.join(KINDS)}")
     check_eta(eta)
     if not lm.layout.momentum:
         raise IclgdError(f"model type {lm.model_type!r} does not call transformers' AttentionInterface; "
                          f"momentum attention supports {', '.join(momentum_families())}")
     _register()
     H = lm.head_counts()[0]
+    c = lm.model.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     for l in range(lm.n_layers):
         attn = lm.attention(l)
         attn.momentum_eta = eta
+        ref = next(attn.parameters())
+        if kind == "ema":
+            g = torch.Generator().manual_seed(seed * 1009 + l)
+            attn.ema_delta = nn.Parameter((0.2 * torch.randn(H, d, EMA_COMPONENTS, generator=g)).to(ref))
+            attn.ema_gamma = nn.Parameter(torch.randn(H, d, EMA_COMPONENTS, generator=g).to(ref))
+            continue
         if learnable:
-            ref = next(attn.parameters())
             attn.momentum_theta = nn.Parameter(torch.full((H,), math.log(eta / (1 - eta)), dtype=ref.dtype,
                                                           device=ref.device))
+        if gate:
+            attn.momentum_gate = nn.Parameter(torch.zeros(H, dtype=ref.dtype, device=ref.device))
     lm.model.config.momentum_eta = eta
     lm.model.config.momentum_learnable = learnable
+    lm.model.config.momentum_kind = kind
+    lm.model.config.momentum_gate = gate
     lm.model.set_attn_implementation(ATTN_NAME)
 
 
@@ -147,12 +201,16 @@ def restore_momentum(lm, folder) -> None:
 
     cfg = lm.model.config
     learnable = bool(getattr(cfg, "momentum_learnable", False))
-    enable_momentum(lm, cfg.momentum_eta, learnable)
-    if learnable:
+    kind, gate = getattr(cfg, "momentum_kind", "eq9"), bool(getattr(cfg, "momentum_gate", False))
+    enable_momentum(lm, cfg.momentum_eta, learnable, kind=kind, gate=gate)
+    names = (("ema_delta", "ema_gamma") if kind == "ema" else
+             (("momentum_theta",) if learnable else ()) + (("momentum_gate",) if gate else ()))
+    if names:
         files = sorted(Path(folder).glob("*.safetensors")) if Path(str(folder)).is_dir() else []
-        sd = {k: v for f in files for k, v in load_file(str(f)).items() if k.endswith("momentum_theta")}
-        if len(sd) != lm.n_layers:
-            raise IclgdError(f"--model {lm.name}: saved with learnable momentum but its η parameters are missing")
+        sd = {k: v for f in files for k, v in load_file(str(f)).items() if k.endswith(names)}
+        if len(sd) != lm.n_layers * len(names):
+            raise IclgdError(f"--model {lm.name}: saved with learned momentum parameters ({', '.join(names)}), "
+                             "which are missing from its weights")
         lm.model.load_state_dict(sd, strict=False)
 
 

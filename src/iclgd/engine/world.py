@@ -97,13 +97,17 @@ class ModelConfig:
     attention_bias: bool = False  # biases on q/k/v/o: a content-free positional pattern (previous token) is easy
 
 
+ATTENTIONS = ("vanilla", "momentum", "ema")  # momentum: Eq. (9); ema: the authors' code variant (engine.momentum)
+
+
 @dataclass
 class WorldTrainConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    attention: str = "vanilla"  # or "momentum"
+    attention: str = "vanilla"  # or "momentum" (Eq. 9) or "ema" (the authors' code variant)
     eta: float = 0.9
     learnable_eta: bool = False
+    gate: bool = False  # Eq. 9 times a learnable per-head gate initialised at 0
     seed: int = 1  # initialisation and data order (the same for vanilla and momentum)
     steps: int = 5000
     batch_size: int = 32
@@ -121,8 +125,10 @@ class WorldTrainConfig:
 
     def check(self) -> None:
         self.world.check()
-        if self.attention not in ("vanilla", "momentum"):
-            raise IclgdError(f"--attention {self.attention!r}: expected vanilla or momentum")
+        if self.attention not in ATTENTIONS:
+            raise IclgdError(f"--attention {self.attention!r}: expected one of {', '.join(ATTENTIONS)}")
+        if self.gate and self.attention != "momentum":
+            raise IclgdError("--gate applies to --attention momentum (Eq. 9) only")
         if self.attention == "momentum":
             from iclgd.engine.momentum import check_eta
 
@@ -138,13 +144,19 @@ class WorldTrainConfig:
         return WorldTrainConfig(world=WorldConfig(**d.pop("world")), model=ModelConfig(**d.pop("model")), **d)
 
 
-# Sizes: "tiny" for tests (seconds), "demo" for make demo (<= 3 min), "default" for the ICL >= 0.9 goal.
+# Sizes: "tiny" for tests (seconds), "demo" for make demo (<= 3 min), "default" for the ICL >= 0.9 goal,
+# "deep" (4 layers) for the metrics along training.
 SIZES: dict[str, dict] = {
     "tiny": dict(world=dict(n_items=64, n_classes=16, n_pairs=8, n_demo_rows=64, n_eval_rows=64),
                  model=dict(d_model=64, n_layers=2, n_heads=2, d_mlp=128), steps=600, batch_size=32, warmup=50,
                  copy_steps=100, eval_every=100, eval_n=256, ckpt_every=100),
     "demo": dict(steps=1500, eval_every=100, ckpt_every=250),  # make demo and the world preset: ~2 min a run
     "default": dict(steps=5000),  # the ICL >= 0.9 goal
+    # 4 layers, so that layer 0 (which K/V finetuning cannot reach through its queries) is a quarter of the
+    # answer, not half: the metrics-along-training study (studies/along_training.py)
+    "deep": dict(model=dict(n_layers=4), steps=8000, ckpt_every=500),
+    # the same with 4-word items: a longer query segment (SimAM over 5 query positions instead of 3)
+    "deep-long": dict(world=dict(item_len=4), model=dict(n_layers=4), steps=8000, ckpt_every=500),
 }
 
 
@@ -313,10 +325,11 @@ def build_model(cfg: WorldTrainConfig):
     model = T.AutoModelForCausalLM.from_config(mc)
     lm = LoadedModel(f"world-{cfg.attention}", model, World(w).tokenizer(), adapter_for(mc.model_type),
                      "built by iclgd.world")
-    if cfg.attention == "momentum":
+    if cfg.attention in ("momentum", "ema"):
         from iclgd.engine.momentum import enable_momentum
 
-        enable_momentum(lm, cfg.eta, cfg.learnable_eta)
+        enable_momentum(lm, cfg.eta, cfg.learnable_eta, kind="ema" if cfg.attention == "ema" else "eq9",
+                        gate=cfg.gate, seed=cfg.seed)
     return lm
 
 
@@ -392,6 +405,45 @@ def evaluate_proxy(lm, world: World, n: int, seed: int = 12345) -> dict:
     model.train(was)
     return {"icl_acc": float((icl_pred == target).float().mean()), "zsl_acc": float((zsl_pred == target).float().mean()),
             "eval_loss": loss, "n": int(len(keep))}
+
+
+@torch.no_grad()
+def zsl_null(lm, world: World, n_assign: int = 64, n_per: int = 256, seed: int = 0) -> dict:
+    """ZSL accuracy (``[BOS] x`` alone) on the fixed evaluation tasks beside its null: the same on ``n_assign``
+    random label assignments drawn as the world draws tasks (classes and a label permutation). A ZSL mean over the
+    fixed tasks reads as knowledge only where it lies outside what means over as many random tasks give."""
+    c = world.cfg
+    rng = np.random.default_rng([c.seed, 505, seed])
+    model = lm.model
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    lab = torch.from_numpy(c.label_ids).to(dev)
+
+    def acc(classes: np.ndarray, labels: np.ndarray) -> float:  # classes[j] carries label labels[j]
+        slot = rng.integers(0, c.n_labels, n_per)
+        items = world.exemplars(classes[slot], rng)  # (n_per, item_len)
+        x = torch.from_numpy(np.concatenate([np.full((n_per, 1), BOS), items], axis=1)).to(dev)
+        pred = model(input_ids=x).logits[:, -1, lab].argmax(-1).cpu().numpy()
+        return float((pred == labels[slot]).mean())
+
+    fixed = [acc(world.task_classes[t], np.arange(c.n_labels)) for t in range(c.n_eval_tasks)]
+    null = np.array([acc(rng.choice(c.n_classes, c.n_labels, replace=False), rng.permutation(c.n_labels))
+                     for _ in range(n_assign)])
+    # means over as many random tasks as there are fixed ones, resampled from the null draws
+    sets = rng.choice(null, (10_000, len(fixed))).mean(1)
+    # ICL on fresh assignments (each sequence its own classes and label permutation, never an evaluation task's)
+    seq, mask = world.sequences(n_per * 2, rng)
+    keep = np.flatnonzero(mask[:, -1])[:n_per]
+    x = torch.from_numpy(seq[keep]).to(dev)
+    icl_pred = model(input_ids=x[:, :-1]).logits[:, -1, lab].argmax(-1)
+    icl_random = float((icl_pred == x[:, -1] - len(SPECIALS)).float().mean())
+    model.train(was)
+    return {"fixed_per_task": fixed, "fixed_mean": float(np.mean(fixed)), "null_mean": float(null.mean()),
+            "null_sd": float(null.std(ddof=1)), "null_set_mean_sd": float(sets.std(ddof=1)),
+            "p_null_set_mean_at_least_fixed": float((sets >= np.mean(fixed)).mean()), "n_assign": n_assign,
+            "icl_random_assignments": icl_random, "n_icl_random": int(len(keep)),
+            "n_per_task": n_per, "chance": 1 / c.n_labels}
 
 
 LOG_FIELDS = ["step", "wall_s", "lr", "train_loss", "eval_loss", "icl_acc", "zsl_acc"]
@@ -479,6 +531,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     last = rows[-1]
     summary = {"kind": "iclgd.world.train", "config": cfg_doc, "final": {k: float(last[k]) for k in LOG_FIELDS[1:]
                                                                           if last[k] not in ("", None)},
+               "zsl_null": zsl_null(lm, world),
                "n_params": sum(p.numel() for p in model.parameters()), "versions": run_versions(),
                "threads": cfg.threads, "device": device, "steps_per_s": round(cfg.steps / max(1e-9, float(last["wall_s"])), 2)}
     atomic_write_json(out / "final.json", summary)

@@ -24,9 +24,9 @@ from iclgd.core.models import LoadedModel, as_loaded, model_name, repeat_kv, run
 from iclgd.core.tasks import TaskData, load_tasks, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.capture import Observer
-from iclgd.engine.finetune import FTRecord, Snapshot, finetune, reinit_untrained
+from iclgd.engine.finetune import REINIT, FTRecord, Snapshot, finetune, reinit_untrained
 from iclgd.engine.scoring import Prompts, build_prompts, resolve_batch_size, score_options
-from iclgd.experiments.protocol import Result, UnitKind, tidy_rows
+from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
 # rates (GiilDe/ft-vs-icl configs for the 1.3B model, probably Dai et al. App. B) in their JSON files; they
@@ -62,6 +62,9 @@ class CompareConfig:
                               check=O.min_int(0))
     untrained_seed: int | None = O.option(None, "init seed of the untrained control for every run seed (default: "
                                                 "the run seed)", type=int, check=O.a_seed)
+    untrained_reinit: str = O.option("blocks", "what the untrained control re-initialises: blocks (attention and "
+                                               "MLP; Deutch et al.) or all (the embeddings too, which alone can answer "
+                                               "above chance)", choices=REINIT)
     balanced: bool = O.balanced_field()
     separator: str = O.separator_field()
     max_len: int = O.max_len_field()
@@ -459,6 +462,8 @@ class TaskResult:
 
 UNTRAINED_RECIPE = ("attention and MLP weights ~ N(0, initializer_range^2), biases 0; embeddings, norms, "
                     "unembedding kept")
+UNTRAINED_RECIPE_ALL = ("attention and MLP weights and the embeddings (input and output) ~ N(0, initializer_range^2), "
+                        "biases 0; norms kept")
 
 
 def run(job: CompareJob, progress: bool = True) -> Iterator[TaskResult]:
@@ -486,7 +491,7 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
             control = []
             for s in job.seeds:  # the init seed follows the run seed, so the control's CI includes init variance
                 init_seed = s if job.compare.untrained_seed is None else job.compare.untrained_seed
-                reinit_untrained(control_lm, seed=init_seed)
+                reinit_untrained(control_lm, seed=init_seed, what=job.compare.untrained_reinit)
                 c = compare_seed(control_lm, data, job.compare, s, progress)[0]
                 control.append({**c, "untrained_init_seed": init_seed})
         doc = {
@@ -496,9 +501,7 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
                        "data_dir": str(ddir) if ddir else "hf-hub", **config_dict(job.compare),
                        "untrained_control": job.untrained,
                        "batch_size_applied": resolve_batch_size(lm, job.compare.batch_size),
-                       "untrained_recipe": (UNTRAINED_RECIPE + "; init seed " + (
-                           "= the run seed" if job.compare.untrained_seed is None
-                           else f"{job.compare.untrained_seed} for every run seed")) if job.untrained else None},
+                       "untrained_recipe": _recipe(job) if job.untrained else None},
             "versions": run_versions(),
             "data_sha256": data.files,
             "deviations": lm.start_deviations() + data.deviations + compare_deviations(job.compare),
@@ -508,6 +511,14 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
             "timing": {"phases_s": phases, "wall_s": round(time.time() - t0, 1)},
         }
         yield TaskResult(doc, records, "" if len(datas) == 1 else data.spec.name)
+
+
+def _recipe(job: CompareJob) -> str:
+    """How the untrained control was made: what was re-initialised, and with which seed."""
+    base = UNTRAINED_RECIPE_ALL if job.compare.untrained_reinit == "all" else UNTRAINED_RECIPE
+    seed = ("= the run seed" if job.compare.untrained_seed is None
+            else f"{job.compare.untrained_seed} for every run seed")
+    return f"{base}; init seed {seed}"
 
 
 def write(result: TaskResult, out) -> Path:
@@ -582,3 +593,6 @@ def compare_unit(p: dict, models, data_dir, progress: bool) -> dict:
 
 
 UNITS = (UnitKind("compare", compare_unit, cost=lambda p: 3 * (p.get("n_test") or 200)),)
+
+
+EXPERIMENTS = (Experiment("compare", CompareJob, run_in, CompareResult, UNITS),)

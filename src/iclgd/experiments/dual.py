@@ -18,7 +18,7 @@ from iclgd.core.models import LoadedModel, as_loaded, load_model, model_name, ru
 from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.scoring import build_prompts
-from iclgd.experiments.protocol import Result, UnitKind
+from iclgd.experiments.protocol import Experiment, Result, UnitKind
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 
@@ -239,12 +239,12 @@ def _guarded(out, name: str, overwrite: bool, compute, result_cls):
     return res
 
 
-def verify_in(cfg: VerifyConfig, out=None, overwrite: bool = False) -> VerifyResult:
+def verify_in(cfg: VerifyConfig, out=None, overwrite: bool = False, progress: bool = True) -> VerifyResult:
     """:func:`verify`, written to ``out/dual_verify.json`` when given (under the folder's lock)."""
     return _guarded(out, "dual_verify.json", overwrite, lambda: verify(cfg), VerifyResult)
 
 
-def updates_in(cfg: UpdatesConfig, out=None, overwrite: bool = False) -> UpdatesResult:
+def updates_in(cfg: UpdatesConfig, out=None, overwrite: bool = False, progress: bool = True) -> UpdatesResult:
     """:func:`compare_updates`, written to ``out/dual_updates.json`` when given (under the folder's lock)."""
     return _guarded(out, "dual_updates.json", overwrite,
                     lambda: compare_updates(cfg.before, cfg.after, cfg.task, cfg.k, cfg.seed, cfg.data_dir),
@@ -259,3 +259,7 @@ def dual_unit(p: dict, models, data_dir, progress: bool) -> dict:
 
 
 UNITS = (UnitKind("dual", dual_unit, cost=lambda p: 5),)
+
+
+EXPERIMENTS = (Experiment("dual verify", VerifyConfig, verify_in, VerifyResult, UNITS),
+               Experiment("dual compare-updates", UpdatesConfig, updates_in, UpdatesResult))

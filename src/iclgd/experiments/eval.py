@@ -11,7 +11,7 @@ from iclgd.core.io import atomic_write_json
 from iclgd.core.models import LoadedModel, as_loaded, model_name, run_versions
 from iclgd.core.tasks import load_tasks
 from iclgd.engine.scoring import EvalConfig, evaluate, resolve_batch_size, score_split
-from iclgd.experiments.protocol import Result, UnitKind
+from iclgd.experiments.protocol import Experiment, Result, UnitKind
 
 
 @dataclass
@@ -122,3 +122,6 @@ def eval_unit(icl: bool):
 
 UNITS = (UnitKind("zsl", eval_unit(icl=False), cost=lambda p: (p.get("n_test") or 200) / 2),
          UnitKind("icl", eval_unit(icl=True), cost=lambda p: p.get("n_test") or 200))
+
+
+EXPERIMENTS = (Experiment("eval", EvalJob, run_in, EvalResult, UNITS),)

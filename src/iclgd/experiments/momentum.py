@@ -12,7 +12,7 @@ from iclgd.core import metrics as M
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json
-from iclgd.experiments.protocol import Result, UnitKind, tidy_rows
+from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows
 
 
 @torch.no_grad()
@@ -34,6 +34,22 @@ def _train_sizes() -> tuple[str, ...]:
     return tuple(SIZES)
 
 
+VARIANTS = ("vanilla", "momentum", "ema")  # momentum: Eq. (9); ema: the authors' code variant (engine.momentum)
+
+
+def _variants(flag: str, value) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+
+
+def _vanilla_first(flag: str, value) -> None:
+    bad = [v for v in value if v not in VARIANTS]
+    if bad:
+        raise IclgdError(f"{flag} {','.join(value)}: {bad[0]!r} is not one of {', '.join(VARIANTS)}")
+    if not value or value[0] != "vanilla" or len(value) < 2 or len(set(value)) != len(value):
+        raise IclgdError(f"{flag} {','.join(value)}: expected vanilla first, then one or more other distinct variants "
+                         "(each is compared with vanilla, paired by seed)")
+
+
 @dataclass
 class MomentumConfig:
     """``iclgd momentum compare``: vanilla and momentum LMs trained from the same seeds, data order and init."""
@@ -46,6 +62,10 @@ class MomentumConfig:
     learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
     size: str = O.option("small", "model size", choices=_train_sizes(), old="--config")
     steps: int = O.option(150, "optimizer steps per run (>= 1)", check=O.min_int(1))
+    variants: tuple[str, ...] = O.option(help="the attention variants trained per seed, vanilla first: vanilla, "
+                                              "momentum (Eq. 9, --eta), ema (the authors' code variant)",
+                                         factory=lambda: ("vanilla", "momentum"), parse=_variants, check=_vanilla_first,
+                                         type=str)
     lengths: tuple[int, ...] = O.option(help="comma list of distinct context lengths for perplexity",
                                         factory=lambda: (128, 256, 512), parse=O.int_tuple,
                                         check=O.each_at_least(2), type=str)  # perplexity windows
@@ -58,7 +78,7 @@ class MomentumConfig:
     def identity(self) -> dict:
         """What a results folder of this study must match to be resumed."""
         return {"corpus": self.corpus, "seeds": list(self.seeds), "eta": self.eta, "learnable_eta": self.learnable_eta,
-                "size": self.size, "steps": self.steps, "lengths": list(self.lengths)}
+                "size": self.size, "steps": self.steps, "lengths": list(self.lengths), "variants": list(self.variants)}
 
 
 @dataclass
@@ -112,10 +132,11 @@ def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
         tok.backend_tokenizer.save(str(tok_file))
     test_ids = encode(tok, corp.test)
     runs = {}
+    variants = list(cfg.variants)
     for seed in seeds:
-        for variant in ("vanilla", "momentum"):
-            cfg = TrainConfig(corpus=corpus, attention=variant, eta=eta, learnable_eta=learnable_eta, size=size,
-                              seed=seed, steps=steps, **train_kw)
+        for variant in variants:
+            cfg = TrainConfig(corpus=corpus, attention=variant, eta=eta, learnable_eta=learnable_eta and variant ==
+                              "momentum", size=size, seed=seed, steps=steps, **train_kw)
             d = out / f"{variant}-s{seed}"
             if not (d / "final.json").is_file():
                 pretrain(cfg, d, data_dir, progress=progress, tokenizer=tok, corpus=corp)
@@ -130,13 +151,14 @@ def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
     for key in [f"ppl@{L}" for L in lengths] + ["copy_acc"]:
         get = (lambda r, L=key[4:]: r["ppl"][L]) if key.startswith("ppl") else (lambda r: r["copy_acc"])
         van = [get(runs[("vanilla", sd)]) for sd in seeds]
-        mom = [get(runs[("momentum", sd)]) for sd in seeds]
-        diff = [m - v for m, v in zip(mom, van)]
-        summary[key] = {"vanilla": M.bootstrap_ci(van), "momentum": M.bootstrap_ci(mom),
-                        "paired_diff_momentum_minus_vanilla": M.bootstrap_ci(diff)}
+        summary[key] = {v: M.bootstrap_ci([get(runs[(v, sd)]) for sd in seeds]) for v in variants}
+        for v in variants[1:]:  # each variant against vanilla, paired by seed (same init and data order)
+            summary[key][f"paired_diff_{v}_minus_vanilla"] = M.bootstrap_ci(
+                [get(runs[(v, sd)]) - a for sd, a in zip(seeds, van)])
     doc = {"kind": "iclgd.momentum.compare",
            "config": {"corpus": corpus, "seeds": seeds, "eta": eta, "learnable_eta": learnable_eta, "size": size,
-                      "steps": steps, "lengths": list(lengths), "test_tokens": len(test_ids), **train_kw},
+                      "steps": steps, "lengths": list(lengths), "variants": variants, "test_tokens": len(test_ids),
+                      **train_kw},
            "data_sha256": corp.files, "versions": run_versions(),
            "runs": {f"{v}-s{sd}": r for (v, sd), r in runs.items()}, "summary": summary,
            "note": "perplexity on the corpus' test split, non-overlapping windows of each length; copy_acc: "
@@ -251,3 +273,7 @@ def momentum_unit(p: dict, models, data_dir, progress: bool) -> dict:
 
 
 UNITS = (UnitKind("momentum", momentum_unit, cost=lambda p: 1e8),)
+
+
+EXPERIMENTS = (Experiment("momentum compare", MomentumConfig, run_job, MomentumResult, UNITS),
+               Experiment("momentum apply", ApplyConfig, apply_job, ApplyResult))

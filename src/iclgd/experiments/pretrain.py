@@ -11,7 +11,7 @@ from pathlib import Path
 from iclgd.core import options as O
 from iclgd.core.runfolder import lock
 from iclgd.engine.train import TrainConfig, check_run_folder, pretrain
-from iclgd.experiments.protocol import Result
+from iclgd.experiments.protocol import Experiment, Result
 
 
 @dataclass
@@ -46,3 +46,6 @@ def run(job: PretrainJob, out, overwrite: bool = False, progress: bool = True) -
         check_run_folder(job.train, out, job.data_dir, overwrite)
         doc = pretrain(job.train, out, job.data_dir, progress=progress)
     return PretrainResult({"final.json": doc})
+
+
+EXPERIMENTS = (Experiment("pretrain", PretrainJob, run, PretrainResult),)

@@ -29,6 +29,33 @@ class UnitKind:
     cost: Any = None
 
 
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment, as every front end sees it: the CLI command ``name`` (its options generated from the fields
+    of ``config``), the Python function (``iclgd.<fn>``), the sweep's unit kinds and the result files.
+
+    ``run(config, out=None, overwrite=False, progress=True) -> result``: the model (for the experiments that take
+    one) is a field of the config: a Hugging Face model object wrapped by ``iclgd.load_model``, a loaded model or
+    a name. With ``out`` the result's files are written there under the folder's lock; an earlier run's files are
+    refused unless ``overwrite``."""
+
+    name: str
+    config: type
+    run: Any
+    result: type
+    units: tuple = ()
+
+
+MODULES = ("eval", "compare", "dual", "synthetic", "momentum", "pretrain", "world")  # one module per experiment family
+
+
+def experiments() -> dict[str, Experiment]:
+    """Every experiment, by command name, as its module declares it (``EXPERIMENTS``); imported on first use."""
+    import importlib
+
+    return {e.name: e for m in MODULES for e in importlib.import_module(f"iclgd.experiments.{m}").EXPERIMENTS}
+
+
 TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value")
 COUNTS = ("n_layers", "n_examples_per_layer", "n_examples")  # what a figure rests on: in the documents, not rows
 

@@ -208,9 +208,9 @@ def run_unit(unit: Unit, models: _Models, data_dir, progress: bool) -> dict:
 
 def unit_kinds() -> dict:
     """Every unit kind, as the experiment modules declare them (``UNITS`` beside each experiment's code)."""
-    from iclgd.experiments import compare, dual, eval, momentum, synthetic, world
+    from iclgd.experiments.protocol import experiments
 
-    return {u.name: u for mod in (compare, eval, dual, synthetic, momentum, world) for u in mod.UNITS}
+    return {u.name: u for e in experiments().values() for u in e.units}
 
 
 def check_units(out) -> None:

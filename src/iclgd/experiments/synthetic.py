@@ -29,7 +29,7 @@ from torch import nn
 from iclgd.core import metrics as M
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
-from iclgd.experiments.protocol import Result, UnitKind, tidy_rows
+from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows
 
 
 @dataclass
@@ -452,3 +452,6 @@ def synthetic_unit(p: dict, models, data_dir, progress: bool) -> dict:
 
 
 UNITS = (UnitKind("synthetic", synthetic_unit, cost=lambda p: p.get("steps", 0) / 10),)
+
+
+EXPERIMENTS = (Experiment("synthetic", SyntheticJob, run_job, SyntheticResult, UNITS),)

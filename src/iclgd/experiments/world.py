@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from iclgd.core import options as O
-from iclgd.experiments.protocol import Result, UnitKind
+from iclgd.experiments.protocol import Experiment, Result, UnitKind
 
 VARIANTS = {  # name -> training options
     "vanilla": dict(attention="vanilla"),
@@ -40,12 +40,14 @@ def _world_sizes() -> tuple[str, ...]:
 class WorldJob:
     """``iclgd world train``: one world model, of a size, with its training options."""
 
-    attention: str = O.option("vanilla", "vanilla or momentum", choices=("vanilla", "momentum"))
+    attention: str = O.option("vanilla", "vanilla, momentum (Eq. 9) or ema (the authors' code variant: a learnable "
+                                         "8-component EMA over the values)", choices=("vanilla", "momentum", "ema"))
     eta: float = O.eta_field(help="momentum coefficient strictly between 0 and 1 (fixed, or the initial value with "
                                   "--learnable-eta)")
     learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
+    gate: bool = O.option(False, "multiply Eq. 9's EMA by a learnable per-head gate initialised at 0")
     seed: int = O.option(1, "initialisation and data order", check=O.a_seed)
-    size: str = O.option("default", "default (the ICL >= 0.9 goal), demo (<= 3 min) or tiny (tests)",
+    size: str = O.option("default", "default (the ICL >= 0.9 goal), deep (4 layers), demo (<= 3 min) or tiny (tests)",
                          choices=_world_sizes())
     steps: int | None = O.option(None, "training steps (default: the size's)", type=int, check=O.min_int(1))
     world_seed: int = O.option(0, "the world: prototypes and evaluation tasks", check=O.a_seed)
@@ -65,7 +67,7 @@ class WorldJob:
         over = {k: v for k, v in dict(steps=self.steps, ckpt_every=self.ckpt_every, threads=self.threads).items()
                 if v is not None}
         cfg = sized(self.size, attention=self.attention, eta=self.eta, learnable_eta=self.learnable_eta,
-                    seed=self.seed, world_seed=self.world_seed, **over)
+                    gate=self.gate, seed=self.seed, world_seed=self.world_seed, **over)
         cfg.check()
         return cfg
 
@@ -83,11 +85,16 @@ class WorldTrainResult(Result):
         return [{**base, "metric": k, "value": float(v)} for k, v in doc["final"].items()]
 
 
-def train_job(job: WorldJob, out, progress: bool = True) -> WorldTrainResult:
-    """Train (or resume) the world model of ``job`` into ``out``."""
+def train_job(job: WorldJob, out, overwrite: bool = False, progress: bool = True) -> WorldTrainResult:
+    """Train (or resume) the world model of ``job`` into ``out``; a folder of another configuration is refused
+    (``overwrite`` is not offered: remove the folder to start over)."""
+    from iclgd.core.errors import IclgdError
     from iclgd.core.runfolder import lock
     from iclgd.engine.world import train
 
+    if overwrite:
+        raise IclgdError("world train resumes a run of the same configuration or refuses the folder; it never "
+                         "overwrites: remove the folder to start over")
     cfg = job.config()
     with lock(Path(out)):
         summary = train(cfg, out, progress=progress, device=job.device)
@@ -222,3 +229,6 @@ def _unit(kind: str):
 UNITS = (UnitKind("world-train", _unit("world-train"), cost=lambda p: 1e9),
          UnitKind("world-compare", _unit("world-compare"), cost=lambda p: 3 * (p.get("n_test") or 200)),
          UnitKind("world-ckpt", _unit("world-ckpt"), cost=lambda p: p.get("n_test") or 200))
+
+
+EXPERIMENTS = (Experiment("world train", WorldJob, train_job, WorldTrainResult, UNITS),)

@@ -265,13 +265,17 @@ def momentum_section(sw: Sweep) -> list[str]:
     if not mom:
         return []
     runs = sw.out / "momentum"
+    variants = mom["config"].get("variants", ["vanilla", "momentum"])
     if runs.is_dir():
-        plot_curves(runs, mom["config"]["seeds"])
-    lines = ["## Momentum attention (small LMs trained here)", "", "| metric | vanilla | momentum | paired diff |",
-             "|---|---|---|---|"]
+        plot_curves(runs, mom["config"]["seeds"], variants)
+    others = variants[1:]
+    lines = ["## Momentum attention (small LMs trained here)", "",
+             "| metric | " + " | ".join(variants) + " | " + " | ".join(f"{v} − vanilla (paired)" for v in others) + " |",
+             "|---|" + "---|" * (len(variants) + len(others))]
     for k, v in mom["summary"].items():
-        d = v["paired_diff_momentum_minus_vanilla"]
-        lines.append(f"| {k} | {v['vanilla'][0]:.4g} | {v['momentum'][0]:.4g} | {d[0]:.4g} [{d[1]:.3g}, {d[2]:.3g}] |")
+        diffs = [v[f"paired_diff_{o}_minus_vanilla"] for o in others]
+        lines.append(f"| {k} | " + " | ".join(f"{v[x][0]:.4g}" for x in variants) + " | "
+                     + " | ".join(f"{d[0]:.4g} [{d[1]:.3g}, {d[2]:.3g}]" for d in diffs) + " |")
     return lines + [""]
 
 

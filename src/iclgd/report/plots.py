@@ -118,17 +118,17 @@ def plot_verify(layer_rows: list[dict], path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(out: Path, seeds: list[int]) -> None:
+def plot_curves(out: Path, seeds: list[int], variants=("vanilla", "momentum")) -> None:
     """Validation perplexity over steps, one line per (variant, seed), from each run's log.csv."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for i, variant in enumerate(("vanilla", "momentum")):
+    for i, variant in enumerate(variants):
         for j, sd in enumerate(seeds):
             rows = [r for r in csv.DictReader(open(out / f"{variant}-s{sd}" / "log.csv")) if r["val_ppl"]]
             ax.plot([int(r["step"]) for r in rows], [float(r["val_ppl"]) for r in rows], "o-", ms=3, color=f"C{i}",
                     alpha=0.8, label=variant if j == 0 else None)
     ax.set_xlabel("step"), ax.set_ylabel("validation perplexity"), ax.set_yscale("log")
-    ax.set_title("vanilla vs momentum attention (one line per seed)", fontsize=9)
+    ax.set_title(f"{' vs '.join(variants)} attention (one line per seed)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     _save(fig, out / "val_curves.png")

@@ -60,6 +60,7 @@ def _compare_row(task: str, agg: dict, results: list[dict]) -> dict:
 def momentum_rows(doc: dict) -> list[dict]:
     """Each metric of an ``iclgd momentum compare`` results.json: vanilla, momentum, their paired difference."""
     f = lambda t: f"{t[0]:.4g} [{t[1]:.4g}, {t[2]:.4g}]"  # noqa: E731
-    return [{"metric": key, "vanilla": f(v["vanilla"]), "momentum": f(v["momentum"]),
-             "momentum - vanilla (paired)": f(v["paired_diff_momentum_minus_vanilla"])}
+    variants = doc["config"].get("variants", ["vanilla", "momentum"])
+    return [{"metric": key, **{x: f(v[x]) for x in variants},
+             **{f"{x} - vanilla (paired)": f(v[f"paired_diff_{x}_minus_vanilla"]) for x in variants[1:]}}
             for key, v in doc["summary"].items()]

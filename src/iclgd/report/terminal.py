@@ -81,6 +81,12 @@ def apply_text(doc: dict) -> str:
 
 def world_text(summary: dict) -> str:
     f, c = summary["final"], summary["config"]
-    return (f"step {c['steps']}: ICL acc {f['icl_acc']:.3f}, ZSL acc {f['zsl_acc']:.3f} (chance "
+    line = (f"step {c['steps']}: ICL acc {f['icl_acc']:.3f}, ZSL acc {f['zsl_acc']:.3f} (chance "
             f"{1 / c['world']['n_labels']:.3f}), eval loss {f['eval_loss']:.4f}, {f['wall_s']:.0f} s on "
             f"{summary.get('device', 'cpu')}")
+    z = summary.get("zsl_null")
+    if z:
+        line += (f"\nZSL on the fixed tasks {z['fixed_mean']:.3f} vs its null over {z['n_assign']} random label "
+                 f"assignments {z['null_mean']:.3f} (SD of a mean over as many tasks {z['null_set_mean_sd']:.3f}; "
+                 f"P(null >= fixed) {z['p_null_set_mean_at_least_fixed']:.2f})")
+    return line
