@@ -208,3 +208,22 @@ def test_zsl_null_of_a_model_that_cannot_know_the_assignments_sits_at_chance():
     assert z["n_assign"] == 64 and len(z["fixed_per_task"]) == cfg.world.n_eval_tasks
     assert abs(z["null_mean"] - 0.25) < 4 * z["null_sd"] / 8  # 4 standard errors of the mean of 64 draws
     assert 0 <= z["p_null_set_mean_at_least_fixed"] <= 1 and z["null_set_mean_sd"] < z["null_sd"]
+
+
+def test_world_compares_on_several_tasks_pair_each_task_with_its_control(tmp_path):
+    """world_tasks=N compares each seed's model on world-0 .. world-(N-1), each beside its untrained control (what
+    the demo preset does with N = 4 on a 4-layer model)."""
+    from iclgd.experiments.sweep import PRESETS, SweepConfig, check_units, reproduce
+    from iclgd.report import write_report
+
+    assert PRESETS["demo"]["world_size"] == "deep" and PRESETS["demo"]["world_tasks"] == 4
+    cfg = SweepConfig(model="world (trained here)", tasks=[], seeds=[1], n_test=16, k=4, untrained=False, dual=False,
+                      synthetic=False, world=True, world_size="tiny", world_momentum=False, world_along=False,
+                      world_tasks=2)
+    r = reproduce(cfg, tmp_path, progress=False)
+    assert r["ran"] == 5  # training, and 2 tasks x (model, control)
+    got = {u.name: json.loads((u / "result.json").read_text()) for u in (tmp_path / "units").iterdir()}
+    assert got["world-compare-s1-world1-untrained"]["task"] == "world-1" and got["world-compare-s1-world0"]["task"] == "world-0"
+    check_units(tmp_path)
+    report = write_report(tmp_path).read_text()
+    assert "over 2 compares" in report and "tasks world-0, world-1" in report

@@ -101,9 +101,11 @@ def train_job(job: WorldJob, out, overwrite: bool = False, progress: bool = True
     return WorldTrainResult({"final.json": summary})
 
 
-def plan_units(size: str, seeds: list[int], k: int, n_test: int, momentum: bool = True, along: bool = True
-               ) -> list[tuple[str, str, dict]]:
-    """Training runs first (every later unit reads a run folder; one that is missing is trained first)."""
+def plan_units(size: str, seeds: list[int], k: int, n_test: int, momentum: bool = True, along: bool = True,
+               tasks: int | None = None) -> list[tuple[str, str, dict]]:
+    """Training runs first (every later unit reads a run folder; one that is missing is trained first).
+    ``tasks``: compare each seed's model on evaluation tasks world-0 .. world-(tasks-1); None: on one task per
+    seed (seed s on world-((s-1) mod n), the layout before 0.2)."""
     from iclgd.engine.world import sized
 
     units = []
@@ -112,9 +114,11 @@ def plan_units(size: str, seeds: list[int], k: int, n_test: int, momentum: bool 
         for v in variants:
             units.append((f"world-train-{v}-s{seed}", "world-train", dict(variant=v, seed=seed, size=size)))
     for seed in seeds:
-        for untrained in (False, True):
-            units.append((f"world-compare-s{seed}" + ("-untrained" if untrained else ""), "world-compare",
-                          dict(size=size, seed=seed, k=k, n_test=n_test, untrained=untrained, lr_search=True)))
+        for t in [None] if tasks is None else range(tasks):
+            for untrained in (False, True):
+                uid = f"world-compare-s{seed}" + ("" if t is None else f"-world{t}") + ("-untrained" if untrained else "")
+                units.append((uid, "world-compare", dict(size=size, seed=seed, k=k, n_test=n_test, untrained=untrained,
+                                                         lr_search=True, **({} if t is None else {"task": t}))))
     if along:
         cfg = sized(size)
         for step in range(0, cfg.steps + 1, cfg.ckpt_every):
@@ -151,11 +155,12 @@ def _task_for(d: Path, seed: int) -> Path:
     return tasks[(seed - 1) % len(tasks)]
 
 
-def _compare(lm, d: Path, seed: int, k: int, n_test: int, lr_search: bool, progress: bool) -> dict:
+def _compare(lm, d: Path, seed: int, k: int, n_test: int, lr_search: bool, progress: bool,
+             task: int | None = None) -> dict:
     from iclgd.core.tasks import load_task, load_task_spec
     from iclgd.experiments.compare import CompareConfig, compare_seed
 
-    spec_file = _task_for(d, seed)
+    spec_file = _task_for(d, seed) if task is None else d / "tasks" / f"world-{task}.json"
     data = load_task(load_task_spec(spec_file), d / "data", n_test)
     # every class in the prompt; the loss the world models were trained with (label positions only)
     cfg = CompareConfig(k=k, lr_search=lr_search, lr=None, balanced=True, ft_loss="label")
@@ -205,7 +210,7 @@ def run_unit(kind: str, p: dict, out: Path, progress: bool) -> dict:
         lm = load_model(str(d / "model"))
         if p["untrained"]:
             reinit_untrained(lm, seed=0)
-        return {**_compare(lm, d, p["seed"], p["k"], p["n_test"], p["lr_search"], progress),
+        return {**_compare(lm, d, p["seed"], p["k"], p["n_test"], p["lr_search"], progress, p.get("task")),
                 "run_dir": str(d.relative_to(out))}
     if kind == "world-ckpt":
         d = ensure_trained(out, p["size"], "vanilla", p["seed"], progress)

@@ -26,10 +26,15 @@ def _md(rows: list[dict]) -> list[str]:
     return out + ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
 
 
+def _pair_key(r: dict) -> tuple:
+    return r["seed"], r.get("_task", "")
+
+
 def compare_rows(units: dict) -> list[dict]:
+    """Trained vs its untrained control, paired by (seed, task); mean [95% CI] over every (seed, task) compare."""
     res = {uid: u for uid, u in units.items() if u["unit"]["kind"] == "world-compare"}
-    tr = [u["result"] for u in res.values() if not u["unit"]["params"]["untrained"]]
-    un = [u["result"] for u in res.values() if u["unit"]["params"]["untrained"]]
+    tr = [{**u["result"], "_task": u.get("task", "")} for u in res.values() if not u["unit"]["params"]["untrained"]]
+    un = [{**u["result"], "_task": u.get("task", "")} for u in res.values() if u["unit"]["params"]["untrained"]]
     rows = []
     for name, label in (("acc_zsl", "ZSL acc"), ("acc_icl", "ICL acc"), ("acc_ft", "FT acc"), ("rec2ftp", "Rec2FTP"),
                         ("simaou", "SimAOU"), ("simaou_random_uniform", "SimAOU random"), ("simam_ft", "SimAM (ICL, FT)"),
@@ -38,8 +43,7 @@ def compare_rows(units: dict) -> list[dict]:
         rows.append({"metric": label, "trained": _cell([scalar(r, name) for r in tr]),
                      "untrained control": _cell([scalar(r, name) for r in un]),
                      "trained − untrained (paired)": _cell([scalar(a, name) - scalar(b, name) for a, b in
-                                                           zip(sorted(tr, key=lambda r: r["seed"]),
-                                                               sorted(un, key=lambda r: r["seed"]))])})
+                                                           zip(sorted(tr, key=_pair_key), sorted(un, key=_pair_key))])})
     return rows
 
 
@@ -174,13 +178,20 @@ def report_lines(units: dict, plots: Path) -> list[str]:
     if any(u["unit"]["kind"] == "world-compare" for u in units.values()):
         cmp = [u for u in units.values() if u["unit"]["kind"] == "world-compare" and not u["unit"]["params"]["untrained"]]
         r0 = cmp[0]["result"] if cmp else None
+        per_task = any("task" in u["unit"]["params"] for u in cmp)
+        where = ("tasks " + ", ".join(sorted({u.get("task", "?") for u in cmp})) if per_task
+                 else "seed s: task world-((s−1) mod 4)")
+        seeds = sorted({u["result"]["seed"] for u in cmp})
         lines += ["### 1. ICL vs finetuning where ICL works", "",
-                  f"`iclgd compare` on each seed's vanilla model (seed s: task world-((s−1) mod 4), k={r0['k_true'] if r0 else '?'}, "
-                  f"n={r0['n'] if r0 else '?'}, K/V FT with `--lr-search`); mean [95% bootstrap CI] over "
-                  f"{len(cmp)} seeds. Untrained: the same model with attention and MLP weights re-initialised.", ""]
+                  f"`iclgd compare` on each seed's vanilla model ({where}; k={r0['k_true'] if r0 else '?'}, "
+                  f"n={r0['n'] if r0 else '?'}, K/V FT on the label tokens, lr of lowest held-out loss); mean [95% "
+                  f"bootstrap CI] over {len(cmp)} compares (seeds {seeds}). Untrained: the same model with attention "
+                  "and MLP weights re-initialised (at chance on fresh assignments; on one fixed task its label "
+                  "preferences can land above or below chance).", ""]
         lines += _md(compare_rows(units)) + [""]
-        lines += ["FT learning rates chosen: " + ", ".join(f"s{u['result']['seed']} {u['result']['lr']:g}" for u in
-                                                         sorted(cmp, key=lambda u: u['result']['seed'])), ""]
+        lines += ["FT learning rates chosen: " + ", ".join(
+            f"s{u['result']['seed']}{' ' + u['task'] if per_task else ''} {u['result']['lr']:g}"
+            for u in sorted(cmp, key=lambda u: (u['result']['seed'], u.get('task', '')))), ""]
     rows = ckpt_rows(units)
     if rows:
         plot_along(rows, plots / "world_metrics_along_training.png")
