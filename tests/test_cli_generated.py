@@ -111,3 +111,27 @@ def test_every_experiment_declares_one_protocol():
     assert set(kinds) == {"compare", "zsl", "icl", "dual", "synthetic", "momentum", "world-train", "world-compare",
                           "world-ckpt"}
     assert all(callable(k.run) and k.cost({}) >= 0 for k in kinds.values())
+
+
+def test_a_bug_is_one_line_with_the_traceback_in_a_log(tmp_path, monkeypatch):
+    """The top-level handler (issue 24): an unexpected exception is one error line saying it is a bug and where the
+    full traceback went, exit status 1; never a traceback (nor a second one) on screen."""
+    from iclgd.experiments import protocol
+
+    exp = experiments()["eval"]
+
+    def boom(*a, **k):
+        raise RuntimeError("something internal broke")
+
+    from iclgd import cli
+
+    monkeypatch.setitem(cli.EXP, "eval", protocol.Experiment(exp.name, exp.config, boom, exp.result, exp.units))
+    monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["eval", "--model", "tiny-random-llama", "--n-test", "2"])
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "Traceback" not in res.output
+    assert "RuntimeError: something internal broke" in lines[0] and "this is a bug in iclgd" in lines[0]
+    logs = list((tmp_path / "cache" / "logs").glob("iclgd-bug-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in lines[0]
+    text = logs[0].read_text()
+    assert "Traceback" in text and "RuntimeError: something internal broke" in text

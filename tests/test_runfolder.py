@@ -103,3 +103,32 @@ def test_a_failed_first_run_leaves_no_folder(tmp_path):
     res = CliRunner().invoke(app, ["eval", "--model", "tiny-random-llama", "--task", "imdb",
                                    "--out", str(tmp_path / "new" / "deeper")])
     assert res.exit_code == 2 and not (tmp_path / "new").exists()
+
+
+def test_lock_files_are_removed_when_the_run_ends_and_waiters_still_exclude(tmp_path):
+    """Lock files do not outlive their run (issue 28), and removing them keeps mutual exclusion: a waiter that
+    opened the old file retries on the new one, so two holders never overlap."""
+    import threading
+    import time
+
+    from iclgd.core.runfolder import lock
+
+    with lock(tmp_path):
+        assert (tmp_path / ".iclgd-writer.lock").is_file()
+    assert not list(tmp_path.glob(".iclgd-*.lock"))
+    inside, overlaps = [], []
+
+    def worker():
+        with lock(tmp_path, "sweep", wait=True):
+            inside.append(1)
+            if len(inside) > 1:
+                overlaps.append(1)
+            time.sleep(0.02)
+            inside.pop()
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps and not list(tmp_path.glob(".iclgd-*.lock"))

@@ -110,3 +110,32 @@ def test_momentum_compare_study_tiny(tmp_path, small_corpus):
     assert again["runs"] == doc["runs"]
     with pytest.raises(IclgdError, match="exceed the model's context"):
         run(MomentumConfig(small_corpus, [1], 0.9, size="tiny", lengths=(128,)), tmp_path, progress=False)
+
+
+def test_the_one_training_loop_applies_the_schedule_and_resumes_on_it():
+    """engine.train.fit (issue 23): pretraining and world training share it; each step runs at lr_at(cfg, step),
+    from step 0 or resumed from any step, and after_step sees every step once."""
+    import types
+
+    import torch
+
+    from iclgd.engine import train as T
+    from iclgd.engine import world as W
+
+    assert W.train.__code__.co_names.count("fit") and T.pretrain.__code__.co_names.count("fit")
+    cfg = types.SimpleNamespace(lr=0.1, min_lr=0.01, warmup=3, steps=12, grad_clip=1.0)
+    for start in (0, 5):
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=123.0)  # a restored optimizer's stale rate is replaced
+        seen, rates = [], []
+
+        def loss_at(step):
+            rates.append(opt.param_groups[0]["lr"])
+            return model(torch.ones(1, 2)).pow(2).sum()
+
+        loss, stopped = T.fit(model, opt, cfg, start, loss_at, lambda step, loss: seen.append(step), "t", False)
+        assert stopped is None and seen == list(range(start, cfg.steps))
+        assert rates == pytest.approx([T.lr_at(cfg, s) for s in range(start, cfg.steps)], rel=1e-12)
+    _, stopped = T.fit(torch.nn.Linear(2, 1), torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1), cfg, 0,
+                       lambda s: torch.zeros((), requires_grad=True), lambda s, l: None, "t", False, stop_after=4)
+    assert stopped == 4

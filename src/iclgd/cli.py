@@ -131,7 +131,9 @@ OVERWRITE_HELP = "replace the results of an earlier run in --out"
 
 
 def user_errors(fn):
-    """Turn IclgdError into ``error: <message>`` on stderr and exit status 2, without a traceback."""
+    """The one top-level handler of every command: an IclgdError (a user's input) is ``error: <message>`` and exit
+    status 2; any other exception is a bug: one ``error:`` line naming it, saying so and giving the path of the
+    full traceback, which goes to a log file (:func:`bug_log`), and exit status 1. Never a traceback on screen."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -141,10 +143,43 @@ def user_errors(fn):
         except IclgdError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted (results written so far are complete; rerun the command to resume)",
+                       err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, reported as one
+            path = bug_log()
+            msg = " ".join(str(e).split())[:300]
+            typer.echo(f"error: {type(e).__name__}{': ' + msg if msg else ''} — this is a bug in iclgd, please report "
+                       f"it (full traceback: {path})", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
 
+def bug_log() -> str:
+    """Write the current exception's traceback, with the command line and versions, to
+    ``$ICLGD_CACHE/logs/`` (default ``~/.cache/iclgd/logs``; the temporary folder if that is not writable)."""
+    import tempfile
+    import time
+    import traceback
+
+    from iclgd import __version__
+
+    text = (f"iclgd {__version__}, python {sys.version.split()[0]}, argv {sys.argv}\n\n"
+            + traceback.format_exc())
+    name = f"iclgd-bug-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (Path(os.environ.get("ICLGD_CACHE") or Path.home() / ".cache" / "iclgd") / "logs",
+                   Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(no writable folder for the log)"
 
 
 # ----------------------------------------------------------------------------- commands generated from configs

@@ -18,9 +18,28 @@ from iclgd.core.errors import IclgdError
 from iclgd.core.io import ensure_dir
 
 
+def _locked_file(path: Path, wait: bool):
+    """Open and flock ``path``; None when another process holds it (and not ``wait``). A holder removes the file
+    when it is done, so the lock taken is checked to be on the file that is still at ``path`` (else retried)."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return f, False
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return f, True
+        f.close()  # the holder removed it between our open and our lock: take the new one
+
+
 @contextmanager
 def lock(folder: Path, name: str = "writer", wait: bool = False) -> Iterator[None]:
-    """Hold ``folder/.iclgd-<name>.lock`` for the block; a second holder is refused (or waits, ``wait``)."""
+    """Hold ``folder/.iclgd-<name>.lock`` for the block; a second holder is refused (or waits, ``wait``). The lock
+    file is removed when the block ends (a killed process leaves it, unlocked: the kernel releases the lock)."""
     top = None  # the outermost folder this call creates
     for p in [Path(folder), *Path(folder).parents]:
         if p.exists():
@@ -28,12 +47,10 @@ def lock(folder: Path, name: str = "writer", wait: bool = False) -> Iterator[Non
         top = p
     folder = ensure_dir(folder)
     path = folder / f".iclgd-{name}.lock"
-    f = open(path, "a+")
+    f, ok_lock = _locked_file(path, wait)
     ok = False
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        if not ok_lock:
             f.seek(0)
             pid = f.read().strip() or "?"
             raise IclgdError(f"{folder}: another iclgd process (pid {pid}) is writing to this folder ({path.name}); "
@@ -45,8 +62,12 @@ def lock(folder: Path, name: str = "writer", wait: bool = False) -> Iterator[Non
         yield
         ok = True
     finally:
-        if not ok and top is not None and os.listdir(folder) == [path.name]:  # a failed first run leaves no folder
-            path.unlink()
+        if ok_lock:
+            try:
+                path.unlink()  # while still holding it: a waiter that opened it retries on a fresh file
+            except FileNotFoundError:
+                pass
+        if not ok and top is not None and not os.listdir(folder):  # a failed first run leaves no folder
             for p in [folder, *folder.parents]:
                 p.rmdir()
                 if p == top:

@@ -283,14 +283,11 @@ def optimizer(model, cfg) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _train_step(model, opt, cfg: TrainConfig, train_ids: torch.Tensor, step: int, block: int) -> float:
-    """One AdamW step on the batch of ``step`` at the scheduled learning rate; the batch's loss."""
-    for g in opt.param_groups:
-        g["lr"] = lr_at(cfg, step)
+def lm_batch_loss(model, cfg: TrainConfig, train_ids: torch.Tensor, step: int, block: int) -> torch.Tensor:
+    """The next-token loss on the batch of ``step`` (a function of the seed and the step: resumable)."""
     xy = batch_at(train_ids, step, cfg.seed, cfg.batch_size, block)
     logits = model(input_ids=xy[:, :-1]).logits  # logits at t predict token t+1 = xy[:, 1:]
-    loss_t = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
-    return descend(model, opt, loss_t, cfg.grad_clip, step, "training")
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
 
 
 def descend(model, opt, loss_t: torch.Tensor, grad_clip: float, step: int, what: str) -> float:
@@ -302,6 +299,37 @@ def descend(model, opt, loss_t: torch.Tensor, grad_clip: float, step: int, what:
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     return loss_t.item()
+
+
+def fit(model, opt, cfg, start: int, loss_at, after_step, desc: str, progress: bool = True,
+        stop_after: int | None = None, what: str = "training") -> tuple[float, int | None]:
+    """The one training loop, of LM pretraining (:func:`pretrain`) and of world models
+    (:func:`iclgd.engine.world.train`): from step ``start`` to ``cfg.steps``, the scheduled learning rate (linear
+    warm-up, then cosine to ``cfg.min_lr``: :func:`lr_at`, as a torch ``LambdaLR``), the step's loss
+    (``loss_at(step)``), one clipped optimizer step (:func:`descend`), then ``after_step(step, loss)`` (the
+    caller's logging, evaluation and checkpoints; a dict it returns goes to the progress bar).
+
+    Returns (the last loss, the step it stopped at when ``stop_after`` steps of this call ended it early, else
+    None). Resuming is the caller's checkpoint (:func:`load_checkpoint`) and ``start``: the schedule is a function
+    of the step, so a resumed run takes the same rates as an uninterrupted one."""
+    from tqdm.auto import tqdm
+
+    for g in opt.param_groups:  # the schedule's base rate (a restored optimizer carries its last rate)
+        g["lr"] = g["initial_lr"] = cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(cfg, start + i) / cfg.lr)
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, initial=start, total=cfg.steps)
+    loss = float("nan")
+    for done, step in enumerate(bar, 1):
+        loss = descend(model, opt, loss_at(step), cfg.grad_clip, step, what)
+        sched.step()
+        post = after_step(step, loss)
+        if post:
+            bar.set_postfix(**post)
+        if stop_after is not None and done >= stop_after and step + 1 < cfg.steps:
+            bar.close()
+            return loss, step + 1
+    bar.close()
+    return loss, None
 
 
 RUN_FILES = ("ckpt", ".ckpt.old", "tokenizer.json", "log.csv", "config.json", "final.json")
@@ -350,8 +378,6 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     ``stop_after`` ends the run early after that many steps of this call (to test interruption).
     A ``tokenizer`` trained elsewhere (same corpus) can be shared between runs.
     """
-    from tqdm.auto import tqdm
-
     from iclgd.core.io import atomic_write_json, ensure_dir
     from iclgd.core.models import run_versions
 
@@ -376,25 +402,24 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
         with open(log_path) as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
     atomic_write_json(out / "config.json", asdict(cfg))
-    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.attention} seed {cfg.seed}", disable=not progress,
-               initial=start, total=cfg.steps)
-    loss = float("nan")
-    for done_here, step in enumerate(bar, 1):
-        loss = _train_step(model, opt, cfg, train_ids, step, s.block_size)
+    def after_step(step: int, loss: float) -> dict | None:
         row = {"step": step + 1, "lr": f"{lr_at(cfg, step):.6g}", "train_loss": f"{loss:.6f}", "val_loss": "",
                "val_ppl": ""}
+        post = None
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             ppl = perplexity(model, val_ids, s.block_size, cfg.eval_tokens)
             row.update(val_loss=f"{math.log(ppl):.6f}", val_ppl=f"{ppl:.4f}")
-            bar.set_postfix(val_ppl=f"{ppl:.2f}")
+            post = {"val_ppl": f"{ppl:.2f}"}
         rows.append(row)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out, model, opt, {"step": step + 1})
             _write_log(log_path, rows)
-        if stop_after is not None and done_here >= stop_after and step + 1 < cfg.steps:
-            bar.close()
-            return {"stopped_at": step + 1}
-    bar.close()
+        return post
+
+    loss, stopped = fit(model, opt, cfg, start, lambda step: lm_batch_loss(model, cfg, train_ids, step, s.block_size),
+                        after_step, f"{cfg.attention} seed {cfg.seed}", progress, stop_after)
+    if stopped is not None:
+        return {"stopped_at": stopped}
     _write_log(log_path, rows)
     summary = {"kind": "iclgd.pretrain", "config": asdict(cfg), "final_train_loss": loss,
                "n_params": sum(p.numel() for p in model.parameters()), "train_tokens": len(train_ids),

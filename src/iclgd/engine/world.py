@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -349,13 +348,6 @@ def save_hf(lm, folder: Path) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def lr_at(cfg: WorldTrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
-
-
 def batch_at(world: World, step: int, seed: int, batch_size: int, copy: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of a step, a pure function of (seed, step): runs are reproducible and resumable."""
@@ -468,11 +460,9 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     ``stop_after`` ends this call after that many steps (to test resumption). The task files are written
     too, so ``out`` is a complete world: model/, tasks/, data/.
     """
-    from tqdm.auto import tqdm
-
     from iclgd.core.io import atomic_write_json, ensure_dir
     from iclgd.core.models import resolve_device, run_versions
-    from iclgd.engine.train import descend, load_checkpoint, optimizer, save_checkpoint
+    from iclgd.engine.train import fit, load_checkpoint, lr_at, optimizer, save_checkpoint
 
     cfg.check()
     device = resolve_device(device)
@@ -498,23 +488,21 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
         rows = [{"step": 0, "wall_s": 0.0, "lr": 0.0, "train_loss": "", "eval_loss": f"{ev['eval_loss']:.5f}",
                  "icl_acc": f"{ev['icl_acc']:.4f}", "zsl_acc": f"{ev['zsl_acc']:.4f}"}]
         save_hf(lm, out / "checkpoints" / "step-000000")
-    bar = tqdm(range(start, cfg.steps), desc=f"world {cfg.attention} seed {cfg.seed}", disable=not progress,
-               initial=start, total=cfg.steps)
     t0 = time.perf_counter() - wall0  # wall time counts training and evaluation, not checkpoint writing
-    done, loss = 0, float("nan")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+
+    def loss_at(step: int) -> torch.Tensor:
         seq, mask = batch_at(world, step, cfg.seed, cfg.batch_size, is_copy_step(cfg, step))  # (B, T), (B, T)
-        seq, mask = seq.to(device), mask.to(device)
-        loss = descend(model, opt, masked_loss(model, seq, mask), cfg.grad_clip, step, "world training")
-        done += 1
+        return masked_loss(model, seq.to(device), mask.to(device))
+
+    def after_step(step: int, loss: float) -> dict | None:
+        nonlocal t0
+        post = None
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             ev = evaluate_proxy(lm, world, cfg.eval_n)
             rows.append({"step": step + 1, "wall_s": round(time.perf_counter() - t0, 2), "lr": f"{lr_at(cfg, step):.6g}",
                          "train_loss": f"{loss:.5f}", "eval_loss": f"{ev['eval_loss']:.5f}",
                          "icl_acc": f"{ev['icl_acc']:.4f}", "zsl_acc": f"{ev['zsl_acc']:.4f}"})
-            bar.set_postfix(icl=f"{ev['icl_acc']:.3f}", zsl=f"{ev['zsl_acc']:.3f}", loss=f"{loss:.3f}")
+            post = {"icl": f"{ev['icl_acc']:.3f}", "zsl": f"{ev['zsl_acc']:.3f}", "loss": f"{loss:.3f}"}
             _write_log(out / "log.csv", rows)  # rows past the last checkpoint are dropped on resume
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             t_pause = time.perf_counter()
@@ -522,10 +510,12 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
             save_checkpoint(out, model, opt, {"step": step + 1, "wall_s": t_pause - t0})
             _write_log(out / "log.csv", rows)
             t0 += time.perf_counter() - t_pause
-        if stop_after is not None and done >= stop_after and step + 1 < cfg.steps:
-            bar.close()
-            return {"stopped_at": step + 1}
-    bar.close()
+        return post
+
+    _, stopped = fit(model, opt, cfg, start, loss_at, after_step, f"world {cfg.attention} seed {cfg.seed}", progress,
+                     stop_after, "world training")
+    if stopped is not None:
+        return {"stopped_at": stopped}
     _write_log(out / "log.csv", rows)
     save_hf(lm, out / "model")
     last = rows[-1]
