@@ -28,6 +28,13 @@ def _spec(tmp: Path, fname: str, data_dir: Path, **changes) -> str:
 _DROP = object()
 
 
+def _same(tmp: Path) -> str:
+    """One small data file used as both splits of a spec."""
+    p = tmp / "same.jsonl"
+    p.write_text('{"text": "fine", "label": 0}\n{"text": "great", "label": 1}\n')
+    return str(p)
+
+
 def _data(tmp: Path, name: str, dev: bytes) -> str:
     d = tmp / "data" / name / "sst2"
     d.mkdir(parents=True)
@@ -222,6 +229,7 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
         ("template without a placeholder", sp("noph", template="Review: Sentiment:", fields=_DROP)),
         ("positional placeholder", sp("positional", template="Review: {0} Sentiment:", fields=_DROP)),
         ("duplicate label words", sp("dup", label_words=["good", "bad", "good"])),
+        ("demonstration file is the evaluation file", sp("demoiseval", demo_file=_same(tmp), eval_file=_same(tmp))),
         ("label_words a string", sp("str", label_words="good,bad")),
         ("one label word", sp("one", label_words=["good"])),
         ("name not a string", sp("num", name=7)),

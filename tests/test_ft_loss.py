@@ -89,3 +89,33 @@ def test_untrained_control_reinit_all_also_resets_the_embeddings():
     with pytest.raises(Exception, match="--untrained-reinit"):
         reinit_untrained(a, what="some")
     assert CompareConfig(untrained_reinit="all").untrained_reinit == "all"
+
+
+def test_silent_wrong_results_are_refused_label_ties_unknown_words_and_demos_from_the_eval_file(tmp_path, data_dir):
+    """Issue 24 (silent wrong results): label words with the same token ids would always tie (label 0 wins),
+    one mapped to the unknown token says nothing, and a demonstration file that is the evaluation file puts test
+    examples with their labels into their own prompts. Each is one line naming the task."""
+    import dataclasses
+    import json
+
+    from iclgd.core.errors import IclgdError
+    from iclgd.core.tasks import load_task, load_task_spec
+    from iclgd.engine.world import World, sized
+
+    lm = build_tiny("tiny-random-llama")
+    data = load_task(resolve_task("sst2"), data_dir, 2)
+    same = dataclasses.replace(data.spec, label_words=["good", "good"])
+    with pytest.raises(IclgdError, match="'good' and 'good' have the same token ids"):
+        build_prompts(lm, same, [], data.eval_rows)
+    w = World(sized("tiny").world)
+    world_lm = type(lm)(lm.name, lm.model, w.tokenizer(), lm.layout, "test")
+    unknown = dataclasses.replace(data.spec, template="{sentence}", label_words=["L0", "positively"])
+    with pytest.raises(IclgdError, match="'positively' maps to the unknown token"):
+        build_prompts(world_lm, unknown, [], [{"text": "w001", "label": 0}])
+    spec = json.loads(json.dumps({"name": "mine", "template": "Review: {sentence} Sentiment:",
+                                  "label_words": ["bad", "good"], "fields": {"sentence": "text"},
+                                  "demo_file": str(data_dir / "sst2" / "dev.jsonl"),
+                                  "eval_file": str(data_dir / "sst2" / "dev.jsonl")}))
+    (tmp_path / "mine.json").write_text(json.dumps(spec))
+    with pytest.raises(IclgdError, match="its demonstration file is its evaluation file"):
+        load_task(load_task_spec(tmp_path / "mine.json"), None, 2)

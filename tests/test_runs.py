@@ -42,10 +42,12 @@ def test_prediction_rule_is_mean_label_logprob(tiny):
 
 def test_single_token_options_take_one_row(tmp_path, tiny):
     """Options of one token are scored from the last query position; same numbers as one row each."""
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(8)))
+    for name in ("d", "e"):  # demonstrations and test examples from two files (one file is refused)
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} item {i}", "label": i % 2}) + "\n"
+                                                         for i in range(8)))
     (tmp_path / "s.json").write_text(json.dumps({"name": "ab", "template": "{text} ->", "label_words": ["a", "b"],
                                                  "answer_format": "{label}", "demo_file": "d.jsonl",
-                                                 "eval_file": "d.jsonl"}))
+                                                 "eval_file": "e.jsonl"}))
     spec = load_task_spec(tmp_path / "s.json")
     data = load_task(spec, None)
     lm = tiny("tiny-random-llama")

@@ -366,6 +366,10 @@ def load_task(spec: TaskSpec, data_dir: Path | None, n_test: int | None = None) 
             raise
         pool = [ev.rows[i] for i in order[spec.eval_cap:]]
         deviations.append(spec.demo_fallback)
+        demo = None
+    if demo is not None and demo.source == ev.source:  # test examples, with their labels, in their own prompts
+        raise IclgdError(f"task {spec.name}: its demonstration file is its evaluation file ({ev.source}); give "
+                         "demo_file and eval_file two different files")
     chosen = order[: spec.eval_cap]
     if n_test is not None:
         if n_test < 1:

@@ -61,6 +61,7 @@ def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows:
     max_len = min(max_len or lm.max_positions, lm.max_positions)
     query_ids = [_ids(tok, spec.format_input(r)) for r in eval_rows]
     option_ids = [_ids(tok, spec.format_answer(c)) for c in range(len(spec.label_words))]
+    check_options(tok, spec, option_ids)
     sep_ids = _ids(tok, separator) if separator else []
     tail = max(map(len, query_ids)) + max(map(len, option_ids))
     start = 0 if lm.bos_id is None else 1
@@ -78,6 +79,24 @@ def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows:
         label_lens.append(label_tokens(tok, spec, d, ids))
     return Prompts(prefix, spans, query_ids, option_ids, [r["label"] for r in eval_rows], used, len(demos),
                    label_lens)
+
+
+def check_options(tok, spec: TaskSpec, option_ids: list[list[int]]) -> None:
+    """Label words the model can tell apart: none empty, none mapped to the unknown token, no two with the same
+    token ids (they would always tie, and argmax would always pick the first)."""
+    unk = getattr(tok, "unk_token_id", None)
+    seen: dict[tuple, int] = {}
+    for c, ids in enumerate(option_ids):
+        word = spec.label_words[c]
+        if not ids:
+            raise IclgdError(f"task {spec.name}: label word {word!r} tokenizes to nothing with this model's tokenizer")
+        if unk is not None and unk in ids:
+            raise IclgdError(f"task {spec.name}: label word {word!r} maps to the unknown token of this model's "
+                             "tokenizer; choose label words in its vocabulary")
+        if tuple(ids) in seen:
+            raise IclgdError(f"task {spec.name}: label words {spec.label_words[seen[tuple(ids)]]!r} and {word!r} have "
+                             f"the same token ids {ids} for this model's tokenizer; every prediction would tie")
+        seen[tuple(ids)] = c
 
 
 def label_tokens(tok, spec: TaskSpec, row: dict, ids: list[int]) -> int:
