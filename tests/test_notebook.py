@@ -1,10 +1,8 @@
 """examples/quickstart.ipynb runs headless, top to bottom, on its tiny model (the default), offline."""
 
-import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"

@@ -46,8 +46,10 @@ _LAZY = {**{name: "iclgd.api" for name in _API}, "IclgdError": "iclgd.core.error
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from iclgd import hooks, metrics
-    from iclgd.api import (CompareResult, EvalResult, LoadedModel, VerifyResult, compare, dual_verify, evaluate,
-                           load_model)
+    from iclgd.api import (ApplyResult, CompareResult, EvalResult, LoadedModel, MomentumResult, PretrainResult,
+                           SyntheticResult, UpdatesResult, VerifyResult, WorldTrainResult, compare, compare_updates,
+                           dual_verify, evaluate, load_model, momentum_apply, momentum_compare, pretrain, reproduce,
+                           synthetic, world_train)
     from iclgd.core.errors import IclgdError
     from iclgd.core.tasks import TaskSpec as Task
 

@@ -232,24 +232,21 @@ def _typer_option(f, m):
 
 
 def _build(cls, values: dict, renamed: dict):
-    """An instance of config ``cls`` from the parsed CLI values (nested configs first); an option given under its
-    old name replaces the new one (both at once: a one-line error)."""
-    import dataclasses
+    """An instance of config ``cls`` from the parsed CLI values (built as from Python, by
+    :func:`iclgd.experiments.protocol.make`); an option given under its old name replaces the new one (both at
+    once: a one-line error)."""
+    from iclgd.experiments.protocol import make
 
-    kw = {}
-    for f in dataclasses.fields(cls):
-        m = check.meta(f)
-        if m.get("nested"):
-            kw[f.name] = _build(f.default_factory, values, renamed)
-        elif m.get("cli"):
-            v = values[f.name]
-            if m["old"] is not None and values.get(f.name + "__old") is not None:
-                if v != _text(_default_of(f)):
-                    raise IclgdError(f"{m['old']} is the old name of {check.flag_of(f)}: give one of them")
-                v = values[f.name + "__old"]
-                renamed[check.flag_of(f)] = m["old"]
-            kw[f.name] = v
-    return cls(**kw)
+    flat = {}
+    for pname, f, m in _flat(cls):
+        v = values[pname]
+        if m["old"] is not None and values.get(pname + "__old") is not None:
+            if v != _text(_default_of(f)):
+                raise IclgdError(f"{m['old']} is the old name of {check.flag_of(f)}: give one of them")
+            v = values[pname + "__old"]
+            renamed[check.flag_of(f)] = m["old"]
+        flat[pname] = v
+    return make(cls, cls.__name__, **flat)
 
 
 def command(group, name: str, config_cls=None, **extra):

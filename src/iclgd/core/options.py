@@ -274,9 +274,10 @@ def a_batch_size(flag: str, value) -> None:
         raise IclgdError(f"{flag} {value!r}: expected 'auto' or a positive integer")
 
 
-def open_interval(flag: str, value) -> None:
-    if not (isinstance(value, (int, float)) and 0 < value < 1):
-        raise IclgdError(f"{flag} {value}: expected a value strictly between 0 and 1")
+def momentum_eta(flag: str, value) -> None:
+    """A momentum coefficient η: strictly between 0 and 1."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1):
+        raise IclgdError(f"{flag} {value}: expected a momentum coefficient strictly between 0 and 1")
 
 
 # ----------------------------------------------------------------------------- the options several commands share
@@ -348,4 +349,25 @@ def balanced_field():
 
 
 def eta_field(default: float = 0.9, help: str = "momentum coefficient, strictly between 0 and 1"):
-    return option(default, help, check=open_interval)
+    return option(default, help, check=momentum_eta)
+
+
+ATTENTIONS = ("vanilla", "momentum", "ema")  # momentum: Eq. (9); ema: the authors' code variant (engine.momentum)
+
+
+def attention_field():
+    return option("vanilla", "vanilla, momentum (Eq. 9) or ema (the authors' code variant: a learnable 8-component EMA "
+                             "over the values)", choices=ATTENTIONS)
+
+
+def learnable_eta_field():
+    return option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
+
+
+def gate_field():
+    return option(False, "multiply Eq. 9's EMA by a learnable per-head gate initialised at 0")
+
+
+def gate_needs_eq9(attention: str, gate: bool) -> None:
+    if gate and attention != "momentum":
+        raise IclgdError("--gate applies to --attention momentum (Eq. 9) only")

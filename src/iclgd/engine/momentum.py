@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from iclgd.core import options
 from iclgd.core.errors import IclgdError
 from iclgd.core import models as _models
 from iclgd.core.models import momentum_families, repeat_kv
@@ -144,8 +145,7 @@ def _register() -> None:
 
 
 def check_eta(eta: float) -> float:
-    if not (isinstance(eta, (int, float)) and 0.0 < eta < 1.0):
-        raise IclgdError(f"--eta {eta}: expected a momentum coefficient strictly between 0 and 1")
+    options.momentum_eta("--eta", eta)
     return float(eta)
 
 

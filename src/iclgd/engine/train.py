@@ -127,12 +127,11 @@ class TrainConfig:
 
     corpus: str = O.option("tinyshakespeare", "tinyshakespeare, austen, kjv, a text file, or hf:DATASET",
                            check=O.no_nul)
-    attention: str = O.option("vanilla", "vanilla, momentum (Eq. 9) or ema (the authors' code variant: a learnable "
-                                         "8-component EMA over the values)", choices=("vanilla", "momentum", "ema"))
+    attention: str = O.attention_field()
     eta: float = O.eta_field(help="momentum coefficient strictly between 0 and 1 (fixed, or the initial value with "
                                   "--learnable-eta)")
-    learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
-    gate: bool = O.option(False, "multiply Eq. 9's EMA by a learnable per-head gate initialised at 0")
+    learnable_eta: bool = O.learnable_eta_field()
+    gate: bool = O.gate_field()
     size: str = O.option("small", "model size", choices=tuple(SIZES), old="--config")
     seed: int = O.option(1, "seed of the initialization and the data order", check=O.a_seed)
     steps: int = O.option(150, "optimizer steps (>= 1)", check=O.min_int(1))  # small: ≈ one epoch, ~5 min
@@ -148,8 +147,7 @@ class TrainConfig:
 
     def __post_init__(self):
         O.validate(self)
-        if self.gate and self.attention != "momentum":
-            raise IclgdError("--gate applies to --attention momentum (Eq. 9) only")
+        O.gate_needs_eq9(self.attention, self.gate)
 
     def check(self) -> None:
         """Validated on construction; kept for callers that re-check after changing a field."""

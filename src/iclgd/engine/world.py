@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from iclgd.core.errors import IclgdError
+from iclgd.core.options import ATTENTIONS, gate_needs_eq9  # vanilla, Eq. 9 momentum, the authors' EMA
 
 SPECIALS = ["<bos>", "<eos>", "<pad>", "<unk>"]
 BOS = 0
@@ -96,7 +97,6 @@ class ModelConfig:
     attention_bias: bool = False  # biases on q/k/v/o: a content-free positional pattern (previous token) is easy
 
 
-ATTENTIONS = ("vanilla", "momentum", "ema")  # momentum: Eq. (9); ema: the authors' code variant (engine.momentum)
 
 
 @dataclass
@@ -126,8 +126,7 @@ class WorldTrainConfig:
         self.world.check()
         if self.attention not in ATTENTIONS:
             raise IclgdError(f"--attention {self.attention!r}: expected one of {', '.join(ATTENTIONS)}")
-        if self.gate and self.attention != "momentum":
-            raise IclgdError("--gate applies to --attention momentum (Eq. 9) only")
+        gate_needs_eq9(self.attention, self.gate)
         if self.attention == "momentum":
             from iclgd.engine.momentum import check_eta
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from iclgd.engine import dual
 from iclgd.engine.capture import Observer
 from iclgd.engine.finetune import REINIT, FTRecord, Snapshot, finetune, reinit_untrained
 from iclgd.engine.scoring import Prompts, build_prompts, resolve_batch_size, score_options
-from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows
+from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows, writing
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
 # rates (GiilDe/ft-vs-icl configs for the 1.3B model, probably Dai et al. App. B) in their JSON files; they
@@ -166,9 +166,9 @@ def _choose_lr(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, d
             loss, acc = _heldout(lp, labels)
             changed = int((lp.argmax(1) != before.argmax(1)).sum())
         except IclgdError:  # diverged (NaN loss) at this rate
-            loss, acc, changed = float("nan"), float("nan"), None
+            loss = float("nan")
         snap.restore()
-        if not np.isfinite(loss):
+        if not np.isfinite(loss):  # diverged, or finite steps to a model whose held-out loss is not
             loss, acc, changed = float("nan"), float("nan"), None
         grid.append({"lr": lr, "holdout_loss": loss, "holdout_acc": acc, "changed_predictions": changed})
     finite = [g for g in grid if g["holdout_loss"] == g["holdout_loss"]]
@@ -556,14 +556,8 @@ def run_in(job: CompareJob, out=None, overwrite: bool = False, progress: bool = 
            each=None) -> CompareResult:
     """:func:`run`, each task written to ``out`` as it finishes (an earlier run's results are refused unless
     ``overwrite``); ``each(path)`` is called on every results.json written (the CLI draws its plots)."""
-    from contextlib import nullcontext
-
-    from iclgd.core.runfolder import lock, refuse_existing
-
-    if out is not None:
-        refuse_existing([Path(out) / "results.json"], overwrite)
     tasks = []
-    with lock(Path(out)) if out is not None else nullcontext():
+    with writing(out, ["results.json"], overwrite):
         for r in run(job, progress=progress):
             tasks.append(r)
             if out is not None:

@@ -13,12 +13,11 @@ import torch
 
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, ensure_dir
 from iclgd.core.models import LoadedModel, as_loaded, load_model, model_name, run_versions
 from iclgd.core.tasks import load_task, resolve_data_dir, resolve_task, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.scoring import build_prompts
-from iclgd.experiments.protocol import Experiment, Result, UnitKind
+from iclgd.experiments.protocol import Experiment, Result, UnitKind, writing
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 
@@ -122,12 +121,6 @@ def verify(cfg: VerifyConfig) -> dict:
             "per_layer": v["per_layer"], "rows": v["rows"], "timing": {"wall_s": round(time.time() - t0, 2)}}
 
 
-def write_verify(result: dict, out) -> Path:
-    path = ensure_dir(out) / "dual_verify.json"
-    atomic_write_json(path, result)
-    return path
-
-
 def load_after(before: str, after: str) -> LoadedModel:
     """A model folder, or a state dict applied on top of ``before``."""
     p = Path(after)
@@ -183,10 +176,6 @@ def compare_updates(before: str, after: str, task: str = "sst2", k: int = 8, see
             "versions": run_versions(), "rows": rows}
 
 
-def write_updates(result: dict, out) -> None:
-    atomic_write_json(Path(out) / "dual_updates.json", result)
-
-
 class VerifyResult(Result):
     """``iclgd dual verify``'s dual_verify.json: per layer the identity error, the reconstruction error,
     ‖ΔW_ICL‖/‖W_ZSL‖ and the softmax gap; per head in ``rows``; the summary with its tolerance."""
@@ -226,13 +215,8 @@ class UpdatesResult(Result):
 
 
 def _guarded(out, name: str, overwrite: bool, compute, result_cls):
-    from contextlib import nullcontext
-
-    from iclgd.core.runfolder import lock, refuse_existing
-
-    if out is not None:
-        refuse_existing([Path(out) / name], overwrite)
-    with lock(Path(out)) if out is not None else nullcontext():
+    """``compute()``'s document as a ``result_cls``, written to ``out/name`` when ``out`` is given."""
+    with writing(out, [name], overwrite):
         res = result_cls({name: compute()})
         if out is not None:
             res.write(Path(out))

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from iclgd.core import options as O
-from iclgd.core.io import atomic_write_json
 from iclgd.core.models import LoadedModel, as_loaded, model_name, run_versions
 from iclgd.core.tasks import load_tasks
 from iclgd.engine.scoring import EvalConfig, evaluate, resolve_batch_size, score_split
-from iclgd.experiments.protocol import Experiment, Result, UnitKind
+from iclgd.experiments.protocol import Experiment, Result, UnitKind, writing
 
 
 @dataclass
@@ -62,12 +61,6 @@ def run(job: EvalJob, progress: bool = True) -> dict:
     }
 
 
-def write(doc: dict, out) -> Path:
-    path = Path(out) / "results.json"
-    atomic_write_json(path, doc)
-    return path
-
-
 class EvalResult(Result):
     """``iclgd eval``'s results.json: ZSL and ICL accuracy per task and seed, with the majority baseline."""
 
@@ -88,13 +81,7 @@ class EvalResult(Result):
 
 def run_in(job: EvalJob, out=None, overwrite: bool = False, progress: bool = True) -> EvalResult:
     """:func:`run`, written to ``out`` when given (an earlier run's results are refused unless ``overwrite``)."""
-    from contextlib import nullcontext
-
-    from iclgd.core.runfolder import lock, refuse_existing
-
-    if out is not None:
-        refuse_existing([Path(out) / "results.json"], overwrite)
-    with lock(Path(out)) if out is not None else nullcontext():
+    with writing(out, ["results.json"], overwrite):
         res = EvalResult({"results.json": run(job, progress=progress)})
         if out is not None:
             res.write(Path(out))

@@ -12,7 +12,7 @@ from iclgd.core import metrics as M
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json
-from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows
+from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows, writing
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def _train_sizes() -> tuple[str, ...]:
     return tuple(SIZES)
 
 
-VARIANTS = ("vanilla", "momentum", "ema")  # momentum: Eq. (9); ema: the authors' code variant (engine.momentum)
+VARIANTS = O.ATTENTIONS  # each variant is an attention of iclgd.engine.train.TrainConfig
 
 
 def _variants(flag: str, value) -> tuple[str, ...]:
@@ -59,7 +59,7 @@ class MomentumConfig:
     seeds: list[int] = O.seeds_field((1, 2, 3), "one seed or a comma list of distinct seeds (one vanilla and one "
                                                 "momentum run each)")
     eta: float = O.eta_field()
-    learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
+    learnable_eta: bool = O.learnable_eta_field()
     size: str = O.option("small", "model size", choices=_train_sizes(), old="--config")
     steps: int = O.option(150, "optimizer steps per run (>= 1)", check=O.min_int(1))
     variants: tuple[str, ...] = O.option(help="the attention variants trained per seed, vanilla first: vanilla, "
@@ -250,13 +250,7 @@ def run_job(cfg: MomentumConfig, out, overwrite: bool = False, progress: bool = 
 
 
 def apply_job(cfg: ApplyConfig, out=None, overwrite: bool = False, progress: bool = True) -> ApplyResult:
-    from contextlib import nullcontext
-
-    from iclgd.core.runfolder import lock, refuse_existing
-
-    if out is not None:
-        refuse_existing([Path(out) / "momentum_apply.json"], overwrite)
-    with lock(Path(out)) if out is not None else nullcontext():
+    with writing(out, ["momentum_apply.json"], overwrite):
         doc = apply_pretrained(cfg.model, cfg.eta, cfg.corpus, cfg.task, cfg.n_test, cfg.k, data_dir=cfg.data_dir,
                                out=out)
     return ApplyResult({"momentum_apply.json": doc})

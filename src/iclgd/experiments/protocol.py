@@ -10,6 +10,7 @@ layer ``None`` (the mean over layers) and one per layer; any other number gives 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,6 +83,19 @@ def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
 
+@contextmanager
+def writing(out, names, overwrite: bool):
+    """The block that computes and writes a run into ``out`` (nothing when ``out`` is None): files ``names`` of an
+    earlier run are refused unless ``overwrite`` (checked before any work), and the folder's lock is held."""
+    if out is None:
+        yield
+        return
+    out = Path(out)
+    refuse_existing([out / n for n in names], overwrite)
+    with lock(out):
+        yield
+
+
 @dataclass
 class Result:
     """One experiment's result: ``docs`` maps each file name under the run folder (``results.json``,
@@ -109,8 +123,7 @@ class Result:
         """Write the documents (atomically, under the folder's lock); an earlier run's files are kept unless
         ``overwrite``. Returns the folder."""
         out = Path(out)
-        refuse_existing([out / name for name in self.docs], overwrite)
-        with lock(out):
+        with writing(out, list(self.docs), overwrite):
             self.write(out)
         return out
 

@@ -367,31 +367,6 @@ def summarize_seeds(runs: list[dict]) -> dict:
             "sensitivity_cos": M.bootstrap_ci([r["trained_vs_gd"]["sensitivity_cos"] for r in runs])}
 
 
-def write(r: dict, out) -> None:
-    """results.json (without the sensitivity arrays, which only the plots use)."""
-    from iclgd.core.io import atomic_write_json, ensure_dir
-    from iclgd.core.models import run_versions
-
-    out = ensure_dir(out)
-    atomic_write_json(out / "results.json", {"kind": SyntheticResult.kind,
-                                             **{k: v for k, v in r.items() if k not in ("_sens",)},
-                                             "versions": run_versions()})
-
-
-def write_seeds(runs: list[dict], summary: dict, out) -> None:
-    """Several seeds: each seed's results in ``out/seed-S/``, then ``summary`` (from ``summarize_seeds(runs)``)
-    as summary.json."""
-    from iclgd.core.io import atomic_write_json, ensure_dir
-    from iclgd.core.models import run_versions
-
-    out = ensure_dir(out)
-    for r in runs:
-        write(r, out / f"seed-{r['config']['seed']}")
-    config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
-    atomic_write_json(out / "summary.json", {"kind": SyntheticResult.kind + ".summary", "config": config, **summary,
-                                             "versions": run_versions()})
-
-
 class SyntheticResult(Result):
     """``iclgd synthetic``: each seed's results.json (under ``seed-S/`` with several seeds, beside summary.json).
     ``runs`` keeps the in-memory runs (with the sensitivity arrays the plots use)."""

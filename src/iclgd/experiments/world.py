@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from iclgd.core import options as O
 from iclgd.experiments.protocol import Experiment, Result, UnitKind
 
@@ -40,12 +38,11 @@ def _world_sizes() -> tuple[str, ...]:
 class WorldJob:
     """``iclgd world train``: one world model, of a size, with its training options."""
 
-    attention: str = O.option("vanilla", "vanilla, momentum (Eq. 9) or ema (the authors' code variant: a learnable "
-                                         "8-component EMA over the values)", choices=("vanilla", "momentum", "ema"))
+    attention: str = O.attention_field()
     eta: float = O.eta_field(help="momentum coefficient strictly between 0 and 1 (fixed, or the initial value with "
                                   "--learnable-eta)")
-    learnable_eta: bool = O.option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
-    gate: bool = O.option(False, "multiply Eq. 9's EMA by a learnable per-head gate initialised at 0")
+    learnable_eta: bool = O.learnable_eta_field()
+    gate: bool = O.gate_field()
     seed: int = O.option(1, "initialisation and data order", check=O.a_seed)
     size: str = O.option("default", "default (the ICL >= 0.9 goal), deep (4 layers), demo (<= 3 min) or tiny (tests)",
                          choices=_world_sizes())
