@@ -119,3 +119,20 @@ def test_silent_wrong_results_are_refused_label_ties_unknown_words_and_demos_fro
     (tmp_path / "mine.json").write_text(json.dumps(spec))
     with pytest.raises(IclgdError, match="its demonstration file is its evaluation file"):
         load_task(load_task_spec(tmp_path / "mine.json"), None, 2)
+
+
+def test_compare_refuses_a_context_that_holds_no_demonstration(data_dir):
+    """Found trying the API as a user would: a model object with a 256-token context and a byte-level tokenizer
+    fits no SST-2 demonstration beside its longest test prompt; compare ended in a numpy traceback (nothing to
+    concatenate in Kendall). Now one line naming the task and the context."""
+    import transformers as T
+
+    from iclgd.api import load_model
+    from iclgd.core.errors import IclgdError
+
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=256,
+                                           bos_token_id=None, eos_token_id=None))
+    lm = load_model(model, build_tiny("tiny-random-gpt2").tokenizer)
+    data = load_task(resolve_task("sst2"), data_dir, 4)
+    with pytest.raises(IclgdError, match="task sst2: not one of the 2 demonstrations fits in the context \\(256 tokens"):
+        compare_seed(lm, data, CompareConfig(k=2), 1, progress=False)

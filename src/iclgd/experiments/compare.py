@@ -230,6 +230,10 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     spec = data.spec
     demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
     icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
+    if demos and icl.k_true == 0:  # finetuning would take no step and the metrics would compare nothing
+        raise IclgdError(f"task {spec.name}: not one of the {cfg.k} demonstrations fits in the context "
+                         f"({min(cfg.max_len, lm.max_positions)} tokens, model {lm.name}) beside the longest test "
+                         "prompt; compare needs at least one (a model with a longer context, or a larger --max-len)")
     zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len)
     demo_positions = [i for a, b in icl.demo_spans for i in range(a, b)]
     demo_ids = [icl.prefix_ids[a:b] for a, b in icl.demo_spans]
