@@ -150,6 +150,12 @@ def user_errors(fn):
                        err=True)
             raise typer.Exit(130) from None
         except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, reported as one
+            from iclgd.core.errors import disk_error
+
+            disk = disk_error(e, out=kwargs.get("out"))  # a full or read-only disk is the machine's, not a bug
+            if disk is not None:
+                typer.echo(f"error: {disk}", err=True)
+                raise typer.Exit(2) from None
             path = bug_log()
             msg = " ".join(str(e).split())[:300]
             typer.echo(f"error: {type(e).__name__}{': ' + msg if msg else ''} — this is a bug in iclgd, please report "
@@ -462,13 +468,14 @@ world_app = typer.Typer(no_args_is_help=True, cls=Group, help="The ICL world: fe
 app.add_typer(world_app, name="world")
 
 
-@command(world_app, "world train", out=out_option(True, "world folder (resumes if it holds a checkpoint)"))
-def world_train(job, out):
+@command(world_app, "world train", out=out_option(True, "world folder (resumes if it holds a checkpoint)"),
+         overwrite=overwrite_option("start over in a folder that holds a run of another configuration"))
+def world_train(job, out, overwrite):
     """Train a world model; writes DIR/model (HF folder), DIR/tasks, DIR/data, DIR/checkpoints, DIR/log.csv."""
     from iclgd.report.terminal import world_text
 
     check.out_dir(out)
-    typer.echo(world_text(EXP["world train"].run(job, out, progress=progress()).to_dict()))
+    typer.echo(world_text(EXP["world train"].run(job, out, overwrite, progress()).to_dict()))
     typer.echo(f"wrote {out / 'model'}, {out / 'tasks'}, {out / 'data'}, {out / 'log.csv'}")
 
 

@@ -17,29 +17,39 @@ from iclgd.core.errors import IclgdError
 
 def ensure_dir(path: str | Path) -> Path:
     path = Path(path)
+    from iclgd.core.errors import setting_for
+
+    what = setting_for(path)
+    what = "--out" if what == "its folder" else what
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise IclgdError(f"--out {path}: cannot create the output directory ({e.strerror})") from None
+        raise IclgdError(f"{what} {path}: cannot create the output directory ({e.strerror})") from None
     if not os.access(path, os.W_OK):
-        raise IclgdError(f"--out {path}: the output directory is not writable")
+        raise IclgdError(f"{what} {path}: the output directory is not writable")
     return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    from iclgd.core.errors import disk_error
+
     path = Path(path)
     ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        err = disk_error(e, path)
+        if err is not None:
+            raise err from None
         raise
 
 

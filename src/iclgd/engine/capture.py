@@ -18,6 +18,8 @@ file (in ``$TMPDIR``), so host memory does not grow with the test set; the metri
 
 from __future__ import annotations
 
+import errno
+import os
 import tempfile
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -65,6 +67,13 @@ class Observation:
         raise ValueError(f"SimAM segment {segment!r}: expected after-context or input-only")
 
 
+def _spill_error(e: OSError) -> Exception:
+    """The captures' spill file in the temporary folder could not be written: one line naming TMPDIR."""
+    from iclgd.core.errors import disk_error
+
+    return disk_error(e, tempfile.gettempdir(), setting="TMPDIR") or e
+
+
 class CaptureStore(MutableMapping):
     """Example index -> :class:`Observation`, with the large arrays (``h``, ``s_after``: per example
     L·(d_model + H·T) floats, for every example) in an anonymous temporary file that the OS deletes when it is
@@ -73,24 +82,34 @@ class CaptureStore(MutableMapping):
     Reading an example back gives an equal Observation."""
 
     def __init__(self):
-        self._file = tempfile.TemporaryFile(prefix="iclgd-captures-")
+        try:
+            self._file = tempfile.TemporaryFile(prefix="iclgd-captures-")
+        except OSError as e:
+            raise _spill_error(e) from None
         self._end = 0  # bytes written
         self._index: dict[int, tuple] = {}  # example -> (offset, dtype, h shape, s_after shape, n_query, q, s_demo,
         #                                      scale, kv)
 
     def __setitem__(self, i: int, o: Observation) -> None:
         h, s = np.ascontiguousarray(o.h), np.ascontiguousarray(o.s_after, dtype=o.h.dtype)
-        self._file.seek(self._end)
-        h.tofile(self._file)
-        s.tofile(self._file)
+        data = h.tobytes() + s.tobytes()
+        try:  # unbuffered, at its offset: a short or failed write is an error here, never a short read later
+            done = 0
+            while done < len(data):
+                n = os.pwrite(self._file.fileno(), data[done:], self._end + done)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                done += n
+        except OSError as e:
+            raise _spill_error(e) from None
         self._index[i] = (self._end, h.dtype, h.shape, s.shape, o.n_query, o.q, o.s_demo, o.scale, o.kv)
         self._end += h.nbytes + s.nbytes
 
     def __getitem__(self, i: int) -> Observation:
         off, dtype, sh, ss, n_query, q, s_demo, scale, kv = self._index[i]
-        self._file.seek(off)
         nh = int(np.prod(sh))
-        flat = np.fromfile(self._file, dtype=dtype, count=nh + int(np.prod(ss)))
+        size = (nh + int(np.prod(ss))) * np.dtype(dtype).itemsize
+        flat = np.frombuffer(bytearray(os.pread(self._file.fileno(), size, off)), dtype=dtype)
         return Observation(flat[:nh].reshape(sh), flat[nh:].reshape(ss), n_query, q, s_demo, scale, kv)
 
     def __delitem__(self, i: int) -> None:  # the bytes stay in the file until it is closed

@@ -561,7 +561,7 @@ def run_in(job: CompareJob, out=None, overwrite: bool = False, progress: bool = 
     """:func:`run`, each task written to ``out`` as it finishes (an earlier run's results are refused unless
     ``overwrite``); ``each(path)`` is called on every results.json written (the CLI draws its plots)."""
     tasks = []
-    with writing(out, ["results.json"], overwrite):
+    with writing(out, "compare", job, overwrite):
         for r in run(job, progress=progress):
             tasks.append(r)
             if out is not None:

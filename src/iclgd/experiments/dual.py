@@ -214,9 +214,9 @@ class UpdatesResult(Result):
                 for r in doc["rows"] for k, v in r.items() if k not in ("layer", "head") and isinstance(v, (int, float))]
 
 
-def _guarded(out, name: str, overwrite: bool, compute, result_cls):
+def _guarded(out, name: str, command: str, config, overwrite: bool, compute, result_cls):
     """``compute()``'s document as a ``result_cls``, written to ``out/name`` when ``out`` is given."""
-    with writing(out, [name], overwrite):
+    with writing(out, command, config, overwrite):
         res = result_cls({name: compute()})
         if out is not None:
             res.write(Path(out))
@@ -225,12 +225,12 @@ def _guarded(out, name: str, overwrite: bool, compute, result_cls):
 
 def verify_in(cfg: VerifyConfig, out=None, overwrite: bool = False, progress: bool = True) -> VerifyResult:
     """:func:`verify`, written to ``out/dual_verify.json`` when given (under the folder's lock)."""
-    return _guarded(out, "dual_verify.json", overwrite, lambda: verify(cfg), VerifyResult)
+    return _guarded(out, "dual_verify.json", "dual verify", cfg, overwrite, lambda: verify(cfg), VerifyResult)
 
 
 def updates_in(cfg: UpdatesConfig, out=None, overwrite: bool = False, progress: bool = True) -> UpdatesResult:
     """:func:`compare_updates`, written to ``out/dual_updates.json`` when given (under the folder's lock)."""
-    return _guarded(out, "dual_updates.json", overwrite,
+    return _guarded(out, "dual_updates.json", "dual compare-updates", cfg, overwrite,
                     lambda: compare_updates(cfg.before, cfg.after, cfg.task, cfg.k, cfg.seed, cfg.data_dir),
                     UpdatesResult)
 

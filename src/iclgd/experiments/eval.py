@@ -81,7 +81,7 @@ class EvalResult(Result):
 
 def run_in(job: EvalJob, out=None, overwrite: bool = False, progress: bool = True) -> EvalResult:
     """:func:`run`, written to ``out`` when given (an earlier run's results are refused unless ``overwrite``)."""
-    with writing(out, ["results.json"], overwrite):
+    with writing(out, "eval", job, overwrite):
         res = EvalResult({"results.json": run(job, progress=progress)})
         if out is not None:
             res.write(Path(out))

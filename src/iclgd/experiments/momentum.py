@@ -233,24 +233,17 @@ class ApplyResult(Result):
 def run_job(cfg: MomentumConfig, out, overwrite: bool = False, progress: bool = True) -> MomentumResult:
     """The study in ``out`` (resumable); a folder holding the results of another configuration is refused before
     any training, unless ``overwrite``."""
-    from iclgd.core.runfolder import differing_keys, lock, read_json_object
+    from iclgd.experiments.protocol import writing
 
     out = Path(out)
-    old = read_json_object(out / "results.json", "momentum results file", ("config",))
-    if old is not None and not overwrite:
-        new = cfg.identity()
-        differ = differing_keys({k: old["config"].get(k) for k in new}, new)
-        if differ:
-            raise IclgdError(f"{out / 'results.json'}: from a run of another configuration (differs in "
-                             f"{', '.join(differ)}); use another --out, or --overwrite to replace it")
-    with lock(out):
+    with writing(out, "momentum compare", cfg.identity(), overwrite, resumable=True):
         doc = run(cfg, out, progress=progress)
         write(doc, out)
     return MomentumResult({"results.json": doc})
 
 
 def apply_job(cfg: ApplyConfig, out=None, overwrite: bool = False, progress: bool = True) -> ApplyResult:
-    with writing(out, ["momentum_apply.json"], overwrite):
+    with writing(out, "momentum apply", cfg, overwrite):
         doc = apply_pretrained(cfg.model, cfg.eta, cfg.corpus, cfg.task, cfg.n_test, cfg.k, data_dir=cfg.data_dir,
                                out=out)
     return ApplyResult({"momentum_apply.json": doc})

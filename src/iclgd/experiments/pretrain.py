@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iclgd.core import options as O
-from iclgd.core.runfolder import lock
 from iclgd.engine.train import TrainConfig, check_run_folder, pretrain
 from iclgd.experiments.protocol import Experiment, Result
 
@@ -41,8 +40,12 @@ class PretrainResult(Result):
 
 def run(job: PretrainJob, out, overwrite: bool = False, progress: bool = True) -> PretrainResult:
     """Train (or resume) into ``out``, which refuses a run of another configuration unless ``overwrite``."""
+    from dataclasses import asdict
+
+    from iclgd.experiments.protocol import writing
+
     out = Path(out)
-    with lock(out):
+    with writing(out, "pretrain", asdict(job.train), overwrite, resumable=True):
         check_run_folder(job.train, out, job.data_dir, overwrite)
         doc = pretrain(job.train, out, job.data_dir, progress=progress)
     return PretrainResult({"final.json": doc})

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from iclgd.core.errors import IclgdError
 from iclgd.core.io import atomic_write_json, atomic_write_jsonl, read_result
-from iclgd.core.runfolder import lock, refuse_existing
+from iclgd.core.runfolder import run_folder
 
 @dataclass(frozen=True)
 class UnitKind:
@@ -84,15 +84,12 @@ def _num(v) -> float:
 
 
 @contextmanager
-def writing(out, names, overwrite: bool):
-    """The block that computes and writes a run into ``out`` (nothing when ``out`` is None): files ``names`` of an
-    earlier run are refused unless ``overwrite`` (checked before any work), and the folder's lock is held."""
-    if out is None:
-        yield
-        return
-    out = Path(out)
-    refuse_existing([out / n for n in names], overwrite)
-    with lock(out):
+def writing(out, command: str, config, overwrite: bool, resumable: bool = False):
+    """The block that computes and writes a run of ``command`` into ``out`` (nothing when ``out`` is None), through
+    the one run-folder guard (:func:`iclgd.core.runfolder.run_folder`): a folder holding another command's or
+    another configuration's files, or an earlier run's results, is refused before any work unless ``overwrite``
+    (which removes what the earlier run wrote); the configuration is recorded and the folder's lock held."""
+    with run_folder(out, command, config, overwrite, resumable):
         yield
 
 
@@ -123,7 +120,8 @@ class Result:
         """Write the documents (atomically, under the folder's lock); an earlier run's files are kept unless
         ``overwrite``. Returns the folder."""
         out = Path(out)
-        with writing(out, list(self.docs), overwrite):
+        command = next((e.name for e in experiments().values() if e.result is type(self)), self.kind)
+        with writing(out, command, {n: d.get("config") for n, d in self.docs.items()}, overwrite):
             self.write(out)
         return out
 

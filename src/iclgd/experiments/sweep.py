@@ -19,7 +19,7 @@ from pathlib import Path
 
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, ensure_dir, library_versions, read_result
+from iclgd.core.io import atomic_write_json, library_versions, read_result
 
 
 @dataclass(frozen=True)
@@ -271,36 +271,24 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
 
     ``sweep.json`` records the configuration, the data directory and the data checksums; a folder holding
     finished units of another one is refused, unless ``overwrite`` discards them."""
-    import shutil
-
     from tqdm.auto import tqdm
 
-    from iclgd.core.runfolder import claim, differing_keys, lock, read_json_object
+    from iclgd.core.runfolder import claim, run_folder
     from iclgd.core.tasks import parse_task_list
 
     cfg.tasks = parse_task_list(",".join(cfg.tasks)) if cfg.tasks or not cfg.world else []
     if not cfg.seeds:
         raise IclgdError("--seeds: expected a comma list of integers, e.g. 1,2,3")
-    out = ensure_dir(out)
     i, n = parse_shard(shard)
     units = plan(cfg)
     sweep_doc = {"kind": "iclgd.reproduce", "config": {k: v for k, v in vars(cfg).items()},
                  "data": data_fingerprint(cfg.tasks, data_dir),
                  "units": [u.id for u in units], "versions": library_versions()}
     sweep_file = out / "sweep.json"
-    with lock(out, "sweep", wait=True):  # shards started together agree on one sweep.json
-        old = read_json_object(sweep_file, "sweep file", ("config",))
-        new = {"config": sweep_doc["config"], "data": sweep_doc["data"]}
-        differ = [] if old is None else differing_keys(
-            {**(old["config"] if isinstance(old["config"], dict) else {}), "data": old.get("data", new["data"])},
-            {**new["config"], "data": new["data"]})
-        if differ:
-            finished = sorted((out / "units").glob("*/result.json"))
-            if finished and not overwrite:
-                raise IclgdError(f"{sweep_file}: this folder holds a sweep with another configuration (differs in "
-                                 f"{', '.join(differ)}; {len(finished)} finished units); use another --out, or "
-                                 "--overwrite to discard them")
-            shutil.rmtree(out / "units", ignore_errors=True)  # nothing finished, or discarded on request
+    # the run-folder guard: a folder of another configuration (or data) is refused, or emptied with --overwrite;
+    # shards started together agree on it under its lock, then share the folder
+    with run_folder(out, "reproduce", {**sweep_doc["config"], "data": sweep_doc["data"]}, overwrite,
+                    resumable=True, exclusive=False):
         atomic_write_json(sweep_file, sweep_doc)
     models = _Models(cfg, out)
     done = skipped = elsewhere = 0

@@ -394,10 +394,16 @@ class SyntheticResult(Result):
 def run_job(job: SyntheticJob, out=None, overwrite: bool = False, progress: bool = True) -> SyntheticResult:
     """Every seed of ``job``; written to ``out`` (refusing an earlier run's files unless ``overwrite``)."""
     from iclgd.core.models import run_versions
-    from iclgd.core.runfolder import refuse_existing
+    from iclgd.experiments.protocol import writing
 
-    if out is not None:
-        refuse_existing([Path(out) / "results.json", Path(out) / "summary.json"], overwrite)
+    with writing(out, "synthetic", job, overwrite):
+        res = _run_job(job, progress, run_versions)
+        if out is not None:
+            res.write(Path(out))
+    return res
+
+
+def _run_job(job: SyntheticJob, progress: bool, run_versions) -> "SyntheticResult":
     runs = [run(c, progress) for c in job.configs()]
     strip = lambda r: {"kind": SyntheticResult.kind, **{k: v for k, v in r.items() if k != "_sens"},  # noqa: E731
                        "versions": run_versions()}
@@ -409,13 +415,7 @@ def run_job(job: SyntheticJob, out=None, overwrite: bool = False, progress: bool
         docs = {**{f"seed-{r['config']['seed']}/results.json": strip(r) for r in runs},
                 "summary.json": {"kind": SyntheticResult.kind + ".summary", "config": config, **summary,
                                  "versions": run_versions()}}
-    res = SyntheticResult(docs, runs=runs)
-    if out is not None:
-        from iclgd.core.runfolder import lock
-
-        with lock(Path(out)):
-            res.write(Path(out))
-    return res
+    return SyntheticResult(docs, runs=runs)
 
 
 # ----------------------------------------------------------------------------- as sweep units (iclgd reproduce)

@@ -84,16 +84,14 @@ class WorldTrainResult(Result):
 
 def train_job(job: WorldJob, out, overwrite: bool = False, progress: bool = True) -> WorldTrainResult:
     """Train (or resume) the world model of ``job`` into ``out``; a folder of another configuration is refused
-    (``overwrite`` is not offered: remove the folder to start over)."""
-    from iclgd.core.errors import IclgdError
-    from iclgd.core.runfolder import lock
-    from iclgd.engine.world import train
+    (``overwrite`` removes the earlier run and starts over)."""
+    from dataclasses import asdict
 
-    if overwrite:
-        raise IclgdError("world train resumes a run of the same configuration or refuses the folder; it never "
-                         "overwrites: remove the folder to start over")
+    from iclgd.engine.world import train
+    from iclgd.experiments.protocol import writing
+
     cfg = job.config()
-    with lock(Path(out)):
+    with writing(out, "world train", asdict(cfg), overwrite, resumable=True):
         summary = train(cfg, out, progress=progress, device=job.device)
     return WorldTrainResult({"final.json": summary})
 
