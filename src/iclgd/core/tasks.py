@@ -17,9 +17,14 @@ import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from typing import Annotated, Literal
+
 import numpy as np
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError,
+                      field_validator)
 
 from iclgd.core.errors import IclgdError
+from iclgd.core.schema import line_of, parse_json_text, schema_error
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -55,6 +60,9 @@ class TaskSpec:
     # its first ``eval_cap`` shuffled rows, recorded as this deviation (None: a missing split is an error)
     demo_fallback: str | None = None
     notes: tuple[str, ...] = ()  # how the local data relate to the paper's, for the report
+    # demonstration rows whose text is an evaluation row's: "remove" them from the pool (recorded), or "keep" them
+    # where inputs repeat by design (a finite item set drawn independently, as in the ICL world; recorded too)
+    demo_overlap: str = "remove"
 
     def format_input(self, row: dict) -> str:
         return self.template.format(**{ph: row[key] for ph, key in self.fields.items()})
@@ -67,7 +75,7 @@ class TaskSpec:
 
     def to_dict(self) -> dict:
         """What defines the task's prompts and data (recorded in results files)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("lr", "demo_fallback", "notes")}
+        return {k: v for k, v in asdict(self).items() if k not in ("lr", "demo_fallback", "notes", "demo_overlap")}
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TaskSpec":
@@ -116,10 +124,7 @@ def load_task_spec(path: str | Path, builtin: bool = False) -> TaskSpec:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise IclgdError(f"{path}: not UTF-8 text (byte {e.start}); save the task spec as UTF-8") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise IclgdError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    raw = parse_json_text(path, text)
     if not isinstance(raw, dict):
         raise IclgdError(f"{path}: a task spec is a JSON object, got a {type(raw).__name__}")
     required = ["name", "template", "label_words", "demo_file", "eval_file"]
@@ -140,12 +145,6 @@ def load_task_spec(path: str | Path, builtin: bool = False) -> TaskSpec:
     return TaskSpec(**kwargs)
 
 
-def _line_of(text: str, key: str) -> int:
-    """The line of ``"key"`` in a JSON file (1 if not found), so that spec errors name a line."""
-    i = text.find(f'"{key}"')
-    return text.count("\n", 0, i) + 1 if i >= 0 else 1
-
-
 def _placeholders(fmt: str, where: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(fmt))
@@ -158,59 +157,77 @@ def _placeholders(fmt: str, where: str) -> list[str]:
     return names
 
 
-def validate_spec(path: Path, text: str, raw: dict) -> list[str]:
-    """Types and placeholders of a task spec; returns the template's placeholders."""
-    def where(key: str) -> str:
-        return f"{path}:{_line_of(text, key)}: field {key}"
+Text = Annotated[str, StringConstraints(pattern=r"\S")]  # a non-empty string (not only white space)
 
-    allowed = {f.name for f in TaskSpec.__dataclass_fields__.values()}
-    unknown = sorted(k for k in set(raw) - allowed if not k.startswith("_"))  # "_..." fields: notes for people
-    if unknown:
-        raise IclgdError(f"{where(unknown[0])}: unknown field (expected some of {', '.join(sorted(allowed))})")
-    for key in ("name", "template", "demo_file", "eval_file", "answer_format"):
-        if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
-            raise IclgdError(f"{where(key)}: expected a non-empty string, got {json.dumps(raw[key])[:40]}")
-    placeholders = _placeholders(raw["template"], where("template"))
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class HubSchema(_Strict):
+    path: Text
+    name: str | None = None
+    demo_split: Text
+    eval_split: Text
+    columns: dict[str, str]
+
+
+class TaskSpecSchema(_Strict):
+    """The ``--task-spec`` file format (the built-in tasks are files of it too): types, finite numbers, and
+    templates that render; keys starting with ``_`` are notes for people and ignored."""
+
+    name: Text
+    template: Text
+    label_words: Annotated[list[Text], Field(min_length=2)]
+    demo_file: Text
+    eval_file: Text
+    fields: dict[str, str] | None = None
+    answer_format: Text = " {label}"
+    eval_shuffle_seed: Annotated[int, Field(ge=0)] = 1
+    eval_cap: Annotated[int, Field(ge=1)] = 2000
+    hub: HubSchema | None = None
+    deviations: list[str] = []
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    demo_fallback: str | None = None
+    notes: list[str] = []
+    demo_overlap: Literal["remove", "keep"] = "remove"
+
+    @field_validator("label_words")
+    @classmethod
+    def _distinct(cls, words: list[str]) -> list[str]:
+        dup = [w for i, w in enumerate(words) if w in words[:i]]
+        if dup:
+            raise ValueError(f"label word {dup[0]!r} appears twice (the labels could not be told apart)")
+        return words
+
+
+def validate_spec(path: Path, text: str, raw: dict) -> list[str]:
+    """The spec against :class:`TaskSpecSchema`, then its templates rendered once on a probe row; returns the
+    template's placeholders."""
+    def where(key: str) -> str:
+        return f"{path}:{line_of(text, key)}: field {key}"
+
+    try:
+        spec = TaskSpecSchema.model_validate({k: v for k, v in raw.items() if not str(k).startswith("_")})
+    except ValidationError as e:
+        raise schema_error(path, text, e, TaskSpecSchema.model_fields) from None
+    placeholders = _placeholders(spec.template, where("template"))
     if not placeholders:
         raise IclgdError(f"{where('template')}: has no placeholder, so every prompt would be the same text "
                          "(expected e.g. \"Review: {sentence} Sentiment:\")")
-    answer = _placeholders(raw.get("answer_format", " {label}"), where("answer_format"))
+    answer = _placeholders(spec.answer_format, where("answer_format"))
     if answer != ["label"]:
         raise IclgdError(f"{where('answer_format')}: expected exactly one placeholder {{label}}, e.g. \" {{label}}\"")
-    words = raw["label_words"]
-    if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
-        raise IclgdError(f"{where('label_words')}: expected a list of non-empty strings, e.g. [\"negative\", "
-                         f"\"positive\"], got {json.dumps(words)[:40]}")
-    if len(words) < 2:
-        raise IclgdError(f"{where('label_words')}: expected at least two label words (a classification task)")
-    dup = [w for i, w in enumerate(words) if w in words[:i]]
-    if dup:
-        raise IclgdError(f"{where('label_words')}: label word {dup[0]!r} appears twice (the labels could not be told "
-                         "apart)")
-    if "fields" in raw:
-        f = raw["fields"]
-        if not isinstance(f, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in f.items()):
-            raise IclgdError(f"{where('fields')}: expected an object of placeholder -> data key strings")
-        if f and set(f) != set(placeholders):
-            raise IclgdError(f"{where('fields')}: its keys {sorted(f)} differ from the template's placeholders "
-                             f"{sorted(set(placeholders))}")
-    for key, typ, what in (("eval_shuffle_seed", int, "a non-negative integer"),
-                           ("eval_cap", int, "a positive integer"), ("lr", (int, float), "a positive number")):
-        v = raw.get(key)
-        if v is None and key == "lr":
-            continue
-        if key in raw and (not isinstance(v, typ) or isinstance(v, bool) or v < (0 if key == "eval_shuffle_seed" else 1e-300)):
-            raise IclgdError(f"{where(key)}: expected {what}, got {json.dumps(v)[:40]}")
-    for key in ("deviations", "notes"):
-        if key in raw and (not isinstance(raw[key], list) or not all(isinstance(x, str) for x in raw[key])):
-            raise IclgdError(f"{where(key)}: expected a list of strings")
-    if "hub" in raw and raw["hub"] is not None:
-        hub_keys = {f.name for f in HubSource.__dataclass_fields__.values()}
-        if not isinstance(raw["hub"], dict) or set(raw["hub"]) - hub_keys or \
-                not {"path", "demo_split", "eval_split", "columns"} <= set(raw["hub"]):
-            raise IclgdError(f"{where('hub')}: expected an object with path, name, demo_split, eval_split, columns")
-    if "demo_fallback" in raw and raw["demo_fallback"] is not None and not isinstance(raw["demo_fallback"], str):
-        raise IclgdError(f"{where('demo_fallback')}: expected a string or null")
+    if spec.fields and set(spec.fields) != set(placeholders):
+        raise IclgdError(f"{where('fields')}: its keys {sorted(spec.fields)} differ from the template's placeholders "
+                         f"{sorted(set(placeholders))}")
+    for key, fmt, probe in (("template", spec.template, {p: "probe text" for p in placeholders}),
+                            ("answer_format", spec.answer_format, {"label": spec.label_words[0]})):
+        try:  # valid names can still fail when formatted: format specs, conversions, nested fields
+            fmt.format(**probe)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise IclgdError(f"{where(key)}: fails when rendered on a probe row ({type(e).__name__}: {e}); use plain "
+                             "placeholders such as {sentence}, without format specs or conversions") from None
     return placeholders
 
 
@@ -264,11 +281,47 @@ class Split:
     notes: list[str] = field(default_factory=list)
 
 
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}) that no "
+                         "tokenizer can encode") from None
+    return text
+
+
+def row_schema(spec: TaskSpec) -> TypeAdapter:
+    """A data row of ``spec``: each field the template reads a string of text a tokenizer can encode, and an integer
+    label inside the verbalizer; other keys are kept and not checked."""
+    from typing_extensions import TypedDict  # (pydantic needs this one before Python 3.12)
+
+    text = Annotated[str, AfterValidator(_encodable)]
+    label = Annotated[int, Field(ge=0, le=len(spec.label_words) - 1)]
+    row = TypedDict("Row", {**{k: text for k in sorted(set(spec.fields.values()))}, "label": label})
+    row.__pydantic_config__ = ConfigDict(strict=True)
+    return TypeAdapter(row)
+
+
+def _row_error(path: Path, lineno: int, row: dict, spec: TaskSpec, err: ValidationError) -> IclgdError:
+    errors = err.errors()
+    missing = sorted(str(e["loc"][0]) for e in errors if e["type"] == "missing")
+    if missing:
+        return IclgdError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+    e = errors[0]
+    key = str(e["loc"][0])
+    if key == "label":
+        return IclgdError(f"{path}:{lineno}: label {row['label']!r} is outside the verbalizer of task {spec.name} "
+                          f"(expected an integer 0..{len(spec.label_words) - 1} for {'/'.join(spec.label_words)})")
+    if e["type"] == "value_error":
+        return IclgdError(f"{path}:{lineno}: field {key} {e['msg'].removeprefix('Value error, ')}")
+    return IclgdError(f"{path}:{lineno}: field {key} is {json.dumps(row[key])[:30]}, expected a string of text")
+
+
 def load_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
     """Read and validate a JSONL file: every line an object with the task's fields and a valid label."""
     if not path.is_file():
         raise IclgdError(f"{path}: data file not found (task {spec.name})")
-    needed = set(spec.fields.values()) | {"label"}
+    check_row = row_schema(spec)
     rows = []
     with open(path, "rb") as f:
         for lineno, raw_line in enumerate(f, 1):
@@ -285,19 +338,10 @@ def load_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
                 raise IclgdError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(row, dict):
                 raise IclgdError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            lacking = needed - row.keys()
-            if lacking:
-                raise IclgdError(f"{path}:{lineno}: missing field(s) {', '.join(sorted(lacking))}")
-            for key in sorted(set(spec.fields.values())):
-                if not isinstance(row[key], str):
-                    raise IclgdError(f"{path}:{lineno}: field {key} is {json.dumps(row[key])[:30]}, expected a string "
-                                     "of text")
-            label = row["label"]
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(spec.label_words):
-                raise IclgdError(
-                    f"{path}:{lineno}: label {label!r} is outside the verbalizer of task {spec.name} "
-                    f"(expected an integer 0..{len(spec.label_words) - 1} for {'/'.join(spec.label_words)})"
-                )
+            try:
+                check_row.validate_python(row)
+            except ValidationError as e:
+                raise _row_error(path, lineno, row, spec, e) from None
             row.setdefault("idx", lineno - 1)
             rows.append(row)
     if not rows:
@@ -371,11 +415,29 @@ def load_task(spec: TaskSpec, data_dir: Path | None, n_test: int | None = None) 
         raise IclgdError(f"task {spec.name}: its demonstration file is its evaluation file ({ev.source}); give "
                          "demo_file and eval_file two different files")
     chosen = order[: spec.eval_cap]
+    kept, removed = without_eval_texts(spec, pool, [ev.rows[i] for i in chosen])
+    if removed and spec.demo_overlap == "remove":
+        pool = kept
+        deviations.append(f"{removed} demonstration row(s) whose text is also an evaluation row's removed from the "
+                          "demonstration pool (a test example, with its label, never appears in a prompt)")
+    elif removed:
+        deviations.append(f"{removed} of {len(pool)} demonstration rows have the text of an evaluation row, kept "
+                          "(demo_overlap: keep; the task's inputs repeat by design)")
     if n_test is not None:
         if n_test < 1:
             raise IclgdError(f"--n-test {n_test}: expected a positive number of test examples")
         chosen = chosen[:n_test]
     return TaskData(spec, [ev.rows[i] for i in chosen], pool, files, deviations)
+
+
+def without_eval_texts(spec: TaskSpec, pool: list[dict], eval_rows: list[dict]) -> tuple[list[dict], int]:
+    """The demonstration pool without the rows whose input texts (every field the template reads) are an
+    evaluation row's, and how many were removed: the set of evaluation rows (all ``eval_cap`` of them, so the pool
+    does not depend on ``--n-test``) never leaks into a prompt."""
+    keys = sorted(set(spec.fields.values()))
+    seen = {tuple(r[k] for k in keys) for r in eval_rows}
+    kept = [r for r in pool if tuple(r[k] for k in keys) not in seen]
+    return kept, len(pool) - len(kept)
 
 
 def load_tasks(task: str, task_spec=None, data_dir=None, n_test: int | None = None

@@ -26,7 +26,6 @@ writes DIR/tasks/*.json and DIR/data/<task>/{demo,eval}.jsonl.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import time
@@ -293,7 +292,7 @@ class World:
             spec = {"name": name, "template": "{x}", "answer_format": " {label}",
                     "label_words": [f"L{j}" for j in range(self.cfg.n_labels)], "fields": {"x": "x"},
                     "demo_file": f"../data/{name}/demo.jsonl", "eval_file": f"../data/{name}/eval.jsonl",
-                    "eval_cap": self.cfg.n_eval_rows,
+                    "eval_cap": self.cfg.n_eval_rows, "demo_overlap": "keep",  # few items: inputs repeat by design
                     "_world": {"classes": self.task_classes[t].tolist(),
                                "prototypes": self.prototypes[self.task_classes[t]].tolist(),
                                "note": "label j is class classes[j]; an assignment never used in training"}}
@@ -461,6 +460,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     """
     from iclgd.core.io import atomic_write_json, ensure_dir
     from iclgd.core.models import resolve_device, run_versions
+    from iclgd.core.schema import read_config
     from iclgd.engine.train import fit, load_checkpoint, lr_at, optimizer, save_checkpoint
 
     cfg.check()
@@ -468,7 +468,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     out = ensure_dir(out)
     cfg_doc = asdict(cfg)
     old_cfg = out / "train_config.json"
-    if old_cfg.is_file() and json.loads(old_cfg.read_text()) != json.loads(json.dumps(cfg_doc)):
+    if old_cfg.is_file() and read_config(old_cfg, WorldTrainConfig, "world training configuration") != cfg:
         raise IclgdError(f"{out}: holds a world run with another configuration; use another --out")
     atomic_write_json(old_cfg, cfg_doc)
     atomic_write_json(out / "world.json", asdict(cfg.world))
@@ -535,14 +535,12 @@ def write_world_tasks(out, world_seed: int = 0) -> list[Path]:
     """``iclgd world tasks``: the evaluation tasks of the world in ``out/world.json`` (written with ``world_seed``
     when the folder has none)."""
     from iclgd.core.io import atomic_write_json, ensure_dir
+    from iclgd.core.schema import read_config
 
     out = ensure_dir(out)
     wf = out / "world.json"
     if wf.is_file():
-        try:
-            cfg = WorldConfig(**json.loads(wf.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise IclgdError(f"{wf}: not a world configuration ({e})") from None
+        cfg = read_config(wf, WorldConfig, "world configuration")
     else:
         cfg = WorldConfig(seed=world_seed)
         atomic_write_json(wf, asdict(cfg))

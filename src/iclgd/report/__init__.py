@@ -57,7 +57,7 @@ def write_report(out) -> Path:
     sw.plots.mkdir(exist_ok=True)
     lines = header(sw, sweep["units"])
     for section in SECTIONS:
-        lines += section(sw)
+        lines += _section_lines(section, sw)
     lines += ["## Deviations from the paper", ""] + [f"- {d}" for d in deviations(sw.cfg, sw.units)] + [""]
     lines += ["All numbers: [results.csv](results.csv). Regenerate this file with `iclgd report "
               f"{out}`; it reads the results files only.", ""]
@@ -65,6 +65,35 @@ def write_report(out) -> Path:
     buf = pd.DataFrame(sw.csv_rows, columns=["unit", "metric", "layer", "value"]).to_csv(index=False)
     atomic_write_text(out / "results.csv", buf)
     return out / "report.md"
+
+
+SHAPE_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError)  # a unit file iclgd did not write so
+
+
+def _section_lines(section, sw: Sweep) -> list[str]:
+    """A section's lines; when a (hand-edited) unit file breaks it, one line naming that unit's file, found by
+    running the section on each unit alone (plots of that probe go to a temporary folder)."""
+    import tempfile
+
+    from iclgd.core.errors import IclgdError
+
+    try:
+        return section(sw)
+    except SHAPE_ERRORS as e:
+        culprit = None
+        with tempfile.TemporaryDirectory() as tmp:
+            for uid, unit in sw.units.items():
+                probe = Sweep(Path(tmp), sw.cfg, {uid: unit})
+                probe.plots.mkdir(exist_ok=True)
+                try:
+                    section(probe)
+                except SHAPE_ERRORS:
+                    culprit = uid
+                    break
+        where = sw.out / "units" / culprit / "result.json" if culprit else sw.out / "units"
+        raise IclgdError(f"{where}: not a result of the shape iclgd writes ({section.__name__} failed: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:80]}); delete the unit and rerun reproduce "
+                         "to recompute it") from None
 
 
 def header(sw: Sweep, planned: list[str]) -> list[str]:
