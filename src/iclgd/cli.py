@@ -38,7 +38,23 @@ class _PlainHelp:
 
 
 class Command(_PlainHelp, typer.core.TyperCommand):
-    pass
+    def parse_args(self, ctx, args):
+        """An option given twice (``--k 2 --k 5``, ``--dual --no-dual``) is refused: the parser would keep the last
+        one silently."""
+        seen: dict[str, str] = {}
+        names = {o: p for p in self.params if getattr(p, "param_type_name", None) == "option"
+                 and not getattr(p, "multiple", False) for o in (*p.opts, *p.secondary_opts)}
+        for a in args:
+            if a == "--":
+                break
+            p = names.get(a.split("=", 1)[0]) if a.startswith("-") else None
+            if p is not None:
+                if p.name in seen:
+                    both = seen[p.name] if seen[p.name] == a.split("=", 1)[0] else f"{seen[p.name]} / {a.split('=', 1)[0]}"
+                    raise _cx.UsageError(f"{both}: the same option given twice (the last would win silently); give "
+                                         "it once", ctx=ctx)
+                seen[p.name] = a.split("=", 1)[0]
+        return super().parse_args(ctx, args)
 
 
 class Group(_PlainHelp, typer.core.TyperGroup):

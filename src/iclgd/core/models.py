@@ -1023,6 +1023,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
         raise IclgdError(f"--model {name}: cannot load its tokenizer ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:160]})") from None
     model.eval()
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_rows:  # ids past the embedding would index out of range (or crash) in the first forward
+        raise IclgdError(f"--model {name}: its tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{n_rows} rows (a tokenizer of another model in the folder?)")
     lm = LoadedModel(name, model, tokenizer, layout, source)
     _check_or_drop_layout(lm, need_layout)
     lm.set_start(REGISTRY[name].bos if name in REGISTRY else None)

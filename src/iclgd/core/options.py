@@ -147,16 +147,17 @@ from dataclasses import MISSING, field, fields  # noqa: E402
 
 def option(default=MISSING, help: str = "", *, factory=MISSING, name: str | None = None, aliases: tuple = (),
            old: str | None = None, choices: tuple | None = None, parse=None, check=None, type=None,
-           show_default: str | None = None, cli: bool = True):
+           show_default: str | None = None, cli: bool = True, applies: tuple | None = None):
     """A config field that is also a CLI option.
 
     ``name``: the flag (default ``--field-name``), ``aliases`` visible other names, ``old`` a hidden name kept
     for one release; ``choices``: the allowed values (listed in --help); ``parse(flag, text)``: turns the text
     given at the terminal (or a string given from Python) into the value; ``check(flag, value)``: raises an
     IclgdError naming the flag; ``type``: the CLI's type where the default does not say it (a default of None);
-    ``cli=False``: a field the CLI does not offer."""
+    ``cli=False``: a field the CLI does not offer; ``applies=(other_field, values)``: the option takes effect only
+    while ``other_field`` has one of ``values``, so setting it otherwise is refused (never recorded unapplied)."""
     meta = {"iclgd": dict(help=help, name=name, aliases=tuple(aliases), old=old, choices=choices, parse=parse,
-                          check=check, type=type, show_default=show_default, cli=cli)}
+                          check=check, type=type, show_default=show_default, cli=cli, applies=applies)}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -191,6 +192,22 @@ def validate(cfg) -> None:
             raise IclgdError(f"{flag} {v!r}: expected one of {', '.join(map(str, m['choices']))}")
         if m["check"] is not None:
             m["check"](flag, v)
+    for f in fields(cfg):  # options as a whole: one that another option switches off is refused, not dropped
+        m = meta(f)
+        if not m.get("applies") or not hasattr(cfg, m["applies"][0]):
+            continue
+        other, values = m["applies"]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if getattr(cfg, f.name) != default and getattr(cfg, other) not in values:
+            of = next(g for g in fields(cfg) if g.name == other)
+            shown = lambda x: "" if x is True else f" {x}"  # noqa: E731
+            raise IclgdError(f"{flag_of(f)}{shown(getattr(cfg, f.name))}: takes effect only with "
+                             f"{' or '.join(flag_of(of) + shown(x) for x in values)} (given {flag_of(of)} "
+                             f"{getattr(cfg, other)}); drop it, or change {flag_of(of)}")
+
+
+def default_of(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 # parsers: (flag, text) -> value
@@ -348,8 +365,11 @@ def balanced_field():
     return option(False, "class-balanced demonstrations (round robin over labels, then shuffled by the seed)")
 
 
+EQ9 = ("attention", ("momentum",))  # options of Eq. (9) only (the EMA variant has parameters of its own)
+
+
 def eta_field(default: float = 0.9, help: str = "momentum coefficient, strictly between 0 and 1"):
-    return option(default, help, check=momentum_eta)
+    return option(default, help, check=momentum_eta, applies=EQ9)
 
 
 ATTENTIONS = ("vanilla", "momentum", "ema")  # momentum: Eq. (9); ema: the authors' code variant (engine.momentum)
@@ -361,11 +381,11 @@ def attention_field():
 
 
 def learnable_eta_field():
-    return option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)")
+    return option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)", applies=EQ9)
 
 
 def gate_field():
-    return option(False, "multiply Eq. 9's EMA by a learnable per-head gate initialised at 0")
+    return option(False, "multiply Eq. 9's EMA by a learnable per-head gate initialised at 0", applies=EQ9)
 
 
 def gate_needs_eq9(attention: str, gate: bool) -> None:

@@ -44,7 +44,12 @@ class Corpus:
 def _read(path: Path) -> str:
     if not path.is_file():
         raise IclgdError(f"--corpus: file {path} not found")
-    return path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise IclgdError(f"--corpus {path}:{line}: not UTF-8 text (byte {e.start}); save the corpus as UTF-8") from None
 
 
 def load_corpus(name: str, data_dir=None) -> Corpus:
@@ -256,7 +261,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     atomic_write_csv(path, rows, LOG_FIELDS)
 
 
-def _tokenizer(out: Path, corpus: Corpus, vocab_size: int, tokenizer=None):
+def _tokenizer(out: Path, corpus: Corpus, vocab_size: int, tokenizer=None, save: bool = True):
     """The run's tokenizer: the one given, else the run folder's, else one trained on the corpus; saved
     to ``out/tokenizer.json`` if it is not there yet."""
     tok_path = out / "tokenizer.json"
@@ -268,8 +273,10 @@ def _tokenizer(out: Path, corpus: Corpus, vocab_size: int, tokenizer=None):
                                                 pad_token="<pad>")
         else:
             tokenizer = train_tokenizer(corpus.train, vocab_size)
-    if not tok_path.is_file():
-        tokenizer.backend_tokenizer.save(str(tok_path))
+    if save and not tok_path.is_file():
+        from iclgd.core.io import atomic_write_text
+
+        atomic_write_text(tok_path, tokenizer.backend_tokenizer.to_str())
     return tokenizer
 
 
@@ -384,10 +391,13 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     out = ensure_dir(out)
     corpus = corpus or load_corpus(cfg.corpus, data_dir)
     s = SIZES[cfg.size]
-    tokenizer = _tokenizer(out, corpus, s.vocab_size, tokenizer)
+    tokenizer = _tokenizer(out, corpus, s.vocab_size, tokenizer, save=False)
     train_ids, val_ids = encode(tokenizer, corpus.train), encode(tokenizer, corpus.valid)
-    if len(train_ids) <= s.block_size + 1:
-        raise IclgdError(f"--corpus {cfg.corpus}: train split has {len(train_ids)} tokens, fewer than one block")
+    for split, ids in (("train", train_ids), ("validation", val_ids)):  # checked before the run folder is written
+        if len(ids) <= s.block_size + 1:
+            raise IclgdError(f"--corpus {cfg.corpus}: its {split} split has {len(ids)} tokens, fewer than one block of "
+                             f"{s.block_size + 1} (--config {cfg.size}); give a longer corpus")
+    _tokenizer(out, corpus, s.vocab_size, tokenizer)
     lm = build_model(cfg, len(tokenizer))
     model = lm.model.train()
     opt = optimizer(model, cfg)

@@ -166,10 +166,23 @@ class UpdatesConfig:
         O.validate(self)
 
 
+def same_architecture(before: LoadedModel, after: LoadedModel, flag_value) -> None:
+    """ΔW_FT = W(after) − W(before) needs the same model before and after finetuning: the same parameters, each of
+    the same shape (another architecture or tokenizer would give numbers that mean nothing)."""
+    sb = {k: tuple(v.shape) for k, v in before.model.state_dict().items()}
+    sa = {k: tuple(v.shape) for k, v in after.model.state_dict().items()}
+    diff = sorted(k for k in set(sb) | set(sa) if sb.get(k) != sa.get(k))
+    if diff:
+        k = diff[0]
+        raise IclgdError(f"--after {flag_value}: not the --before model finetuned (another architecture: parameter "
+                         f"{k} is {sa.get(k, 'absent')} after, {sb.get(k, 'absent')} before; {len(diff)} differ)")
+
+
 def compare_updates(before: str, after: str, task: str = "sst2", k: int = 8, seed: int = 1, data_dir=None) -> dict:
     """``iclgd dual compare-updates``: ΔW_FT = W_ZSL(after) − W_ZSL(before) vs ΔW_ICL, per layer and head."""
     lm_b = load_model(before)
     lm_a = load_after(before, after)
+    same_architecture(lm_b, lm_a, after)
     ids, span, meta = icl_prompt(lm_b, task, k, seed, data_dir)
     rows = dual.compare_updates(lm_b, lm_a, ids, span)
     return {"kind": "iclgd.dual.compare_updates", "config": {"before": before, "after": after, **meta},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,10 @@ class Unit:
 
     def p(self) -> dict:
         return dict(self.params)
+
+
+def _shown(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def _preset(flag: str, value) -> None:
@@ -55,9 +60,11 @@ class SweepConfig:
     untrained: bool = O.option(True, "the untrained-model control units")
     dual: bool = O.option(True, "the dual-form check unit")
     synthetic: bool = O.option(True, "the synthetic calibration unit")
-    synthetic_steps: int = O.option(2000, "training steps of the synthetic unit", cli=False)
+    synthetic_steps: int = O.option(2000, "training steps of the synthetic unit", cli=False,
+                                    applies=("synthetic", (True,)))
     momentum: bool = O.option(False, "also train vanilla vs momentum LMs (minutes per seed)")
-    momentum_steps: int = O.option(150, "training steps of each momentum run", cli=False)
+    momentum_steps: int = O.option(150, "training steps of each momentum run", cli=False,
+                                   applies=("momentum", (True,)))
     dtype: str = O.dtype_field()
     device: str = O.device_field()
     device_map: str | None = O.option(None, "'auto': spread a large model over the GPUs (HF Accelerate; needs "
@@ -67,11 +74,12 @@ class SweepConfig:
                                         "compared on 4 tasks (<= 15 min on 2 cores); world: the ICL world's three "
                                         "experiments on models trained here (<= 45 min)", type=str, check=lambda f, v: _preset(f, v))
     world: bool = O.option(False, "the ICL-world experiments (iclgd.experiments.world)", cli=False)
-    world_size: str = O.option("demo", "the world models' size", cli=False)
+    world_size: str = O.option("demo", "the world models' size", cli=False, applies=("world", (True,)))
     world_tasks: int | None = O.option(None, "evaluation tasks each world model is compared on (None: one per seed)",
-                                       cli=False)
-    world_momentum: bool = O.option(True, "the world's momentum experiment", cli=False)
-    world_along: bool = O.option(True, "the world's metrics-along-training experiment", cli=False)
+                                       cli=False, applies=("world", (True,)))
+    world_momentum: bool = O.option(True, "the world's momentum experiment", cli=False, applies=("world", (True,)))
+    world_along: bool = O.option(True, "the world's metrics-along-training experiment", cli=False,
+                                 applies=("world", (True,)))
     eval_only: bool = O.option(False, "ZSL/ICL accuracy units (one ZSL per task, one ICL per task and seed) "
                                       "instead of compare units; any causal LM")
     batch_size: int | str = O.batch_size_field()  # prompts scored per forward pass
@@ -86,6 +94,12 @@ class SweepConfig:
         """Overwrite the fields a preset sets (see :data:`PRESETS`)."""
         if name not in PRESETS:
             raise IclgdError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, v in PRESETS[name].items():  # an option set away from its default is never silently overridden
+            given = getattr(self, key)
+            if given != O.default_of(fields[key]) and given != v:
+                raise IclgdError(f"{O.flag_of(fields[key])} {_shown(given)}: --preset {name} sets it to {_shown(v)}; "
+                                 "drop one of the two")
         for key, v in PRESETS[name].items():
             setattr(self, key, v)
         self.preset = name
@@ -330,12 +344,26 @@ def _finished(d: Path, unit: Unit) -> bool:
     return isinstance(header, dict) and header.get("params") == json.loads(json.dumps(unit.p()))
 
 
+def preflight(cfg: SweepConfig, data_dir) -> None:
+    """Everything a unit would find wrong, found before the sweep folder is written: the plan, every task's data
+    (both splits, through the schemas) and the model (known and readable, its attention layout derivable)."""
+    from iclgd.core.models import check_model
+    from iclgd.core.tasks import load_task, parse_task_list, resolve_data_dir, resolve_task
+
+    tasks = parse_task_list(",".join(cfg.tasks)) if cfg.tasks else []
+    plan(cfg)
+    ddir = resolve_data_dir(data_dir)
+    for t in tasks:
+        load_task(resolve_task(t), ddir, cfg.n_test)
+    if tasks:
+        check_model(cfg.model, need_layout=not cfg.eval_only)
+
+
 def run(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, overwrite: bool = False,
         progress: bool = True) -> dict:
     """``iclgd reproduce`` up to the report: the device resolved (and recorded), a preset applied, the model
     checked readable before the sweep folder is written, then this shard's units under the shard's lock."""
     from iclgd.core import options
-    from iclgd.core.models import check_model, resolve_device
     from iclgd.core.runfolder import lock
 
     cfg.device = resolve_device(cfg.device)  # the sweep records the device applied
@@ -343,7 +371,6 @@ def run(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, overwrit
     if cfg.preset is not None:
         cfg.apply_preset(cfg.preset)
     i, n = parse_shard(shard)
-    if cfg.tasks:  # the model is known and readable before the sweep folder is written
-        check_model(cfg.model, need_layout=not cfg.eval_only)
+    preflight(cfg, data_dir)
     with lock(Path(out), f"shard-{i}-of-{n}"):
         return reproduce(cfg, out, data_dir, shard, progress=progress, overwrite=overwrite)

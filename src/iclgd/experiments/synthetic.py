@@ -148,9 +148,14 @@ def gd_predict(t: Tasks, eta: float, steps: int = 1) -> torch.Tensor:
 
 
 def ols_predict(t: Tasks, ridge: float = 0.0) -> torch.Tensor:
+    """Least squares on each task's context (ridge > 0: ridge regression). Without ridge the minimum-norm solution
+    (pseudo-inverse), defined also when the context has fewer examples than dimensions or is singular."""
     d = t.X.shape[-1]
-    A = t.X.transpose(1, 2) @ t.X + ridge * torch.eye(d, dtype=t.X.dtype)
-    w = torch.linalg.solve(A, (t.X.transpose(1, 2) @ t.y[..., None]))[..., 0]
+    if ridge == 0:
+        w = (torch.linalg.pinv(t.X) @ t.y[..., None])[..., 0]  # (B, d)
+    else:
+        A = t.X.transpose(1, 2) @ t.X + ridge * torch.eye(d, dtype=t.X.dtype)
+        w = torch.linalg.solve(A, (t.X.transpose(1, 2) @ t.y[..., None]))[..., 0]
     return torch.einsum("bd,bd->b", w, t.xq)
 
 
@@ -352,6 +357,9 @@ def run(cfg: SyntheticConfig, progress: bool = True) -> dict:
         "calibration": {name: calibration(m, ev, etaK, layers, seed=seed)
                         for name, m in (("construction", cons), ("trained", trained), ("untrained", untrained))},
         "train_curve": curve,
+        "ols_note": (f"n_context {n_ctx} < dim {d}: each task's least squares is underdetermined, so 'ols' is the "
+                     "minimum-norm solution, not an optimal estimator; compare with ridge_0.1" if n_ctx < d else
+                     "ols: ordinary least squares on each task's context"),
         "_sens": (sens_tr.detach().numpy(), sens_gd.detach().numpy()),
     }
 
