@@ -102,7 +102,7 @@ def test_world_model_with_a_variant_saves_and_restores(tmp_path, args):
 def test_gate_without_eq9_is_refused(tmp_path):
     res = CliRunner().invoke(app, ["world", "train", "--size", "tiny", "--attention", "ema", "--gate",
                                    "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "--gate applies to --attention momentum" in res.output
+    assert res.exit_code == 2 and "--gate: takes effect only with --attention momentum" in res.output
     assert not any(tmp_path.iterdir())
 
 

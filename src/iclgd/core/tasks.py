@@ -201,6 +201,15 @@ class TaskSpecSchema(_Strict):
         return words
 
 
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}) that no "
+                         "tokenizer can encode") from None
+    return text
+
+
 def validate_spec(path: Path, text: str, raw: dict) -> list[str]:
     """The spec against :class:`TaskSpecSchema`, then its templates rendered once on a probe row; returns the
     template's placeholders."""
@@ -211,6 +220,13 @@ def validate_spec(path: Path, text: str, raw: dict) -> list[str]:
         spec = TaskSpecSchema.model_validate({k: v for k, v in raw.items() if not str(k).startswith("_")})
     except ValidationError as e:
         raise schema_error(path, text, e, TaskSpecSchema.model_fields) from None
+    for key, texts in (("name", [spec.name]), ("template", [spec.template]), ("answer_format", [spec.answer_format]),
+                       ("label_words", spec.label_words)):
+        for t in texts:  # what goes into a prompt must be text a tokenizer can encode
+            try:
+                _encodable(t)
+            except ValueError as e:
+                raise IclgdError(f"{where(key)}: {e}") from None
     placeholders = _placeholders(spec.template, where("template"))
     if not placeholders:
         raise IclgdError(f"{where('template')}: has no placeholder, so every prompt would be the same text "
@@ -279,15 +295,6 @@ class Split:
     source: str  # file path, or hub id
     sha256: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def _encodable(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}) that no "
-                         "tokenizer can encode") from None
-    return text
 
 
 def row_schema(spec: TaskSpec) -> TypeAdapter:

@@ -364,6 +364,7 @@ def run(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, overwrit
     """``iclgd reproduce`` up to the report: the device resolved (and recorded), a preset applied, the model
     checked readable before the sweep folder is written, then this shard's units under the shard's lock."""
     from iclgd.core import options
+    from iclgd.core.models import resolve_device
     from iclgd.core.runfolder import lock
 
     cfg.device = resolve_device(cfg.device)  # the sweep records the device applied
