@@ -148,7 +148,7 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
         ("seed too large", ["eval", *small, "--seed", str(2**40)]),
         ("batch size 0", ["eval", *small, "--batch-size", "0"]),
         ("negative batch size (wrote NaN accuracies)", ["eval", *small, "--batch-size", "-3"]),
-        ("negative k", ["eval", *small, "--k", "-1"]),
+        ("negative k", ["eval", *tiny, "--n-test", "2", "--k", "-1"]),
         ("n-test 0", ["eval", *tiny, "--n-test", "0"]),
         ("max-len 0", ["eval", *small, "--max-len", "0"]),
         ("unknown dtype", ["eval", *small, "--dtype", "float8"]),

@@ -24,7 +24,10 @@ def sst2(data_dir):
                                            ("tiny-random-opt", "last"), ("tiny-random-gemma3", "last"),
                                            ("tiny-random-gemma2", "label-token"), ("tiny-random-phi3", "last"),
                                            ("tiny-random-olmo2", "last"), ("tiny-random-mistral", "last"),
-                                           ("tiny-random-qwen3", "last")])
+                                           ("tiny-random-qwen3", "last"), ("tiny-random-gptj", "last"),
+                                           ("tiny-random-stablelm", "last"), ("tiny-random-phi", "label-token"),
+                                           ("tiny-random-falcon", "last"), ("tiny-random-falcon-gqa", "last"),
+                                           ("tiny-random-bloom", "last"), ("tiny-random-bloom", "label-token")])
 def test_captures_from_cached_batches_equal_a_plain_forward(name, position, sst2):
     """The observer reads the batched, prefix-cached pass; recompute from one uncached forward of the full prompt."""
     lm = load_model(name)
@@ -45,8 +48,11 @@ def test_captures_from_cached_batches_equal_a_plain_forward(name, position, sst2
             kk = k.repeat_interleave(H // Hkv, 0)
             cap = lm.softcap(l)  # Gemma-2 caps scores at ±cap
             capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)  # noqa: B023
-            s_query = capped(torch.einsum("hd,htd->ht", q[:, pos], kk[:, P: P + len(p.query_ids[j])]) * scale)
-            s_demo = capped(torch.einsum("hd,htd->ht", q[:, pos], kk[:, demo_pos]) * scale).sum(0)
+            bias = lm.key_bias(l, torch.arange(len(ids)))  # ALiBi (BLOOM): what the softmax sees beside q·k
+            bias = torch.zeros(H, len(ids)) if bias is None else bias.float()
+            s_query = capped(torch.einsum("hd,htd->ht", q[:, pos], kk[:, P: P + len(p.query_ids[j])]) * scale
+                             + bias[:, P: P + len(p.query_ids[j])])
+            s_demo = capped(torch.einsum("hd,htd->ht", q[:, pos], kk[:, demo_pos]) * scale + bias[:, demo_pos]).sum(0)
             W = lm.window(l)
             if W is not None:  # tokens the sliding window hides from the prediction position
                 s_demo[torch.tensor(demo_pos) <= pos - W] = -torch.inf

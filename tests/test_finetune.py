@@ -86,3 +86,23 @@ def test_untrained_control_keeps_embeddings_and_norms():
     reinit_untrained(lm, seed=3)
     assert torch.equal(lm.model.get_input_embeddings().weight, emb) and torch.equal(lm.blocks()[0].input_layernorm.weight, norm)
     assert not torch.equal(lm.attention(0).k_proj.weight, k)
+
+
+@pytest.mark.parametrize("name,cap", [("tiny-random-gemma2", 0.05), ("tiny-random-llama", None)])
+def test_lcgd_last_layer_loss_is_the_models_own_loss_soft_cap_included(name, cap):
+    """LCGD reads each layer out as the model reads its last one: the last layer's loss equals the model's own LM
+    loss, with Gemma-2's final-logit soft-cap (a small cap, so that forgetting it shows)."""
+    import torch
+
+    from iclgd.engine.finetune import lcgd_losses, lm_loss
+
+    lm = load_model(name, dtype="float64")
+    lm.model.config.final_logit_softcapping = cap
+    ids = torch.arange(3, 20)
+    with torch.no_grad():
+        own = lm_loss(lm.model(input_ids=ids[None]).logits[0], ids)
+        last = lcgd_losses(lm, ids)[-1]
+        plain = lm_loss(lm.model.get_output_embeddings()(lm.model.base_model(input_ids=ids[None]).last_hidden_state)[0], ids)
+    assert abs(float(last) - float(own)) < 1e-9
+    if cap:
+        assert abs(float(plain) - float(own)) > 1e-4  # without the cap the loss is another number

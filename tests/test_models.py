@@ -8,12 +8,19 @@ from iclgd.core.models import OVERRIDES, adapter_for, load_model, supported_fami
 TINY = list(tiny_configs())
 
 
-def test_layouts_are_derived_for_thirteen_families_with_few_overrides():
-    """Every tiny family's layout comes from its modules; only two facts are listed by hand."""
+def test_layouts_are_derived_for_eighteen_families_with_few_overrides():
+    """Every tiny family's layout comes from its modules; only four families have facts listed by hand."""
     fams = supported_families()
-    assert len(fams) >= 13 and {"mistral", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neo",
-                                "opt", "xglm", "llama", "qwen2", "gpt_neox"} <= set(fams)
-    assert set(OVERRIDES) == {"gpt_neo", "gpt_neox"}
+    assert len(fams) >= 18 and {"mistral", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2", "gpt_neo",
+                                "opt", "xglm", "llama", "qwen2", "gpt_neox", "gptj", "stablelm", "phi",
+                                "falcon", "bloom"} <= set(fams)
+    assert set(OVERRIDES) == {"gpt_neo", "gpt_neox", "falcon", "bloom"}
+    assert adapter_for("bloom").alibi and not adapter_for("falcon").alibi and adapter_for("bloom").fused_kind == "neox"
+    assert adapter_for("gptj").rotary_style == "pairs" and adapter_for("phi").rotary_style == "halves"
+    from iclgd.core.models import layout_for_config
+
+    falcon = {n: layout_for_config(tiny_configs()[n]).fused_kind for n in ("tiny-random-falcon", "tiny-random-falcon-gqa")}
+    assert falcon == {"tiny-random-falcon": "concat", "tiny-random-falcon-gqa": "grouped"}
     lay = {f: adapter_for(f) for f in fams}
     assert (lay["phi3"].fused, lay["phi3"].fused_kind) == ("qkv_proj", "concat")
     assert (lay["gpt2"].fused_kind, lay["gpt_neox"].fused_kind) == ("gpt2_conv1d", "neox")
@@ -60,9 +67,10 @@ def test_projections_reproduce_the_modules_own_qkv(name, tiny):
 def test_underivable_layout_names_the_model_type_and_what_is_missing(tmp_path):
     import transformers as T
 
-    T.BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50).save_pretrained(tmp_path)
-    with pytest.raises(IclgdError, match="model type 'bloom' is not supported: its fused projection "
-                                         "self_attention.query_key_value does not say how its rows split") as e:
+    T.PersimmonConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(IclgdError, match="model type 'persimmon' is not supported: its fused projection "
+                                         "self_attn.query_key_value does not say how its rows split") as e:
         load_model(str(tmp_path))
     assert "\n" not in str(e.value)
     with pytest.raises(IclgdError, match="'mamba' is not supported: no self-attention module with separable"):
@@ -103,8 +111,9 @@ def _built(cfg):
 
 
 def test_check_layout_accepts_more_derived_families_and_refuses_misread_ones():
-    """Starcoder2, Gemma and OLMo are derived with no entry and reproduce their own attention; GPT-J, Phi and
-    StableLM rotate a slice of each head with their own code, so the derived layout is refused in one line."""
+    """Starcoder2, Gemma and OLMo are derived with no entry and reproduce their own attention, and so do GPT-J, Phi
+    and StableLM, which rotate a slice of each head (GPT-J in interleaved pairs); a misread rotary convention or
+    a forgotten q/k norm is refused in one line."""
     import dataclasses
 
     import transformers as T
@@ -117,8 +126,12 @@ def test_check_layout_accepts_more_derived_families_and_refuses_misread_ones():
         assert check_layout(_built(cfg)) <= 1e-5
     for cfg in (T.PhiConfig(**kw), T.StableLmConfig(num_key_value_heads=2, **kw),
                 T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=259, rotary_dim=4)):
-        with pytest.raises(IclgdError, match=f"model type '{cfg.model_type}': its derived attention layout fails"):
-            check_layout(_built(cfg))
+        lm = _built(cfg)
+        assert check_layout(lm) <= 1e-5
+        wrong = "halves" if lm.layout.rotary_style == "pairs" else "pairs"
+        lm.layout = dataclasses.replace(lm.layout, rotary_style=wrong)
+        with pytest.raises(IclgdError, match=f"model type '{cfg.model_type}': "):
+            check_layout(lm)
     lm = load_model("tiny-random-qwen3")  # a misread layout (its q/k norms forgotten) is caught by the numbers
     lm.layout = dataclasses.replace(lm.layout, qk_norm=None)
     with pytest.raises(IclgdError, match=r"does not reproduce its attention \(relative error 0\.\d+ > 0\.001\)"):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from iclgd.cli import app
 
 from bad_inputs import extra_cases
+from bad_inputs_more import more_cases
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 
@@ -29,8 +30,9 @@ def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
     (tmp / "afile").write_text("x")
     import transformers as T
 
-    # BLOOM's fused query_key_value: no attention layout can be derived (Mistral now is)
-    T.BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50).save_pretrained(tmp / "bloom")
+    # Persimmon's fused query_key_value: its row order is not derived (BLOOM's and Falcon's now are)
+    T.PersimmonConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      vocab_size=50).save_pretrained(tmp / "bloom")
     mom = tmp / "mom"  # a momentum compare folder whose results.json is of seeds [1]
     mom.mkdir()
     (mom / "results.json").write_text(json.dumps({"config": {"corpus": "tinyshakespeare", "seeds": [1], "eta": 0.9,
@@ -71,7 +73,7 @@ def _cases(tmp: Path, data_dir: Path) -> list[tuple[str, list[str]]]:
         ("momentum results of another configuration", ["momentum", "compare", "--config", "tiny", "--steps", "1",
                                                        "--seeds", "2", "--out", str(mom)]),
         ("unknown synthetic attention", ["synthetic", "--attention", "cosine", "--steps", "1"]),
-    ] + extra_cases(tmp, data_dir, sweep, rep)
+    ] + extra_cases(tmp, data_dir, sweep, rep) + more_cases(tmp, data_dir)
 
 
 def test_bad_inputs_one_line_exit_2_nothing_half_written(tmp_path, data_dir):
@@ -85,8 +87,9 @@ def test_bad_inputs_one_line_exit_2_nothing_half_written(tmp_path, data_dir):
         errors = [x for x in lines if x.startswith("error: ")]
         assert res.exit_code == 2, (what, res.output)
         assert len(errors) == 1 and "Traceback" not in res.output, (what, res.output)
-        rows.append((what, " ".join(args).replace(str(tmp_path), "<tmp>"), errors[0].replace(str(tmp_path), "<tmp>")))
-    assert len(rows) >= 60
+        shown = lambda t: t.replace(str(tmp_path), "<tmp>").replace(str(data_dir), "<data>")  # noqa: E731
+        rows.append((what, shown(" ".join(args)), shown(errors[0])))
+    assert len(rows) >= 200
     # nothing half-written: no temporary files, and no results file from a failed run
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
     assert not (tmp_path / "nohub").exists()  # refused before the sweep folder is written

@@ -284,7 +284,9 @@ def test_kv_matrices_are_the_sums_of_value_key_outer_products(name):
 
 
 @pytest.mark.parametrize("name,position", [("tiny-random-llama", "last"), ("tiny-random-gpt2", "label-token"),
-                                           ("tiny-random-gemma2", "last")])
+                                           ("tiny-random-gemma2", "last"), ("tiny-random-gptj", "last"),
+                                           ("tiny-random-stablelm", "last"), ("tiny-random-phi", "last"),
+                                           ("tiny-random-falcon-gqa", "last"), ("tiny-random-bloom", "last")])
 def test_keys_and_values_captured_in_the_scoring_passes_give_w_zsl_and_dw_icl(name, position, data_dir):
     """W_ZSL (Eq. 6) of each ZSL prompt and ΔW_ICL (Eq. 7) from the keys and values the batched, prefix-cached scoring
     passes captured equal those of one plain forward pass of the prompt (dual.kv_matrices), in float64."""

@@ -76,12 +76,12 @@ def test_compare_records_the_start_token(tmp_path):
 
 
 def test_eval_runs_on_a_family_without_adapter_and_compare_refuses(tmp_path):
-    """BLOOM's fused query_key_value does not say how its rows split, so no layout is derived: accuracy
+    """Persimmon's fused query_key_value does not say how its rows split, so no layout is derived: accuracy
     needs none, captures do."""
     import transformers as T
 
-    cfg = T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=259, bos_token_id=256,
-                        eos_token_id=257, pad_token_id=258)
+    cfg = T.PersimmonConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     byte_tokenizer().save_pretrained(tmp_path / "m")
@@ -90,4 +90,4 @@ def test_eval_runs_on_a_family_without_adapter_and_compare_refuses(tmp_path):
     assert "cb" in res.output
     res = CliRunner().invoke(app, ["compare", "--model", str(tmp_path / "m"), "--task", "cb", "--k", "2",
                                    "--n-test", "3"])
-    assert res.exit_code == 2 and "model type 'bloom' is not supported" in res.output
+    assert res.exit_code == 2 and "model type 'persimmon' is not supported" in res.output

@@ -111,16 +111,19 @@ def library_versions() -> dict:
 
 
 def read_result(path: Path) -> dict | None:
-    """A finished unit's result, None if absent; a damaged file is the user's to know about."""
+    """A JSON object file iclgd wrote (a unit's result, a run's record), None if absent; a damaged file is the
+    user's to know about, with the remedy that fits it (a unit is recomputed; any other file is its run's)."""
+    path = Path(path)
+    fix = ("delete it to recompute that unit" if "units" in path.parts else
+           "it was edited or damaged: restore it, or rerun into another --out (or with --overwrite)")
     if not path.is_file():
         return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IclgdError(f"{path}: corrupted result file (not valid JSON); delete it to recompute that unit") from None
+        raise IclgdError(f"{path}: corrupted file (not valid JSON); {fix}") from None
     except OSError as e:
-        raise IclgdError(f"{path}: cannot read the result file ({e.strerror})") from None
+        raise IclgdError(f"{path}: cannot read the file ({e.strerror})") from None
     if not isinstance(doc, dict):
-        raise IclgdError(f"{path}: not an iclgd result file (a JSON {type(doc).__name__}, expected an object); "
-                         "delete it to recompute that unit")
+        raise IclgdError(f"{path}: not an iclgd file (a JSON {type(doc).__name__}, expected an object); {fix}")
     return doc

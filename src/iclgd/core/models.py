@@ -59,10 +59,16 @@ class AttentionLayout:
     rotary: str | None = None  # the model's rotary-embedding module, from the root (None: no rotary) ...
     rotary_apply: str = "apply_rotary_pos_emb"  # ... applied by this function of the family's modeling module
     rotary_by_layer_type: bool = False  # the rotary module takes the layer's type (Gemma-3: local/global bases)
+    # how the family's apply function is called: "halves" apply(q, k, cos, sin) on (B, H, T, rot) and rotates the
+    # two halves of each head (Llama, NeoX); "pairs" apply(x, sin, cos) on (B, T, H, rot) and rotates interleaved
+    # pairs (GPT-J, whose module returns (sin, cos)). Partial rotary (StableLM, Phi, GPT-J's rotary_dim): the first
+    # ``rot`` entries of a head rotate, rot read from the module's output
+    rotary_style: str = "halves"
     scale: float | None = None  # score scale when the module does not say (GPT-Neo: 1, no 1/√d)
     local_window: bool = False  # GPT-Neo: local layers (attention_type 'local') see config.window_size keys
     attention_interface: bool = True  # calls ALL_ATTENTION_FUNCTIONS (else: module hooks only)
     softcap: bool = False  # logit soft-capping configured (Gemma-2): SDPA cannot, eager attention does
+    alibi: bool = False  # ALiBi (BLOOM): scores get slope_h · (key position), built by the family's build_alibi_tensor
 
     @property
     def attn_implementation(self) -> str:
@@ -82,6 +88,14 @@ OVERRIDES: dict[str, dict] = {
     "gpt_neo": dict(scale=1.0, local_window=True),
     # a fused nn.Linear does not say how its rows are ordered: NeoX interleaves them per head
     "gpt_neox": dict(fused_kind="neox"),
+    # Falcon's query_key_value: per KV group its query heads then one key and one value head (the new
+    # decoder architecture), [q heads | k | v] with one KV head (multi-query), else per head as NeoX
+    # BLOOM: query_key_value rows per head as NeoX; no rotary, but ALiBi position biases on the scores
+    "bloom": dict(fused_kind="neox", alibi=True),
+    "falcon": dict(fused_kind=lambda c: "grouped" if c.new_decoder_architecture else "concat" if c.multi_query
+                   else "neox",
+                   n_kv_heads=lambda c: c.num_kv_heads if c.new_decoder_architecture else 1 if c.multi_query
+                   else c.num_attention_heads),
 }
 
 _Q, _K, _V = ("q_proj", "query", "q", "wq"), ("k_proj", "key", "k", "wk"), ("v_proj", "value", "v", "wv")
@@ -147,7 +161,9 @@ def derive_layout(model: nn.Module) -> AttentionLayout:
     fused = None if all(_child(am, names) for names in (_Q, _K, _V)) else _child(am, _FUSED)
     fused_kind = None
     if fused:
-        fused_kind = ("gpt2_conv1d" if isinstance(getattr(am, fused), Conv1D) else over.get("fused_kind")
+        fused_kind = over.get("fused_kind")
+        fused_kind = fused_kind(config) if callable(fused_kind) else fused_kind
+        fused_kind = ("gpt2_conv1d" if isinstance(getattr(am, fused), Conv1D) else fused_kind
                       or ("concat" if fused in _FUSED_CONCAT else None))
         if fused_kind is None:
             raise refuse(f"its fused projection {attn}.{fused} does not say how its rows split into q, k and v "
@@ -165,19 +181,26 @@ def derive_layout(model: nn.Module) -> AttentionLayout:
     final_norm = next((f"{parent_path}.{n}" if parent_path else n for n in _FINAL_NORMS
                        if isinstance(getattr(parent, n, None), nn.Module)), None)
     rotary = next((n for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
-    by_type = False
+    by_type, style = False, "halves"
     if rotary is not None:
         if rotary.startswith(blocks + "."):
             raise refuse("its rotary embedding lives inside each attention module, not in the model")
         if not hasattr(sys.modules[type(am).__module__], "apply_rotary_pos_emb"):
             raise refuse("its modeling module has no apply_rotary_pos_emb for its rotary embedding")
         by_type = "layer_type" in inspect.signature(get_path(model, rotary).forward).parameters
+        names = list(inspect.signature(sys.modules[type(am).__module__].apply_rotary_pos_emb).parameters)
+        if names[:3] == ["tensor", "sin", "cos"]:
+            style = "pairs"
+        elif names[:4] == ["q", "k", "cos", "sin"]:
+            style = "halves"
+        else:
+            raise refuse(f"its apply_rotary_pos_emb takes ({', '.join(names)}), a convention iclgd does not know")
     return AttentionLayout(
         family=family, blocks=blocks, attn=attn,
         q=None if fused else _child(am, _Q), k=None if fused else _child(am, _K), v=None if fused else _child(am, _V),
         o=_child(am, _O), fused=fused, fused_kind=fused_kind, qk_norm=qk_norm, qk_norm_per_head=per_head,
-        final_norm=final_norm, rotary=rotary, rotary_by_layer_type=by_type, scale=over.get("scale"),
-        local_window=over.get("local_window", False),
+        final_norm=final_norm, rotary=rotary, rotary_by_layer_type=by_type, rotary_style=style, scale=over.get("scale"),
+        local_window=over.get("local_window", False), alibi=bool(over.get("alibi", False)),
         attention_interface=bool(getattr(type(model), "_supports_attention_backend", False)),
         softcap=bool(getattr(config, "attn_logit_softcapping", None)),
     )
@@ -191,7 +214,8 @@ def _head_counts(config) -> tuple[int, int, int]:
     c = config
     n_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or getattr(c, "num_heads", None)
     n_heads = n_heads or getattr(c, "attention_heads")
-    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+    kv_rule = OVERRIDES.get(getattr(c, "model_type", None), {}).get("n_kv_heads")
+    n_kv = kv_rule(c) if kv_rule else getattr(c, "num_key_value_heads", None) or n_heads
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "d_model")
     head_dim = getattr(c, "head_dim", None) or hidden // n_heads
     return int(n_heads), int(n_kv), int(head_dim)
@@ -395,6 +419,25 @@ class LoadedModel:
             return None
         return getattr(c, "sliding_window", None) or None
 
+    def key_bias(self, layer: int, key_positions: torch.Tensor) -> torch.Tensor | None:
+        """The additive score bias of each head at these key positions, (H, len(key_positions)), or None. ALiBi
+        (BLOOM): slope_h · j, from the family's own ``build_alibi_tensor`` (a bias linear in the key position; the
+        query's own offset is the same for every key, so the softmax does not see it)."""
+        if not self.layout.alibi:
+            return None
+        H = self.head_counts()[0]
+        build = sys.modules[type(self.attention(layer)).__module__].build_alibi_tensor
+        T = int(key_positions.max()) + 1
+        per_pos = build(torch.ones(1, T, device=key_positions.device), H, torch.float64).view(H, T)
+        return per_pos[:, key_positions.long()]
+
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of final-normed hidden states ``h`` (..., d_model), as the model computes its own: the
+        unembedding, then Gemma-2/3's final-logit soft-cap ``cap·tanh(z / cap)`` where configured."""
+        z = self.model.get_output_embeddings()(h)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return cap * torch.tanh(z / cap) if cap else z
+
     def softcap(self, layer: int) -> float | None:
         """Attention-logit soft-capping: scores become cap·tanh(scores/cap) (Gemma-2)."""
         cap = getattr(self.attention(layer), "attn_logit_softcapping", None)
@@ -445,8 +488,9 @@ class LoadedModel:
         return out
 
     def rotary(self, x: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the model's own rotary module for ``x`` (1, T, d) at ``position_ids`` (1, T); for
-        Gemma-3 the module takes the layer's type (local layers rotate with another base)."""
+        """What the model's own rotary module returns for ``x`` (1, T, d) at ``position_ids`` (1, T): (cos, sin), or
+        (sin, cos) for the "pairs" style (GPT-J); for Gemma-3 the module takes the layer's type (local layers
+        rotate with another base)."""
         try:
             module = get_path(self.model, self.layout.rotary)
         except AttributeError:
@@ -455,10 +499,20 @@ class LoadedModel:
             return module(x, position_ids, self.model.config.layer_types[layer])
         return module(x, position_ids)
 
-    def apply_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """The family's own ``apply_rotary_pos_emb`` (from the modeling module of its attention class)."""
+    def apply_rotary(self, layer: int, x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x`` (H, T, d_head) rotated by the family's own ``apply_rotary_pos_emb`` (from the modeling module of its
+        attention class) with ``pe``, the rotary module's output: its first ``rot`` entries per head when the
+        rotation is partial (StableLM, Phi, GPT-J's rotary_dim), the rest passed through, as the family does."""
         apply = getattr(sys.modules[type(self.attention(layer)).__module__], self.layout.rotary_apply)
-        return apply(q, k, cos, sin)
+        if self.layout.rotary_style == "pairs":  # GPT-J: (sin, cos) of rot/2 entries, applied on (B, T, H, rot)
+            sin, cos = pe
+            rot = 2 * sin.shape[-1]
+            out = apply(x[..., :rot].transpose(0, 1)[None], sin, cos)[0].transpose(0, 1)
+        else:  # (cos, sin) of rot entries, applied on (B, H, T, rot) as apply(q, k, cos, sin)
+            cos, sin = pe
+            rot = cos.shape[-1]
+            out = apply(x[None, ..., :rot], x[None, ..., :rot], cos, sin)[0][0]
+        return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
 
 
 def _fused_qkv(kind: str, t: torch.Tensor, H: int, Hkv: int, hd: int
@@ -467,7 +521,9 @@ def _fused_qkv(kind: str, t: torch.Tensor, H: int, Hkv: int, hd: int
 
     "gpt2_conv1d": Conv1D weight (in, 3·H·hd) and bias (3·H·hd,), columns [q | k | v];
     "neox": weight (3·H·hd, in) and bias (3·H·hd,), rows laid out (head, 3, head_dim);
-    "concat": weight ((H + 2·H_kv)·hd, in) and bias, rows [q (H·hd) | k (H_kv·hd) | v (H_kv·hd)] (Phi-3).
+    "concat": weight ((H + 2·H_kv)·hd, in) and bias, rows [q (H·hd) | k (H_kv·hd) | v (H_kv·hd)] (Phi-3, Falcon
+    multi-query); "grouped": rows (H_kv, H/H_kv + 2, head_dim), each KV group's query heads then its key and value
+    (Falcon's new decoder architecture).
     """
     if kind == "gpt2_conv1d":
         d = H * hd
@@ -478,6 +534,9 @@ def _fused_qkv(kind: str, t: torch.Tensor, H: int, Hkv: int, hd: int
     if kind == "neox":
         view = t.view(H, 3, hd, *t.shape[1:])
         return view[:, 0], view[:, 1], view[:, 2]
+    if kind == "grouped":  # rows (H_kv, H/H_kv + 2, head_dim): a group's query heads, then its key and its value
+        view = t.view(Hkv, H // Hkv + 2, hd, *t.shape[1:])
+        return view[:, :-2], view[:, -2], view[:, -1]
     raise AssertionError(kind)
 
 
@@ -510,14 +569,9 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     q, k = q.transpose(0, 1), k.transpose(0, 1)
     v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1)
     if lay.rotary:
-        cos, sin = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # (1, T, rot_dim)
-        if q_rows is not None:
-            cos_q, sin_q = lm.rotary(xq[None], pos_q[None].to(x.device), layer)
-        else:
-            cos_q, sin_q = cos, sin
-        q, _ = lm.apply_rotary(layer, q[None], q[None], cos_q, sin_q)
-        k, _ = lm.apply_rotary(layer, k[None], k[None], cos, sin)
-        q, k = q[0], k[0]
+        pe = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # two (1, T, rot or rot/2) tensors
+        pe_q = pe if q_rows is None else lm.rotary(xq[None], pos_q[None].to(x.device), layer)
+        q, k = lm.apply_rotary(layer, q, pe_q), lm.apply_rotary(layer, k, pe)
     return q, k, v, lm.scale(layer)
 
 
@@ -561,6 +615,8 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
         start = max(0, n_tokens - W) if W else 0
         kk, vv = repeat_kv(k[:, start:], H // Hkv, 0).double(), repeat_kv(v[:, start:], H // Hkv, 0).double()
         s = torch.einsum("hd,htd->ht", q[:, -1].double(), kk) * scale
+        bias = lm.key_bias(l, torch.arange(start, n_tokens, device=dev))
+        s = s if bias is None else s + bias
         cap = lm.softcap(l)
         if cap:
             s = cap * torch.tanh(s / cap)
@@ -639,6 +695,21 @@ def tiny_configs() -> dict:
         "tiny-random-olmo2": T.Olmo2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=P,
                                            **common),
+        # rotary of another convention (GPT-J: interleaved pairs, apply(x, sin, cos)), partial rotary (GPT-J's
+        # rotary_dim, StableLM's and Phi's partial_rotary_factor), Falcon's fused multi-query and grouped layouts
+        "tiny-random-gptj": T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=P, **common),
+        "tiny-random-stablelm": T.StableLmConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, intermediate_size=64,
+                                                 partial_rotary_factor=0.25, max_position_embeddings=P, **common),
+        "tiny-random-phi": T.PhiConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                       partial_rotary_factor=0.5, max_position_embeddings=P, **common),
+        # ALiBi and NeoX-ordered fused rows
+        "tiny-random-bloom": T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common),
+        "tiny-random-falcon": T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             multi_query=True, max_position_embeddings=P, **common),
+        "tiny-random-falcon-gqa": T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_kv_heads=2, new_decoder_architecture=True,
+                                                 max_position_embeddings=P, **common),
     }
 
 
@@ -646,7 +717,7 @@ def build_tiny(name: str, seed: int = 0) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_configs()[name]
-    layout = adapter_for(cfg.model_type)
+    layout = layout_for_config(cfg)  # (a family's layout can depend on its config: Falcon's fused rows)
     cfg._attn_implementation = layout.attn_implementation
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -995,6 +1066,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, source, config = model_config(name)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        raise IclgdError(f"--model {name}: a {config.model_type!r} model is not a decoder-only causal LM "
+                         "(AutoModelForCausalLM does not load it as one); iclgd needs one")
     try:
         layout = layout_for_config(config)
     except IclgdError:

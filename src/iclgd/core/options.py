@@ -196,14 +196,19 @@ def validate(cfg) -> None:
         m = meta(f)
         if not m.get("applies") or not hasattr(cfg, m["applies"][0]):
             continue
-        other, values = m["applies"]
+        other, values, *said = m["applies"]  # (field, allowed values or a predicate[, how to say it])
         default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if getattr(cfg, f.name) != default and getattr(cfg, other) not in values:
+        ok = values(getattr(cfg, other)) if callable(values) else getattr(cfg, other) in values
+        if getattr(cfg, f.name) != default and not ok:
             of = next(g for g in fields(cfg) if g.name == other)
-            shown = lambda x: "" if x is True else f" {x}"  # noqa: E731
-            raise IclgdError(f"{flag_of(f)}{shown(getattr(cfg, f.name))}: takes effect only with "
-                             f"{' or '.join(flag_of(of) + shown(x) for x in values)} (given {flag_of(of)} "
-                             f"{getattr(cfg, other)}); drop it, or change {flag_of(of)}")
+            shown = lambda x: "" if x is True else " " + (",".join(map(str, x)) if isinstance(x, (list, tuple))  # noqa: E731
+                                                          else "" if x is None else str(x))
+            need = said[0] if said else " or ".join(flag_of(of) + shown(x) if x is not None else "no " + flag_of(of)
+                                                     for x in values)
+            v = getattr(cfg, other)
+            given = (flag_of(of) if v else "--no-" + flag_of(of)[2:]) if isinstance(v, bool) else flag_of(of) + shown(v)
+            raise IclgdError(f"{flag_of(f)}{shown(getattr(cfg, f.name))}: takes effect only with {need} (given "
+                             f"{given}); drop it, or change {flag_of(of)}")
 
 
 def default_of(f):
@@ -305,13 +310,19 @@ BOS_HELP = ("start token of every prompt: a token of the vocabulary{none} (defau
             "for SmolLM2, <bos> for Gemma)")
 
 
+def _a_model(flag: str, value) -> None:
+    if isinstance(value, str) and not value.strip():
+        raise IclgdError(f"{flag} {value!r}: expected a model name, folder or hub id, got an empty string")
+
+
 def model_field(default: str = DEFAULT_MODEL):
     return option(default, "registry name (smollm2-135m, gemma3-270m), tiny-random-*, a local folder, or a hub id "
-                           "(gpt2, owner/name; downloaded unless --offline)", type=str)
+                           "(gpt2, owner/name; downloaded unless --offline)", type=str, check=_a_model)
 
 
 def tasks_field(default: str = "sst2", help: str = "task name, comma list, or 'all'"):
-    return option(default, help, name="--tasks", aliases=("--task",), check=no_nul)
+    return option(default, help, name="--tasks", aliases=("--task",), check=no_nul,
+                  applies=("task_spec", (None,), "no --task-spec (the spec is the task)"))
 
 
 def task_spec_field():
@@ -368,8 +379,8 @@ def balanced_field():
 EQ9 = ("attention", ("momentum",))  # options of Eq. (9) only (the EMA variant has parameters of its own)
 
 
-def eta_field(default: float = 0.9, help: str = "momentum coefficient, strictly between 0 and 1"):
-    return option(default, help, check=momentum_eta, applies=EQ9)
+def eta_field(default: float = 0.9, help: str = "momentum coefficient, strictly between 0 and 1", applies=EQ9):
+    return option(default, help, check=momentum_eta, applies=applies)
 
 
 ATTENTIONS = ("vanilla", "momentum", "ema")  # momentum: Eq. (9); ema: the authors' code variant (engine.momentum)
@@ -380,8 +391,8 @@ def attention_field():
                              "over the values)", choices=ATTENTIONS)
 
 
-def learnable_eta_field():
-    return option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)", applies=EQ9)
+def learnable_eta_field(applies=EQ9):
+    return option(False, "learn eta per head (sigmoid-parameterised, starting from --eta)", applies=applies)
 
 
 def gate_field():

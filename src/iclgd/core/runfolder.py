@@ -97,9 +97,17 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
             raise IclgdError(f"{p}: exists from an earlier run; pass --overwrite to replace it, or use another --out")
 
 
-def differing_keys(old: dict, new: dict) -> list[str]:
+def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested ones as dotted paths (``run.heads``)."""
     new = json.loads(json.dumps(new))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out
 
 
 def read_json_object(path: Path, what: str, keys: tuple[str, ...] = ()) -> dict | None:

@@ -45,11 +45,18 @@ def schema_error(path: Path, text: str, err: ValidationError, allowed=None) -> I
     sub = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"][1:])
     msg = e["msg"].removeprefix("Value error, ")
     msg = msg[:1].lower() + msg[1:]
+    if e["type"] == "string_pattern_mismatch":
+        msg = "expected a non-empty string"
+    elif e["type"] == "model_type" or e["type"] == "dict_type":
+        msg = "expected a JSON object"
     if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         msg = "unknown field" + (f" (expected some of {', '.join(sorted(allowed))})" if allowed and not sub else "")
     elif e["type"] in ("missing", "missing_argument"):
         msg = "required field missing"
     got = "" if msg.startswith(("unknown", "required")) else f", got {json.dumps(e.get('input'), default=str)[:40]}"
+    for py, js in (("NoneType", "null"), ("int", "an integer"), ("str", "a string"), ("float", "a number"),
+                   ("list", "a list"), ("dict", "an object"), ("bool", "a boolean")):
+        msg = msg.replace(f"a {py}", js).replace(f"an {py}", js)
     return IclgdError(f"{path}:{line_of(text, key)}: field {key}{sub}: {msg}{got}")
 
 
@@ -74,8 +81,27 @@ def read_config(path: Path, cls, what: str):
     raw = parse_json_text(path, text)
     if not isinstance(raw, dict):
         raise IclgdError(f"{path}: a {what} is a JSON object, got a {type(raw).__name__}")
+    import typing
+
+    def lacking(c, doc, where=""):
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if f.name not in doc:
+                return where + f.name
+            if dataclasses.is_dataclass(hints[f.name]) and isinstance(doc[f.name], dict):
+                inner = lacking(hints[f.name], doc[f.name], f"{where}{f.name}.")
+                if inner:
+                    return inner
+        return None
+
+    missing = lacking(cls, raw)
+    if missing:
+        raise IclgdError(f"{path}: field {missing}: required field missing (this file records every setting of the "
+                         "run; a default would describe a run that never was)")
     try:
         return _adapter(cls).validate_json(text)  # (strict JSON mode: arrays for tuples, no strings for numbers)
+    except IclgdError as e:  # the dataclass's own checks (__post_init__) name the value, not the file
+        raise IclgdError(f"{path}: {e}") from None
     except ValidationError as e:
         raise schema_error(path, text, e, [f.name for f in dataclasses.fields(cls)]) from None
 

@@ -96,6 +96,8 @@ def resolve_task(name: "str | TaskSpec", spec_file: "str | Path | TaskSpec | Non
         return name
     if spec_file is not None:
         return load_task_spec(spec_file)
+    if isinstance(name, str) and "," in name and all(t.strip() in TASKS for t in name.split(",")):
+        raise IclgdError(f"--task {name!r}: this command takes one task (run it once per task)")
     if name not in TASKS:
         raise IclgdError(f"--task {name!r}: unknown task (expected one of {', '.join(TASKS)}, or --task-spec FILE)")
     return TASKS[name]
@@ -105,6 +107,9 @@ def parse_task_list(value: str) -> list[str]:
     names = list(TASKS) if value == "all" else [t.strip() for t in value.split(",") if t.strip()]
     if not names:
         raise IclgdError("--task: empty task list (expected a task name, a comma list, or 'all')")
+    dup = [n for i, n in enumerate(names) if n in names[:i]]
+    if dup:
+        raise IclgdError(f"--tasks {value!r}: task {dup[0]} appears twice (expected distinct tasks)")
     for n in names:
         resolve_task(n)
     return names
@@ -118,6 +123,8 @@ def load_task_spec(path: str | Path, builtin: bool = False) -> TaskSpec:
     (``builtin``) relative to the data directory.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IclgdError(f"--task-spec {path}: is a folder, expected a JSON task-spec file")
     if not path.is_file():
         raise IclgdError(f"--task-spec {path}: file not found")
     try:
@@ -278,6 +285,8 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     """The data directory to use, or None for the Hugging Face hub. A named one must exist."""
     if data_dir is not None:
         p = Path(data_dir)
+        if p.exists() and not p.is_dir():
+            raise IclgdError(f"--data-dir {p}: is a file, expected a directory")
         if not p.is_dir():
             raise IclgdError(f"--data-dir {p}: directory not found")
         return p
@@ -316,6 +325,9 @@ def _row_error(path: Path, lineno: int, row: dict, spec: TaskSpec, err: Validati
         return IclgdError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
     e = errors[0]
     key = str(e["loc"][0])
+    if key == "label" and (not isinstance(row["label"], int) or isinstance(row["label"], bool)):
+        return IclgdError(f"{path}:{lineno}: label {json.dumps(row['label'])[:20]} is not an integer (expected 0.."
+                          f"{len(spec.label_words) - 1} for {'/'.join(spec.label_words)})")
     if key == "label":
         return IclgdError(f"{path}:{lineno}: label {row['label']!r} is outside the verbalizer of task {spec.name} "
                           f"(expected an integer 0..{len(spec.label_words) - 1} for {'/'.join(spec.label_words)})")
@@ -326,6 +338,8 @@ def _row_error(path: Path, lineno: int, row: dict, spec: TaskSpec, err: Validati
 
 def load_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
     """Read and validate a JSONL file: every line an object with the task's fields and a valid label."""
+    if path.is_dir():
+        raise IclgdError(f"{path}: is a folder, expected a JSON Lines data file (task {spec.name})")
     if not path.is_file():
         raise IclgdError(f"{path}: data file not found (task {spec.name})")
     check_row = row_schema(spec)
@@ -356,6 +370,19 @@ def load_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
     return rows
 
 
+def hub_dataset(what: str, *args, **kw):
+    """``datasets.load_dataset(*args, **kw)``; a data set the hub does not give (offline, unknown, no access) is one
+    line naming it and ``what`` asked for it."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - the hub's errors (connection, not found, gated) are the user's to fix
+        offline = " (the hub is off: HF_HUB_OFFLINE=1 or --offline)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise IclgdError(f"{what}: cannot load data set {args[0]!r} from the Hugging Face hub{offline} "
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+
+
 def _load_hub(spec: TaskSpec, which: str) -> Split:
     if spec.hub is None:
         raise IclgdError(f"task {spec.name}: no data directory found and the task has no hub source; pass --data-dir")
@@ -367,7 +394,7 @@ def _load_hub(spec: TaskSpec, which: str) -> Split:
             "package is not installed to fetch from the hub"
         ) from None
     split = spec.hub.demo_split if which == "demo" else spec.hub.eval_split
-    ds = datasets.load_dataset(spec.hub.path, spec.hub.name, split=split)
+    ds = hub_dataset(f"task {spec.name}", spec.hub.path, spec.hub.name, split=split)
     rows = [{ours: ex[theirs] for ours, theirs in spec.hub.columns.items()} | {"idx": i} for i, ex in enumerate(ds)]
     return Split(rows, f"hf://{spec.hub.path}/{spec.hub.name or ''}:{split}")
 
@@ -418,7 +445,7 @@ def load_task(spec: TaskSpec, data_dir: Path | None, n_test: int | None = None) 
         pool = [ev.rows[i] for i in order[spec.eval_cap:]]
         deviations.append(spec.demo_fallback)
         demo = None
-    if demo is not None and demo.source == ev.source:  # test examples, with their labels, in their own prompts
+    if demo is not None and Path(demo.source).resolve() == Path(ev.source).resolve():  # test examples, with their labels, in their own prompts
         raise IclgdError(f"task {spec.name}: its demonstration file is its evaluation file ({ev.source}); give "
                          "demo_file and eval_file two different files")
     chosen = order[: spec.eval_cap]

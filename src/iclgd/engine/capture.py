@@ -206,12 +206,16 @@ class Observer:
             cap = lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
             capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
             # (B, H, T): every position after the context; a row's positions past its own pos are cut on the host
-            ss.append(capped(torch.einsum("hbd,hbtd->bht", q_pred, k) * scale))
+            bias = lm.key_bias(l, P + torch.arange(T, device=dev))  # ALiBi (BLOOM): (H, T), else None
+            bias = 0 if bias is None else bias.to(acc)
+            ss.append(capped(torch.einsum("hbd,hbtd->bht", q_pred, k) * scale + bias))
             hs.append(rec.acts[f"attn_out.{l}"][rows, pos].to(acc))  # (B, d_model)
             qs.append(q_pred[:, keep_q].transpose(0, 1))  # (B_q, H, hd)
             if keep_d:
                 kp = repeat_kv(self._k_prefix[l].to(acc), H // Hkv, dim=0)  # (H, n_demo_tok, hd)
-                sd = capped(torch.einsum("hbd,htd->bht", q_pred[:, keep_d], kp) * scale).sum(1)  # (B_d, n_demo)
+                bd = lm.key_bias(l, dpos)
+                bd = 0 if bd is None else bd.to(acc)
+                sd = capped(torch.einsum("hbd,htd->bht", q_pred[:, keep_d], kp) * scale + bd).sum(1)  # (B_d, n_demo)
                 W = lm.window(l)
                 if W is not None:  # the prediction position P + pos sees keys j > P + pos − W only
                     sd = sd.masked_fill(dpos[None] <= (P + pos[keep_d] - W)[:, None], -torch.inf)

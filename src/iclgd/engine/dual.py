@@ -116,6 +116,7 @@ class HeadKV:
     scale: float
     start: int = 0
     softcap: float | None = None
+    bias: torch.Tensor | None = None  # (H, T) ALiBi's per-key score bias (BLOOM): in the softmax, not in Eq. (5)
 
     @property
     def group(self) -> int:
@@ -152,6 +153,8 @@ def softmax_attention(kv: HeadKV) -> torch.Tensor:
     """The true attention at the prediction position (the last one, which sees every token): (H, d)."""
     k, v = repeat_kv(kv.k, kv.group, dim=0), repeat_kv(kv.v, kv.group, dim=0)
     scores = torch.einsum("hd,htd->ht", kv.q, k) * kv.scale
+    if kv.bias is not None:  # ALiBi: the softmax sees slope_h · j beside q·k (the relaxed Eq. 5 has no such term)
+        scores = scores + kv.bias.to(scores)
     if kv.softcap:
         scores = kv.softcap * torch.tanh(scores / kv.softcap)
     probs = torch.softmax(scores, dim=-1)
@@ -171,7 +174,8 @@ def project_heads(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: to
     q, k, v, scale = qkv(lm, layer, x, position_ids)
     W = lm.window(layer)
     start = max(0, x.shape[0] - W) if W else 0
-    return HeadKV(k[:, start:], v[:, start:], q[:, -1], scale, start, lm.softcap(layer))
+    return HeadKV(k[:, start:], v[:, start:], q[:, -1], scale, start, lm.softcap(layer),
+                  lm.key_bias(layer, torch.arange(start, x.shape[0], device=x.device)))
 
 
 def capture_layer_io(lm: LoadedModel, input_ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -48,12 +48,12 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, n_target: int | None = None
 
 
 def lcgd_losses(lm: LoadedModel, ids: torch.Tensor, n_target: int | None = None) -> list[torch.Tensor]:
-    """Per-layer LM losses with each block's input detached (layer causality)."""
+    """Per-layer LM losses with each block's input detached (layer causality); each layer's output read out as the
+    model reads its last one (final norm, unembedding, and the final-logit soft-cap where the model has one)."""
     final_norm = get_path(lm.model, lm.layout.final_norm)
-    head = lm.model.get_output_embeddings()
     with Recorder(lm, points=("block_out",), detach=False, edit={"block_in": torch.Tensor.detach}) as rec:
         lm.model.base_model(input_ids=ids[None], use_cache=False)
-    return [lm_loss(head(final_norm(rec.acts[f"block_out.{l}"][0])), ids, n_target) for l in range(lm.n_layers)]
+    return [lm_loss(lm.logits_of(final_norm(rec.acts[f"block_out.{l}"][0])), ids, n_target) for l in range(lm.n_layers)]
 
 
 @dataclass

@@ -137,7 +137,12 @@ def encode_prefix(lm: LoadedModel, prefix_ids: list[int]) -> list[tuple[torch.Te
     dev = lm.input_device
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True, cache=DynamicCache())
-    cache = out.cache
+    cache = getattr(out, "cache", None)
+    if cache is None or not getattr(cache, "layers", None):
+        from iclgd.core.errors import IclgdError
+
+        raise IclgdError(f"--model {lm.name}: its forward pass returns no key/value cache, so it is not a decoder-only "
+                         f"causal LM ({lm.model_type}, e.g. an encoder such as BERT); iclgd needs one")
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

@@ -67,10 +67,12 @@ def load_corpus(name: str, data_dir=None) -> Corpus:
         paths = [p]
     elif name.startswith("hf:"):
         try:
-            import datasets
+            import datasets  # noqa: F401
         except ImportError:
             raise IclgdError("--corpus hf:...: the `datasets` package is not installed") from None
-        ds = datasets.load_dataset(name[3:])
+        from iclgd.core.tasks import hub_dataset
+
+        ds = hub_dataset(f"--corpus {name}", name[3:])
         texts = ["\n".join(ds[s]["text"]) for s in ("train", "validation", "test")]
         return Corpus(name, *texts)
     else:

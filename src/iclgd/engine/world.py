@@ -26,6 +26,7 @@ writes DIR/tasks/*.json and DIR/data/<task>/{demo,eval}.jsonl.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import time
@@ -469,7 +470,11 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     cfg_doc = asdict(cfg)
     old_cfg = out / "train_config.json"
     if old_cfg.is_file() and read_config(old_cfg, WorldTrainConfig, "world training configuration") != cfg:
-        raise IclgdError(f"{out}: holds a world run with another configuration; use another --out")
+        from iclgd.core.runfolder import differing_keys
+
+        differ = differing_keys(json.loads(old_cfg.read_text()), cfg_doc)
+        raise IclgdError(f"{old_cfg}: a world run of another configuration (differs in {', '.join(differ)}); use "
+                         "another --out, or --overwrite to start over")
     atomic_write_json(old_cfg, cfg_doc)
     atomic_write_json(out / "world.json", asdict(cfg.world))
     torch.set_num_threads(cfg.threads)

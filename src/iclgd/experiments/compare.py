@@ -41,7 +41,8 @@ class CompareConfig:
 
     k: int = O.k_field(32, 1, "demonstrations (>= 1: finetuning needs at least one)")
     lr: float | None = O.option(None, "FT learning rate (default: the paper's per-task rate)", type=float,
-                                check=O.positive)  # None: the task spec's lr, else DEFAULT_LR
+                                check=O.positive, applies=("lr_search", (False,), "no --lr-search (the search "
+                                                                                   "picks the rate)"))  # None: the task spec's lr, else DEFAULT_LR
     lr_search: bool = O.option(False, "pick the rate from a grid on held-out train examples")
     lr_grid: tuple[float, ...] = O.option(LR_GRID, "the rates --lr-search tries", cli=False)
     lr_holdout: int = O.option(64, "train examples (disjoint from the demonstrations) that judge the grid", cli=False)
@@ -446,6 +447,9 @@ class CompareJob:
         no_start_token(self.bos)
         if self.compare.untrained_seed is not None and not self.untrained:
             raise IclgdError("--untrained-seed applies to the untrained control only: drop --no-untrained")
+        if self.compare.untrained_reinit != "blocks" and not self.untrained:
+            raise IclgdError(f"--untrained-reinit {self.compare.untrained_reinit} applies to the untrained control "
+                             "only: drop --no-untrained")
 
 
 def no_start_token(bos: str | None) -> None:

@@ -121,11 +121,19 @@ def verify(cfg: VerifyConfig) -> dict:
             "per_layer": v["per_layer"], "rows": v["rows"], "timing": {"wall_s": round(time.time() - t0, 2)}}
 
 
+def _as_option(flag: str, load, name):
+    """``load(name)``, its errors naming ``flag`` (the option the user gave) rather than --model."""
+    try:
+        return load(name)
+    except IclgdError as e:
+        raise IclgdError(str(e).replace("--model", flag, 1)) from None
+
+
 def load_after(before: str, after: str) -> LoadedModel:
     """A model folder, or a state dict applied on top of ``before``."""
     p = Path(after)
     if p.is_dir() or not p.exists():
-        return load_model(after)
+        return _as_option("--after", load_model, after)
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -180,7 +188,7 @@ def same_architecture(before: LoadedModel, after: LoadedModel, flag_value) -> No
 
 def compare_updates(before: str, after: str, task: str = "sst2", k: int = 8, seed: int = 1, data_dir=None) -> dict:
     """``iclgd dual compare-updates``: ΔW_FT = W_ZSL(after) − W_ZSL(before) vs ΔW_ICL, per layer and head."""
-    lm_b = load_model(before)
+    lm_b = _as_option("--before", load_model, before)
     lm_a = load_after(before, after)
     same_architecture(lm_b, lm_a, after)
     ids, span, meta = icl_prompt(lm_b, task, k, seed, data_dir)

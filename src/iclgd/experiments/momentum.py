@@ -50,6 +50,9 @@ def _vanilla_first(flag: str, value) -> None:
                          "(each is compared with vanilla, paired by seed)")
 
 
+_WITH_MOMENTUM = ("variants", lambda v: "momentum" in v, "--variants with momentum")
+
+
 @dataclass
 class MomentumConfig:
     """``iclgd momentum compare``: vanilla and momentum LMs trained from the same seeds, data order and init."""
@@ -58,8 +61,8 @@ class MomentumConfig:
                            check=O.no_nul)
     seeds: list[int] = O.seeds_field((1, 2, 3), "one seed or a comma list of distinct seeds (one vanilla and one "
                                                 "momentum run each)")
-    eta: float = O.eta_field()
-    learnable_eta: bool = O.learnable_eta_field()
+    eta: float = O.eta_field(applies=_WITH_MOMENTUM)
+    learnable_eta: bool = O.learnable_eta_field(applies=_WITH_MOMENTUM)
     size: str = O.option("small", "model size", choices=_train_sizes(), old="--config")
     steps: int = O.option(150, "optimizer steps per run (>= 1)", check=O.min_int(1))
     variants: tuple[str, ...] = O.option(help="the attention variants trained per seed, vanilla first: vanilla, "
@@ -135,7 +138,8 @@ def run(cfg: MomentumConfig, out: Path, progress: bool = True) -> dict:
     variants = list(cfg.variants)
     for seed in seeds:
         for variant in variants:
-            cfg = TrainConfig(corpus=corpus, attention=variant, eta=eta, learnable_eta=learnable_eta and variant ==
+            cfg = TrainConfig(corpus=corpus, attention=variant, **({"eta": eta} if variant == "momentum" else {}),
+                              learnable_eta=learnable_eta and variant ==
                               "momentum", size=size, seed=seed, steps=steps, **train_kw)
             d = out / f"{variant}-s{seed}"
             if not (d / "final.json").is_file():

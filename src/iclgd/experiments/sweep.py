@@ -247,7 +247,10 @@ def check_units(out) -> None:
     files = (sweep.get("data") or {}).get("sha256")
     for f in sorted((out / "units").glob("*/result.json")):
         doc = read_json_object(f, "unit result", ("unit",))
-        unit = doc["unit"] if isinstance(doc["unit"], dict) else {}
+        if not isinstance(doc["unit"], dict):
+            raise IclgdError(f"{f}: not a unit result of the shape iclgd writes (its unit is a JSON "
+                             f"{type(doc['unit']).__name__}, expected an object); delete it to recompute that unit")
+        unit = doc["unit"]
         uid = f.parent.name
         if uid not in planned or unit.get("params") != planned[uid]:
             raise IclgdError(f"{f}: this unit's configuration differs from {out / 'sweep.json'} "
