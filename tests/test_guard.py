@@ -167,3 +167,12 @@ def test_a_full_model_cache_names_iclgd_cache(tmp_path):
                             env={"ICLGD_CACHE": str(tmp_path / "disk" / "d" / "cache")})
     line = _one_error(r)
     assert "ICLGD_CACHE" in line
+
+
+def test_results_are_readable_by_the_group_like_any_file_the_user_writes(tmp_path):
+    out = tmp_path / "syn"
+    assert run([*SYN, "--out", out])[0] == 0
+    old = os.umask(0o022)
+    os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {0o666 & ~old}, modes  # results, manifest and plots alike

@@ -30,6 +30,14 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def file_mode() -> int:
+    """The mode a plain ``open`` gives a new file (0644 under the usual umask 022): results are readable by the
+    group like any file the user writes; a temporary file of ``mkstemp`` alone would stay 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     from iclgd.core.errors import disk_error
@@ -39,6 +47,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
