@@ -141,3 +141,22 @@ def test_compare_runs_the_registry_functions(monkeypatch, data_dir):
     assert r["simaou"]["overall"] == pytest.approx(0.25) and r["simaou"]["per_layer"] == [0.25] * lm.n_layers
     agg = M.aggregate([r])
     assert agg["simaou"]["baselines"] == ["simaou_random_uniform", "simaou_random_gaussian"]
+
+
+def test_a_condition_answering_one_class_is_flagged_printed_and_recorded(tmp_path, caplog):
+    """Gemma-3 on SST-2 at k = 8 once answered one label 40 of 40 times: its accuracy was that label's share."""
+    from iclgd.engine.scoring import one_class_warnings
+
+    with caplog.at_level("WARNING", logger="iclgd"):
+        got = one_class_warnings({"zsl": [19, 1], "icl": [40, 0], "ft": [18, 2]}, "task sst2, seed 1",
+                                 ["negative", "positive"])
+    assert len(got) == 2 and "ZSL answers 'negative' for 19 of 20" in got[0] and "ICL" in got[1]
+    assert [r.getMessage() for r in caplog.records] == got
+    assert one_class_warnings({"icl": [94, 6]}, "x", ["a", "b"]) == []  # 94% is not flagged
+    res = CliRunner().invoke(app, ["eval", "--model", "tiny-random-gpt2", "--task", "sst2", "--k", "1",
+                                   "--n-test", "20", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "results.json").read_text())
+    counts = [doc["results"][0]["zsl_pred_counts"], doc["results"][0]["icl_pred_counts"]]
+    flagged = [max(c) >= 0.95 * sum(c) for c in counts]
+    assert len(doc["warnings"]) == sum(flagged)
+    assert sum(flagged) == sum(1 for line in res.output.splitlines() if line.startswith("warning: "))

@@ -27,6 +27,24 @@ from iclgd.engine.capture import Observer
 
 log = logging.getLogger(__name__)
 
+ONE_CLASS = 0.95  # a condition that answers one class for this share of the examples is flagged
+
+
+def one_class_warnings(pred_counts: dict, where: str, labels) -> list[str]:
+    """A warning for each condition (``{"zsl": counts, "icl": counts, ...}``) whose predictions are one class for at
+    least 95% of the examples: its accuracy is then that class's share, not a measure of the task. Logged (the CLI
+    prints ``warning:`` lines) and returned for the results document."""
+    out = []
+    for cond, counts in pred_counts.items():
+        n = sum(counts)
+        if n >= 2 and max(counts) >= ONE_CLASS * n:
+            c = int(np.argmax(counts))
+            out.append(f"{where}: {cond.upper()} answers {labels[c]!r} for {max(counts)} of {n} examples (accuracy "
+                       "there is that class's share, not a measure of the task)")
+    for w in out:
+        log.warning(w)
+    return out
+
 DEFAULT_SEPARATOR = "\n"  # the paper's fairseq code ends each demonstration with </s>; see README
 
 

@@ -25,7 +25,7 @@ from iclgd.core.tasks import TaskData, load_tasks, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.capture import Observer
 from iclgd.engine.finetune import REINIT, FTRecord, Snapshot, finetune, reinit_untrained
-from iclgd.engine.scoring import Prompts, build_prompts, resolve_batch_size, score_options
+from iclgd.engine.scoring import Prompts, build_prompts, one_class_warnings, resolve_batch_size, score_options
 from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows, writing
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
@@ -516,6 +516,8 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
             "seeds": results,
             "aggregate": M.aggregate(results),
             "untrained": {"seeds": control, "aggregate": M.aggregate(control)} if control else None,
+            "warnings": [w for r in results for w in one_class_warnings(
+                r["pred_counts"], f"task {data.spec.name}, seed {r['seed']}", data.spec.label_words)],
             "timing": {"phases_s": phases, "wall_s": round(time.time() - t0, 1)},
         }
         yield TaskResult(doc, records, "" if len(datas) == 1 else data.spec.name)

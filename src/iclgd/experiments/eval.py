@@ -9,7 +9,7 @@ from pathlib import Path
 from iclgd.core import options as O
 from iclgd.core.models import LoadedModel, as_loaded, model_name, run_versions
 from iclgd.core.tasks import load_tasks
-from iclgd.engine.scoring import EvalConfig, evaluate, resolve_batch_size, score_split
+from iclgd.engine.scoring import EvalConfig, evaluate, one_class_warnings, resolve_batch_size, score_split
 from iclgd.experiments.protocol import Experiment, Result, UnitKind, writing
 
 
@@ -57,6 +57,10 @@ def run(job: EvalJob, progress: bool = True) -> dict:
         "data_sha256": files,
         "deviations": deviations,
         "results": results,
+        "warnings": [w for r in results for w in one_class_warnings(
+            {**({"zsl": r["zsl_pred_counts"]} if r.get("seed") == seeds[0] else {}), "icl": r["icl_pred_counts"]},
+            f"task {r['task']}, seed {r.get('seed')}",
+            next(d.spec.label_words for d in datas if d.spec.name == r["task"]))],
         "timing": {"finished_unix": round(time.time()), "wall_s": round(time.time() - t0, 1)},
     }
 
