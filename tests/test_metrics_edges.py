@@ -111,3 +111,10 @@ def test_kendall_all_rows_at_once_equals_one_scipy_call_per_vector(n, L, T, seed
         want = np.array([[stats.kendalltau(x[l], y[l]).statistic for l in range(L)] for x, y in zip(a, b)])
     assert got.shape == (n, L) and np.isnan(got[0, 0])
     np.testing.assert_array_equal(got, want)  # NaN where scipy has NaN, equal floats elsewhere
+
+
+def test_tables_show_a_ci_from_three_seeds_on():
+    from iclgd.core.metrics import fmt_mean_ci
+
+    assert "[" not in fmt_mean_ci([0.375, 0.375]) and fmt_mean_ci([0.375, 0.375]).startswith("0.375")
+    assert "[" in fmt_mean_ci([0.3, 0.4, 0.5])

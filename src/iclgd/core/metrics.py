@@ -347,12 +347,16 @@ def fmt_ci(mean: float, lo: float, hi: float, several: bool, pct: bool = False, 
     return f"{f(mean)} [{f(lo)}{sep}{f(hi)}]" if several else f(mean)
 
 
+MIN_SEEDS_FOR_CI = 3  # tables show a CI from this many seeds on (the results files keep it for any number)
+
+
 def fmt_mean_ci(values, pct: bool = False) -> str:
-    """Mean over seeds with its 95% bootstrap CI when there are several ("n/a" when all are NaN)."""
+    """Mean over seeds with its 95% bootstrap CI from three seeds on ("n/a" when all are NaN): a bootstrap over two
+    values only restates them."""
     vals = [v for v in values if v == v]
     if not vals:
         return "n/a"
-    return fmt_ci(*bootstrap_ci(vals), several=len(vals) > 1, pct=pct)
+    return fmt_ci(*bootstrap_ci(vals), several=len(vals) >= MIN_SEEDS_FOR_CI, pct=pct)
 
 
 def fmt_aggregate(agg: dict, name: str) -> str:
@@ -360,4 +364,4 @@ def fmt_aggregate(agg: dict, name: str) -> str:
     a = agg[name]
     run = a.get("n_seeds_run", a["n_seeds"])
     short = f" ({a['n_seeds']}/{run} seeds)" if a["n_seeds"] < run else ""  # a figure resting on fewer seeds says so
-    return fmt_ci(a["mean"], *a["ci95"], several=a["n_seeds"] > 1, sep=",") + short
+    return fmt_ci(a["mean"], *a["ci95"], several=a["n_seeds"] >= MIN_SEEDS_FOR_CI, sep=",") + short
