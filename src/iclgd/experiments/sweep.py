@@ -309,7 +309,9 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
         atomic_write_json(sweep_file, sweep_doc)
     models = _Models(cfg, out)
     done = skipped = elsewhere = 0
-    for unit in tqdm(queue(units), desc="units", disable=not progress):
+    bar = tqdm(queue(units), desc="units", disable=not progress)
+    for unit in bar:
+        bar.set_postfix_str(unit.id, refresh=True)  # the bar names the unit running now
         d = out / "units" / unit.id
         if _finished(d, unit):
             skipped += 1
