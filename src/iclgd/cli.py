@@ -120,10 +120,12 @@ def _root(
 
 
 class _WarningLine(logging.Handler):
-    """iclgd's own warnings (e.g. a GPU batch halved on out-of-memory) as ``warning: ...`` lines on stderr."""
+    """iclgd's own warnings (e.g. a GPU batch halved on out-of-memory) as ``warning: ...`` lines on stderr, and its
+    notes (a long first-use step about to start) as ``note: ...`` lines."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(f"warning: {record.getMessage()}", err=True)
+        kind = "warning" if record.levelno >= logging.WARNING else "note"
+        typer.echo(f"{kind}: {record.getMessage()}", err=True)
 
 
 def _quiet_libraries() -> None:
@@ -135,7 +137,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"(?!iclgd)")  # warnings issued by any module but iclgd's
     logger = logging.getLogger("iclgd")
     if not any(isinstance(h, _WarningLine) for h in logger.handlers):
-        logger.addHandler(_WarningLine(logging.WARNING))
+        logger.addHandler(_WarningLine(logging.INFO))
         logger.setLevel(logging.INFO)
     from transformers.utils import logging as hf_logging
 

@@ -107,8 +107,12 @@ def _convert_gguf(gguf: Path, out: Path, source: str) -> Path:
     Safe when several processes (``accelerate launch``) convert at once: each writes its own temporary folder and
     the first to finish renames it into place; the others keep that one.
     """
+    import logging
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    logging.getLogger("iclgd").info(f"first use of {gguf.name}: converting it once into {out} (about 30-60 s on 2 CPU "
+                                    "cores; later runs load the converted folder)")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
