@@ -195,7 +195,9 @@ def bug_log() -> str:
     text = (f"iclgd {__version__}, python {sys.version.split()[0]}, argv {sys.argv}\n\n"
             + traceback.format_exc())
     name = f"iclgd-bug-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    for folder in (Path(os.environ.get("ICLGD_CACHE") or Path.home() / ".cache" / "iclgd") / "logs",
+    from iclgd.core.io import cache_root
+
+    for folder in (cache_root() / "logs",
                    Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,11 @@ def setting_for(path, out=None) -> str:
     import tempfile
     from pathlib import Path
 
+    from iclgd.core.io import cache_root
+
     p = Path(os.path.abspath(path))
     roots = [("--out", out), *[("--out", o) for o in reversed(OUT_FOLDERS)], ("TMPDIR", tempfile.gettempdir()),
-             ("ICLGD_CACHE", os.environ.get("ICLGD_CACHE") or Path.home() / ".cache" / "iclgd"),
+             ("ICLGD_CACHE", cache_root()),
              ("HF_HOME", os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")]
     for name, root in roots:
         if root is not None and (p == Path(os.path.abspath(root)) or Path(os.path.abspath(root)) in p.parents):

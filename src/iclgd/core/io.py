@@ -15,6 +15,11 @@ from typing import Any
 from iclgd.core.errors import IclgdError
 
 
+def cache_root() -> Path:
+    """``$ICLGD_CACHE``, else ``~/.cache/iclgd`` (where bug logs go, and what a path under it is blamed on)."""
+    return Path(os.environ.get("ICLGD_CACHE") or Path.home() / ".cache" / "iclgd")
+
+
 def ensure_dir(path: str | Path) -> Path:
     path = Path(path)
     from iclgd.core.errors import setting_for

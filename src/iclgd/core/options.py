@@ -197,7 +197,7 @@ def validate(cfg) -> None:
         if not m.get("applies") or not hasattr(cfg, m["applies"][0]):
             continue
         other, values, *said = m["applies"]  # (field, allowed values or a predicate[, how to say it])
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        default = default_of(f)
         ok = values(getattr(cfg, other)) if callable(values) else getattr(cfg, other) in values
         if getattr(cfg, f.name) != default and not ok:
             of = next(g for g in fields(cfg) if g.name == other)

@@ -90,13 +90,6 @@ def claim(folder: Path, name: str = "claim") -> Iterator[bool]:
         yield True
 
 
-def refuse_existing(paths: list[Path], overwrite: bool) -> None:
-    """An earlier run's result file is never replaced without ``--overwrite``."""
-    for p in paths:
-        if p.exists() and not overwrite:
-            raise IclgdError(f"{p}: exists from an earlier run; pass --overwrite to replace it, or use another --out")
-
-
 def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The keys whose values differ, nested ones as dotted paths (``run.heads``)."""
     new = json.loads(json.dumps(new))
