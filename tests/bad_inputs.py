@@ -153,6 +153,8 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
         ("max-len 0", ["eval", *small, "--max-len", "0"]),
         ("unknown dtype", ["eval", *small, "--dtype", "float8"]),
         ("unknown device", ["eval", *small, "--device", "tpu"]),
+        ("a dtype the family cannot run in (XGLM in float64)",
+         ["eval", "--model", "tiny-random-xglm", "--n-test", "2", "--k", "2", "--dtype", "float64"]),
         ("--device cuda without a GPU", ["eval", *small, "--device", cuda]),
         ("compare --k 0", ["compare", *tiny, "--k", "0", "--n-test", "2"]),
         ("duplicate seeds", ["compare", *small, "--seeds", "1,1"]),

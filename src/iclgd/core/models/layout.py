@@ -233,6 +233,20 @@ def adapter_for(model_type: str) -> AttentionLayout:
     return layout_for_config(tiny)
 
 
+# dtypes a family's transformers code cannot run in, with why (checked before any weights load)
+DTYPE_LIMITS = {
+    "xglm": {"float64": "transformers' XGLM attention clamps its scores with a float32 constant, which float64's "
+                        "minimum overflows (use float32)"},
+}
+
+
+def check_dtype(model_type: str, dtype: str, name: str) -> None:
+    """One line if the family ``model_type`` cannot run in ``dtype`` (see DTYPE_LIMITS)."""
+    why = DTYPE_LIMITS.get(model_type, {}).get(dtype)
+    if why:
+        raise IclgdError(f"--dtype {dtype}: {name} (a {model_type!r} model) cannot run in it: {why}")
+
+
 def supported_families() -> list[str]:
     """The families iclgd tests (one tiny config each); others are derived the same way when loaded."""
     from iclgd.core.models.tiny import tiny_configs

@@ -12,7 +12,7 @@ from torch import nn
 
 from iclgd.core.errors import IclgdError
 from iclgd.core.models.attention import check_layout
-from iclgd.core.models.layout import derive_layout, layout_for_config
+from iclgd.core.models.layout import check_dtype, derive_layout, layout_for_config
 from iclgd.core.models.loaded import LoadedModel
 from iclgd.core.models.offline import REGISTRY
 from iclgd.core.models.tiny import build_tiny, tiny_configs
@@ -221,6 +221,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     device, device_map = placement(resolve_device(device), device_map)
     deterministic(device)
     if name in tiny_configs():  # built in fp32 on the CPU; then the requested dtype and device, as for any model
+        check_dtype(tiny_configs()[name].model_type, dtype, name)
         lm = build_tiny(name)
         lm.model.to(device=device, dtype=torch_dtype)  # the dtype and device recorded are the ones applied
         lm.set_start(bos)
@@ -228,6 +229,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, source, config = model_config(name)
+    check_dtype(config.model_type, dtype, name)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
