@@ -165,11 +165,68 @@ def encode_prefix(lm: LoadedModel, prefix_ids: list[int]) -> list[tuple[torch.Te
 
 
 def _cache_for(prefix_kv, n_rows: int):
+    """The prefix's cache expanded over ``n_rows`` rows; each layer's update concatenates a fresh buffer (the
+    reference for :class:`PrefixCache`)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(prefix_kv):
         cache.update(k.expand(n_rows, *k.shape[1:]), v.expand(n_rows, *v.shape[1:]), i)
+    return cache
+
+
+REUSE_BUFFERS = True  # PrefixCache (one buffer per pass) instead of a fresh concatenation per batch
+
+
+class _PrefixLayer:
+    """One layer's keys (or values) of the prefix, expanded over at most ``rows`` batch rows, with room for
+    ``t_max`` more positions: (rows, H_kv, P + t_max, d_head), allocated and filled once per scoring pass. A batch
+    writes its own tokens' keys after the prefix and attends to a view; nothing is allocated per batch."""
+
+    def __init__(self, prefix: torch.Tensor, rows: int, t_max: int):
+        _, H, P, d = prefix.shape  # (1, H_kv, P, d_head)
+        self.buf = prefix.new_empty((rows, H, P + t_max, d))
+        self.buf[:, :, :P] = prefix
+        self.P = P
+
+    def view(self, n: int, t: int = 0) -> torch.Tensor:
+        return self.buf[:n, :, : self.P + t]
+
+    def write(self, new: torch.Tensor) -> torch.Tensor:  # new: (n, H_kv, t, d_head)
+        n, t = new.shape[0], new.shape[2]
+        self.buf[:n, :, self.P: self.P + t] = new
+        return self.view(n, t)
+
+
+def prefix_cache(prefix_kv, rows: int, t_max: int):
+    """A transformers cache over :class:`_PrefixLayer` buffers: ``cache.start(n)`` before each batch of ``n``
+    rows. Equal, batch for batch, to :func:`_cache_for` (tests/test_scoring_engine.py); under glibc's default allocator the
+    per-batch concatenations of that one fragment the heap (several MB each, freed and allocated again), and the
+    peak host memory moves by hundreds of MB (benchmarks/bench_scale.py)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    bufs = [(_PrefixLayer(k, rows, t_max), _PrefixLayer(v, rows, t_max)) for k, v in prefix_kv]
+
+    class Layer(DynamicLayer):
+        def __init__(self, kb, vb):
+            super().__init__()
+            self.kb, self.vb, self.is_initialized = kb, vb, True
+            self.device = kb.buf.device
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.keys, self.values = self.kb.write(key_states), self.vb.write(value_states)
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layers = [Layer(kb, vb) for kb, vb in bufs]
+
+    def start(n: int):
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.kb.view(n), layer.vb.view(n)
+        return cache
+
+    cache.start = start
     return cache
 
 
@@ -205,10 +262,16 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
             observer.set_prefix(rec, P)
     else:
         prefix_kv = encode_prefix(lm, prompts.prefix_ids) if reuse_prefix else None
+    if reuse_prefix and REUSE_BUFFERS:
+        t_max = max(len(prompts.query_ids[i]) for i in examples) + (0 if single else max(map(len, prompts.option_ids)))
+        cache = prefix_cache(prefix_kv, batch_size * (1 if single else C), t_max)
+    else:
+        cache = None
     head = lm.model.get_output_embeddings()
     # the unembedding and log-softmax in fp32/fp64 whatever the model dtype: in bf16, close options tie or flip
-    w32 = head.weight.float()
-    b32 = head.bias.float() if getattr(head, "bias", None) is not None else None
+    acc = torch.promote_types(head.weight.dtype, torch.float32)  # an fp64 model keeps fp64
+    w32 = head.weight.to(acc)
+    b32 = head.bias.to(acc) if getattr(head, "bias", None) is not None else None
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress,
                leave=False)
     with torch.no_grad():
@@ -216,7 +279,7 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
         while b < len(order):
             batch = order[b: b + batch_size]
             try:
-                _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, pad, w32, b32, out)
+                _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, pad, w32, b32, out, cache)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -244,7 +307,7 @@ def resolve_batch_size(lm: LoadedModel, batch_size: int | str) -> int:
 AUTO_GPU_BATCH, AUTO_CPU_BATCH = 64, 8
 
 
-def _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, pad, w32, b32, out) -> None:
+def _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, pad, w32, b32, out, cache) -> None:
     """Score one batch of examples into ``out`` (and hand its captures to the observer)."""
     base, dev, head_dev = lm.model.base_model, lm.input_device, w32.device
     P = len(prompts.prefix_ids)
@@ -264,22 +327,44 @@ def _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, 
     if reuse_prefix:
         full_mask = torch.cat([torch.ones(len(rows), P, dtype=torch.long, device=dev), mask], dim=1)
         with Recorder(lm, detach=True) if observer is not None else nullcontext() as rec:
-            hidden = base(input_ids=ids, attention_mask=full_mask, cache=_cache_for(prefix_kv, len(rows)),
-                          use_cache=True).last_hidden_state
+            kv = cache.start(len(rows)) if cache is not None else _cache_for(prefix_kv, len(rows))
+            hidden = base(input_ids=ids, attention_mask=full_mask, cache=kv, use_cache=True).last_hidden_state
             if observer is not None:
                 _observe(observer, rec, prompts, meta, P)
     else:
         hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    # the unembedding only where a label token is predicted (hidden at t predicts token t+1)
-    where, means = [], []
+    # the unembedding only where a label token is predicted (hidden at t predicts token t+1): one product for every
+    # such position of the batch (an option's row or an example's shared last position counted once), in chunks
+    where, rows_pos = [], {}
     for r, (i, opts) in enumerate(meta):
         for c, start, o in opts:
-            logits = F.linear(hidden[r, start: start + len(o)].to(head_dev).float(), w32, b32)
-            lp = torch.log_softmax(logits.double(), dim=-1)
-            where.append((i, c))
-            means.append(lp.gather(-1, torch.tensor(o, device=head_dev)[:, None]).mean())
-    for (i, c), v in zip(where, torch.stack(means).cpu().tolist()):  # one device-to-host copy per batch
+            where.append((i, c, [rows_pos.setdefault((r, start + t), len(rows_pos)) for t in range(len(o))], o))
+    r_idx, t_idx = (torch.tensor(x, device=hidden.device) for x in zip(*rows_pos))
+    at = torch.tensor([p for _, _, ps, _ in where for p in ps], device=head_dev)  # each option token's position…
+    tok = torch.tensor([t for _, _, _, o in where for t in o], device=head_dev)  # …and the token it must predict
+    picked = torch.empty(len(at), dtype=torch.float64, device=head_dev)  # one entry per option token
+    for a in range(0, len(rows_pos), HEAD_CHUNK):
+        lp = _log_probs(lm, hidden[r_idx[a: a + HEAD_CHUNK], t_idx[a: a + HEAD_CHUNK]].to(head_dev), w32, b32)
+        sel = (at >= a) & (at < a + HEAD_CHUNK)  # (chunk, vocab) log-probs; keep only the tokens asked for
+        picked[sel] = lp[at[sel] - a, tok[sel]]
+    lens = [len(o) for _, _, _, o in where]
+    means = torch.stack([x.mean() for x in picked.split(lens)])
+    for (i, c, _, _), v in zip(where, means.cpu().tolist()):  # one device-to-host copy per batch
         out[i, c] = v
+
+
+HEAD_CHUNK = 64  # positions per unembedding product (Gemma-3's 262k-token vocabulary: 134 MB of float64 log-probs)
+
+
+def _log_probs(lm: LoadedModel, h: torch.Tensor, w32: torch.Tensor, b32: torch.Tensor | None) -> torch.Tensor:
+    """Next-token log-probabilities (n, vocab) in float64 of final hidden states ``h`` (n, d_model): the unembedding
+    in fp32 whatever the model dtype (fp64 for an fp64 model), then the final-logit soft-cap ``cap·tanh(z / cap)``
+    where the model has one (Gemma-2), as the model's own forward pass applies it."""
+    z = F.linear(h.to(w32.dtype), w32, b32)
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    return torch.log_softmax(z.double(), dim=-1)
 
 
 def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
