@@ -111,6 +111,24 @@ def test_update_stats_by_hand():
     assert st["cos_dW"].shape == (2,) and torch.isnan(st["cos_dW"]).all()
 
 
+def test_update_stats_over_all_layers_at_once_equal_one_call_per_layer():
+    """compare takes the ΔW statistics of every layer in one call (leading dimensions batched): the same figures as
+    one call per layer, and the random baseline drawn in one call equals the per-layer draws in sequence."""
+    g = torch.Generator().manual_seed(1)
+    L, Hkv, H, d = 3, 2, 4, 8
+    icl, ft = (torch.randn(L, Hkv, d, d, generator=g, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(L, H, d, generator=g, dtype=torch.float64)
+    ft[1, 0] = 0  # an undefined head stays undefined
+    all_at_once = dual.update_stats(icl, ft, q, torch.Generator().manual_seed(7))
+    g7 = torch.Generator().manual_seed(7)
+    per_layer = [dual.update_stats(icl[l], ft[l], q[l], g7) for l in range(L)]
+    for key, v in all_at_once.items():
+        assert v.shape == (L, H)
+        ref = torch.stack([p[key] for p in per_layer])
+        assert torch.allclose(v, ref, atol=1e-12, equal_nan=True), key
+    assert torch.isnan(all_at_once["cos_dW"][1, :2]).all()
+
+
 def test_a_finetuning_that_changed_nothing_is_marked_and_undefined(sst2):
     lm = load_model("tiny-random-llama")
     r, _, _ = compare_seed(lm, sst2, CompareConfig(k=2, lr=1e-30, updates_n=2), seed=1, progress=False)

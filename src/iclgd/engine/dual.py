@@ -253,35 +253,36 @@ def _cos_nan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def update_stats(dW_icl: torch.Tensor, dW_ft: torch.Tensor, q: torch.Tensor,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """ΔW_ICL (Eq. 7) against ΔW_FT (Eq. 8) per query head, each a (H, d, d) or per-KV-head (H_kv, d, d)
-    matrix (expanded to the H query heads of ``q``, (H, d)):
+    """ΔW_ICL (Eq. 7) against ΔW_FT (Eq. 8) per query head, each a (..., H, d, d) or per-KV-head (..., H_kv, d, d)
+    matrix (expanded to the H query heads of ``q``, (..., H, d)); leading dimensions (e.g. the layers) are batched:
+    every figure is (..., H).
 
     - cos_dW: cosine of the flattened matrices; norm_ratio_ft_over_icl: ‖ΔW_FT‖_F / ‖ΔW_ICL‖_F;
     - cos_effect_on_q: cosine of their effects ΔW q on the query;
     - with a ``generator``, the random-update baseline: R with i.i.d. N(0, 1) entries in ΔW_FT's place
-      (cos_dW_random, cos_effect_random; ≈ 0 for any ΔW_ICL).
+      (cos_dW_random, cos_effect_random; ≈ 0 for any ΔW_ICL), drawn in one call for all leading dimensions.
     Cosines are NaN where ΔW_FT is zero (a finetuning that changed nothing has no direction).
     """
-    H = q.shape[0]
-    dW_icl = repeat_kv(dW_icl.double(), H // dW_icl.shape[0], dim=0)
-    dW_ft = repeat_kv(dW_ft.double(), H // dW_ft.shape[0], dim=0)
+    H = q.shape[-2]
+    dW_icl = repeat_kv(dW_icl.double(), H // dW_icl.shape[-3], dim=-3)
+    dW_ft = repeat_kv(dW_ft.double(), H // dW_ft.shape[-3], dim=-3)
     q = q.double()
-    eff_icl = torch.einsum("hde,he->hd", dW_icl, q)
+    eff_icl = torch.einsum("...hde,...he->...hd", dW_icl, q)
     out = {
-        "cos_dW": _cos_nan(dW_ft.flatten(1), dW_icl.flatten(1)),
-        "norm_ratio_ft_over_icl": dW_ft.flatten(1).norm(dim=1) / dW_icl.flatten(1).norm(dim=1),
-        "cos_effect_on_q": _cos_nan(torch.einsum("hde,he->hd", dW_ft, q), eff_icl),
+        "cos_dW": _cos_nan(dW_ft.flatten(-2), dW_icl.flatten(-2)),
+        "norm_ratio_ft_over_icl": dW_ft.flatten(-2).norm(dim=-1) / dW_icl.flatten(-2).norm(dim=-1),
+        "cos_effect_on_q": _cos_nan(torch.einsum("...hde,...he->...hd", dW_ft, q), eff_icl),
     }
     if generator is not None:
         R = torch.randn(dW_ft.shape, generator=generator, dtype=torch.float64)
-        out["cos_dW_random"] = _cos_nan(R.flatten(1), dW_icl.flatten(1))
-        out["cos_effect_random"] = _cos_nan(torch.einsum("hde,he->hd", R, q), eff_icl)
+        out["cos_dW_random"] = _cos_nan(R.flatten(-2), dW_icl.flatten(-2))
+        out["cos_effect_random"] = _cos_nan(torch.einsum("...hde,...he->...hd", R, q), eff_icl)
     return out
 
 
 def kv_outer(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Σ_t v_t k_tᵀ per KV head in float64: keys and values (H_kv, T, d_head) -> (H_kv, d_head, d_head)."""
-    return torch.einsum("htd,hte->hde", v.double(), k.double())
+    """Σ_t v_t k_tᵀ per KV head in float64: keys and values (..., H_kv, T, d_head) -> (..., H_kv, d_head, d_head)."""
+    return torch.einsum("...htd,...hte->...hde", v.double(), k.double())
 
 
 def kv_matrices(lm: LoadedModel, input_ids: list[int], span: tuple[int, int] | None = None) -> list[torch.Tensor]:

@@ -200,8 +200,8 @@ class _PrefixLayer:
 
 def prefix_cache(prefix_kv, rows: int, t_max: int):
     """A transformers cache over :class:`_PrefixLayer` buffers: ``cache.start(n)`` before each batch of ``n``
-    rows. Equal, batch for batch, to :func:`_cache_for` (tests/test_scoring_engine.py); under glibc's default allocator the
-    per-batch concatenations of that one fragment the heap (several MB each, freed and allocated again), and the
+    rows. Equal, batch for batch, to :func:`_cache_for` (tests/test_scoring_engine.py); under glibc's default
+    allocator the per-batch concatenations of that one fragment the heap (several MB each, freed and allocated again), and the
     peak host memory moves by hundreds of MB (benchmarks/bench_scale.py)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer

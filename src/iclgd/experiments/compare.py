@@ -380,22 +380,28 @@ def _updates_from(obs_z: Observer, obs_i: Observer, obs_f: Observer, demo_span: 
 
     if not n:
         return None
-    dW_icl = [dual.kv_outer(*(torch.from_numpy(t[:, slice(*demo_span)]) for t in kv)) for kv in obs_i.prefix_kv]
+    t = torch.from_numpy
+    dW_icl = torch.stack([dual.kv_outer(t(k[:, slice(*demo_span)]), t(v[:, slice(*demo_span)]))
+                          for k, v in obs_i.prefix_kv])  # (L, H_kv, d, d)
 
-    def w_zsl(obs: Observer, j: int) -> list:  # Σ over the prompt's tokens of v kᵀ, per layer (H_kv, d, d)
-        k, v = obs.obs[j].kv  # (L, H_kv, T_row, hd) each; the prefix's (H_kv, P, hd) per layer
-        cat = lambda prefix, row: torch.from_numpy(np.concatenate([prefix, row], axis=1))  # noqa: E731
-        return [dual.kv_outer(cat(kp, k[l]), cat(vp, v[l])) for l, (kp, vp) in enumerate(obs.prefix_kv)]
+    def w_prefix(obs: Observer) -> torch.Tensor:  # the start token's part of W_ZSL, (L, H_kv, d, d)
+        return torch.stack([dual.kv_outer(t(k), t(v)) for k, v in obs.prefix_kv])
 
-    dW_ft = ([a - b for a, b in zip(w_zsl(obs_f, j), w_zsl(obs_z, j))] for j in range(n))  # Eq. 8, one at a time
+    wz, wf = w_prefix(obs_z), w_prefix(obs_f)
+
+    def w_zsl(obs: Observer, w_p: torch.Tensor, j: int) -> torch.Tensor:  # Σ over the prompt's tokens of v kᵀ
+        k, v = obs.obs[j].kv  # (L, H_kv, T_row, hd) each
+        return w_p + dual.kv_outer(t(k), t(v))  # (L, H_kv, d, d), every layer at once
+
+    dW_ft = (w_zsl(obs_f, wf, j) - w_zsl(obs_z, wz, j) for j in range(n))  # Eq. 8, one example at a time
     return _updates(dW_icl, dW_ft, [_f64(obs_i.obs[j].q) for j in range(n)], seed)
 
 
-def _updates(dW_icl, dW_ft, q_icl, seed: int) -> dict:
-    """ΔW_ICL (Eq. 7) against ΔW_FT = W_ZSL(after FT) − W_ZSL(before) (Eq. 8) on each test example's ZSL prompt
-    (``dW_ft`` yields them per example, per layer), per layer and head (:func:`iclgd.engine.dual.update_stats`),
-    with the random-update baseline (seeded by the run seed). Cosines: mean over the examples where ΔW_FT ≠ 0;
-    norm ratio: median over examples."""
+def _updates(dW_icl: "torch.Tensor", dW_ft, q_icl, seed: int) -> dict:
+    """ΔW_ICL (Eq. 7, (L, H_kv, d, d)) against ΔW_FT = W_ZSL(after FT) − W_ZSL(before) (Eq. 8) on each test example's
+    ZSL prompt (``dW_ft`` yields them per example, (L, H_kv, d, d)), per layer and head
+    (:func:`iclgd.engine.dual.update_stats`, every layer in one call), with the random-update baseline (seeded by the
+    run seed). Cosines: mean over the examples where ΔW_FT ≠ 0; norm ratio: median over examples."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -403,9 +409,9 @@ def _updates(dW_icl, dW_ft, q_icl, seed: int) -> dict:
     keys = ("cos_dW", "norm_ratio_ft_over_icl", "cos_effect_on_q", "cos_dW_random", "cos_effect_random")
     acc = {k: [] for k in keys}  # each (n, L, H)
     for j, dW_j in enumerate(dW_ft):
-        per_l = [dual.update_stats(dW_icl[l], dW_j[l], torch.from_numpy(q_icl[j][l]), g) for l in range(L)]
+        st = dual.update_stats(dW_icl, dW_j, torch.from_numpy(q_icl[j]), g)
         for k in keys:
-            acc[k].append(np.stack([st[k].numpy() for st in per_l]))
+            acc[k].append(st[k].numpy())
     out = {"n_examples": n, "per_head": {}}
     for k in keys:
         a = np.asarray(acc[k])  # (n, L, H)
