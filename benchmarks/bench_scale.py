@@ -1,7 +1,7 @@
 """How a compare unit scales with the test set: peak host memory, seconds per example, capture and metrics overhead.
 
-    python benchmarks/bench_scale.py [--model smollm2-135m] [--task sst2] [--sizes 50,100,200,400] [--k 32]
-                                     [--malloc fixed|default] [--repeat 1]
+    python benchmarks/bench_scale.py [--model smollm2-135m] [--task sst2] [--sizes 100,200,400,872] [--k 32]
+                                     [--malloc default|mallopt|env] [--repeat 1]
 
 Each size runs in a fresh process (so its peak RSS is its own): one compare unit (seed 1), then the same
 three scoring passes without captures (ZSL, ICL, ZSL on the finetuned weights; plain `score_options`). Printed
@@ -10,12 +10,13 @@ captured passes over the same passes without captures (the capture overhead), an
 unit. Then the goals of issue 17: RSS growth from the second size to the last (< 5%), the unit's time over its
 three forward passes without captures (<= 1.3), metrics share (<= 5%).
 
-Host memory: each size's process runs with glibc's mmap threshold fixed at 1 MiB (``--malloc fixed``, the default),
-so a freed multi-MB buffer goes back to the OS. Under glibc's default (``--malloc default``) the threshold rises to
-the size of the largest freed buffer, the per-batch KV buffers of the ICL pass then stay in the heap, and how they
-fragment moves the peak by ±200 MB from run to run (measured 1,720 / 1,927 / 2,144 / 1,803 MB at 50 / 100 / 200 /
-400 test examples): noise far larger than the effect the first goal is about. ``--repeat r`` runs each size r
-times and reports the median.
+Host memory, in the environment users run in (``--malloc default``, the default): glibc's own dynamic mmap
+threshold. It rises to the size of the largest buffer freed so far, so per-batch multi-MB buffers then come from the
+heap and, freed and allocated again, fragment it: before the scoring engine kept one KV buffer per pass
+(engine/scoring.py, prefix_cache), the peak moved by hundreds of MB with the test-set size. ``--malloc mallopt``
+fixes the threshold at 1 MiB from inside each size's process (``mallopt``, what iclgd would do itself);
+``--malloc env`` through ``MALLOC_MMAP_THRESHOLD_`` at process start. ``--repeat r`` runs each size r times and
+reports the median.
 
 To measure an earlier version side by side, run the same file against its sources:
     git worktree add /tmp/before <commit> && PYTHONPATH=/tmp/before/src python benchmarks/bench_scale.py ...
@@ -33,8 +34,12 @@ import warnings
 warnings.filterwarnings("ignore")
 
 
-def one(model: str, task: str, n: int, k: int) -> dict:
+def one(model: str, task: str, n: int, k: int, malloc: str) -> dict:
     """One size, in this process: the compare unit, then its three passes without captures."""
+    if malloc == "mallopt":
+        import ctypes
+
+        assert ctypes.CDLL(None).mallopt(-3, 1 << 20) == 1  # M_MMAP_THRESHOLD (glibc's <malloc.h>), 1 MiB
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -91,18 +96,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="sst2")
-    ap.add_argument("--sizes", default="50,100,200,400")
+    ap.add_argument("--sizes", default="100,200,400,872")
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
-                    help="fixed: glibc mmap threshold 1 MiB in each size's process; default: glibc's dynamic one")
+    ap.add_argument("--malloc", choices=("default", "mallopt", "env"), default="default",
+                    help="default: glibc's dynamic mmap threshold; mallopt / env: fixed at 1 MiB by the process itself "
+                         "/ by MALLOC_MMAP_THRESHOLD_")
     ap.add_argument("--repeat", type=int, default=1, help="runs per size (the median of each figure is printed)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size in this process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.model, args.task, args.one, args.k)))
+        print(json.dumps(one(args.model, args.task, args.one, args.k, args.malloc)))
         return
     env = dict(os.environ)
-    if args.malloc == "fixed":
+    if args.malloc == "env":
         env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # read by glibc at process start; a fixed threshold
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
@@ -111,7 +117,8 @@ def main():
         runs = []
         for _ in range(args.repeat):
             res = subprocess.run([sys.executable, __file__, "--model", args.model, "--task", args.task, "--k",
-                                  str(args.k), "--one", str(n)], capture_output=True, text=True, env=env)
+                                  str(args.k), "--malloc", args.malloc, "--one", str(n)], capture_output=True,
+                                 text=True, env=env)
             if res.returncode != 0:
                 sys.exit(res.stderr[-2000:])
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))

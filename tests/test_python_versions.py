@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # names added to the standard library in 3.11-3.13 that a 3.10 interpreter lacks
-NEWER = re.compile(r"\b(tomllib|StrEnum|ExceptionGroup|TaskGroup|LiteralString|assert_never|reveal_type|batched|"
-                   r"datetime\.UTC|typing\.Self|from typing import [^\n]*\bSelf\b|typing\.Never)\b")
+NEWER = re.compile(r"\b(tomllib|StrEnum|ExceptionGroup|TaskGroup|LiteralString|assert_never|reveal_type|"
+                   r"itertools\.batched|from itertools import [^\n]*\bbatched\b|batched\(|datetime\.UTC|typing\.Self|from typing import [^\n]*\bSelf\b|typing\.Never)\b")
 
 
 def test_requires_python_admits_3_10_to_3_13():
