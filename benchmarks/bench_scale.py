@@ -1,7 +1,7 @@
 """How a compare unit scales with the test set: peak host memory, seconds per example, capture and metrics overhead.
 
     python benchmarks/bench_scale.py [--model smollm2-135m] [--task sst2] [--sizes 100,200,400,872] [--k 32]
-                                     [--malloc default|mallopt|env] [--repeat 1]
+                                     [--malloc iclgd|glibc|env] [--repeat 1]
 
 Each size runs in a fresh process (so its peak RSS is its own): one compare unit (seed 1), then the same
 three scoring passes without captures (ZSL, ICL, ZSL on the finetuned weights; plain `score_options`). Printed
@@ -10,13 +10,13 @@ captured passes over the same passes without captures (the capture overhead), an
 unit. Then the goals of issue 17: RSS growth from the second size to the last (< 5%), the unit's time over its
 three forward passes without captures (<= 1.3), metrics share (<= 5%).
 
-Host memory, in the environment users run in (``--malloc default``, the default): glibc's own dynamic mmap
-threshold. It rises to the size of the largest buffer freed so far, so per-batch multi-MB buffers then come from the
-heap and, freed and allocated again, fragment it: before the scoring engine kept one KV buffer per pass
-(engine/scoring.py, prefix_cache), the peak moved by hundreds of MB with the test-set size. ``--malloc mallopt``
-fixes the threshold at 1 MiB from inside each size's process (``mallopt``, what iclgd would do itself);
-``--malloc env`` through ``MALLOC_MMAP_THRESHOLD_`` at process start. ``--repeat r`` runs each size r times and
-reports the median.
+Host memory, in the environment users run in (nothing set). iclgd fixes glibc's mmap threshold at 1 MiB itself when
+it loads a model (``mallopt``, src/iclgd/core/allocator.py; ``--malloc iclgd``, the default). ``--malloc glibc``
+measures glibc's own dynamic threshold (``ICLGD_MALLOC=default``): it rises to the size of the largest buffer freed
+so far, later multi-MB buffers then come from the heap and, freed and allocated again, fragment it, and the peak moves
+by hundreds of MB from run to run. ``--malloc env`` sets ``MALLOC_MMAP_THRESHOLD_`` at process start instead.
+``--repeat r`` runs each size r times and reports the median. An iclgd from before the allocator was set (measured
+side by side, below) ignores ICLGD_MALLOC: its ``glibc`` and ``iclgd`` runs are both glibc's default.
 
 To measure an earlier version side by side, run the same file against its sources:
     git worktree add /tmp/before <commit> && PYTHONPATH=/tmp/before/src python benchmarks/bench_scale.py ...
@@ -34,12 +34,8 @@ import warnings
 warnings.filterwarnings("ignore")
 
 
-def one(model: str, task: str, n: int, k: int, malloc: str) -> dict:
+def one(model: str, task: str, n: int, k: int) -> dict:
     """One size, in this process: the compare unit, then its three passes without captures."""
-    if malloc == "mallopt":
-        import ctypes
-
-        assert ctypes.CDLL(None).mallopt(-3, 1 << 20) == 1  # M_MMAP_THRESHOLD (glibc's <malloc.h>), 1 MiB
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -98,20 +94,22 @@ def main():
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--sizes", default="100,200,400,872")
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--malloc", choices=("default", "mallopt", "env"), default="default",
-                    help="default: glibc's dynamic mmap threshold; mallopt / env: fixed at 1 MiB by the process itself "
-                         "/ by MALLOC_MMAP_THRESHOLD_")
+    ap.add_argument("--malloc", choices=("iclgd", "glibc", "env"), default="iclgd",
+                    help="iclgd: what iclgd sets itself (mmap threshold 1 MiB); glibc: glibc's dynamic threshold "
+                         "(ICLGD_MALLOC=default); env: MALLOC_MMAP_THRESHOLD_ at process start")
     ap.add_argument("--repeat", type=int, default=1, help="runs per size (the median of each figure is printed)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size in this process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.model, args.task, args.one, args.k, args.malloc)))
+        print(json.dumps(one(args.model, args.task, args.one, args.k)))
         return
     env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("ICLGD_MALLOC", None)
     if args.malloc == "env":
         env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # read by glibc at process start; a fixed threshold
-    else:
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    elif args.malloc == "glibc":
+        env["ICLGD_MALLOC"] = "default"
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
         runs = []

@@ -76,3 +76,26 @@ def test_final_logit_soft_cap_is_applied_to_the_option_scores():
     capped = S.score_options(lm, p, batch_size=1)
     assert not np.allclose(plain, capped)
     np.testing.assert_allclose(capped, _reference(lm, p), atol=1e-9, rtol=0)
+
+
+def test_the_prefix_buffers_are_freed_when_the_pass_ends_without_the_cyclic_collector():
+    """A reference cycle through the cache would keep its buffers (hundreds of MB for a 32-shot prompt) alive until
+    Python's cyclic collector happened to run: with that collector off, they must go when the cache goes."""
+    import gc
+    import weakref
+
+    lm = build_tiny("tiny-random-llama")
+    p = S.build_prompts(lm, SPEC, ROWS[:2], ROWS)
+    gc.collect()
+    gc.disable()
+    try:
+        cache = S.prefix_cache(S.encode_prefix(lm, p.prefix_ids), rows=4, t_max=len(p.query_ids[0]))
+        with torch.no_grad():
+            lm.model.base_model(input_ids=torch.tensor([p.query_ids[0]] * 2),
+                                attention_mask=torch.ones(2, len(p.prefix_ids) + len(p.query_ids[0]), dtype=torch.long),
+                                cache=cache.start(2), use_cache=True)
+        buf = weakref.ref(cache.layers[0].kb.buf)
+        del cache
+        assert buf() is None
+    finally:
+        gc.enable()

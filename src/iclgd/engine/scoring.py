@@ -218,15 +218,17 @@ def prefix_cache(prefix_kv, rows: int, t_max: int):
             self.keys, self.values = self.kb.write(key_states), self.vb.write(value_states)
             return self.keys, self.values
 
-    cache = DynamicCache()
+    class PrefixCache(DynamicCache):
+        def start(self, n: int):
+            """Every layer back to the prefix, for a batch of ``n`` rows."""
+            for layer in self.layers:
+                layer.keys, layer.values = layer.kb.view(n), layer.vb.view(n)
+            return self
+
+    # (a method, not a closure stored on the cache: a closure would make a reference cycle, and the buffers would
+    # outlive the pass until the cyclic garbage collector ran; measured: ~250 MB held through the rest of a unit)
+    cache = PrefixCache()
     cache.layers = [Layer(kb, vb) for kb, vb in bufs]
-
-    def start(n: int):
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.kb.view(n), layer.vb.view(n)
-        return cache
-
-    cache.start = start
     return cache
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from iclgd.core import allocator
 from iclgd.core.errors import IclgdError
 from iclgd.core.models.attention import check_layout
 from iclgd.core.models.layout import check_dtype, derive_layout, layout_for_config
@@ -161,6 +162,7 @@ def from_objects(model: nn.Module, tokenizer, name: str | None = None, bos: str 
     whose layout needs another attention implementation (eager for soft-capping) is switched to it."""
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise IclgdError(f"model: expected a Hugging Face causal LM object (got {type(model).__name__})")
+    allocator.tune()
     if tokenizer is None or not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
         raise IclgdError(f"tokenizer: expected the model's Hugging Face tokenizer (got {type(tokenizer).__name__})")
     name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -218,6 +220,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attn_impl
     need its attention layout, so by default such a family is refused before its weights load.
     """
     torch_dtype = _torch_dtype(dtype)
+    allocator.tune()  # before the weights and every buffer after them (core/allocator.py)
     device, device_map = placement(resolve_device(device), device_map)
     deterministic(device)
     if name in tiny_configs():  # built in fp32 on the CPU; then the requested dtype and device, as for any model
@@ -289,7 +292,8 @@ def run_versions() -> dict:
 def hardware() -> dict:
     """CPU threads, GPUs with the driver, CUDA and cuDNN versions, and the flags that decide determinism."""
     hw = {"cpu_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
-          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+          "allocator": allocator.state() or {"set_by": "nobody (no model was loaded through iclgd)"}}
     if torch.cuda.is_available():
         hw.update({"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                    "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
