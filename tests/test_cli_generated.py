@@ -102,14 +102,14 @@ def test_every_experiment_declares_one_protocol():
     """Each experiment: a config dataclass, a run function, a Result class with a kind; the sweep's unit kinds are
     the union of what the experiments declare (nothing typed twice)."""
     exps = experiments()
-    assert len(exps) == 9
+    assert len(exps) == 10
     for name, e in exps.items():
         assert dataclasses.is_dataclass(e.config) and callable(e.run) and e.result.kind, name
         assert list(inspect.signature(e.run).parameters)[:4] == [list(inspect.signature(e.run).parameters)[0], "out",
                                                                  "overwrite", "progress"], name
     kinds = sweep.unit_kinds()
-    assert set(kinds) == {"compare", "zsl", "icl", "dual", "synthetic", "momentum", "world-train", "world-compare",
-                          "world-ckpt"}
+    assert set(kinds) == {"compare", "mechanisms", "zsl", "icl", "dual", "synthetic", "momentum", "world-train",
+                          "world-compare", "world-ckpt"}
     assert all(callable(k.run) and k.cost({}) >= 0 for k in kinds.values())
 
 

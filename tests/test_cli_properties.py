@@ -137,6 +137,8 @@ def test_synthetic_options_never_crash(tmp_path, steps, dim, layers, heads, mlp,
 _BASE = {
     "eval": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],
     "compare": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],
+    "mechanisms": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1", "--n-dev", "1", "--n-dummy", "1",
+                   "--n-cie", "1", "--n-link", "1"],
     "pretrain": ["--config", "tiny", "--steps", "1"],
     "momentum compare": ["--config", "tiny", "--steps", "1", "--seeds", "1"],
     "momentum apply": ["--model", "tiny-random-llama", "--n-test", "1", "--k", "1"],

@@ -17,6 +17,7 @@ The Python API (the same experiments as the ``iclgd`` command line, on a model o
 load_model(model, tokenizer=None, *, name, dtype, device, bos) -> LoadedModel
 evaluate(model, task, *, seeds, **EvalJob/EvalConfig fields) -> EvalResult
 compare(model, task, *, seeds, **CompareJob/CompareConfig fields) -> CompareResult   (untrained control on)
+mechanisms(model, task, *, seeds, **MechanismsJob fields) -> MechanismsResult   (task/function vectors, induction)
 dual_verify(model, task, *, seed, layers, **VerifyConfig fields) -> VerifyResult
 compare_updates(before, after, **UpdatesConfig fields) -> UpdatesResult
 synthetic(*, seeds, out, **SyntheticConfig fields) -> SyntheticResult
@@ -35,10 +36,10 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.2.0"
 
-_API = ["load_model", "evaluate", "compare", "dual_verify", "compare_updates", "synthetic", "pretrain",
+_API = ["load_model", "evaluate", "compare", "mechanisms", "dual_verify", "compare_updates", "synthetic", "pretrain",
         "momentum_compare", "momentum_apply", "world_train", "reproduce", "LoadedModel", "EvalResult", "CompareResult",
-        "VerifyResult", "UpdatesResult", "SyntheticResult", "PretrainResult", "MomentumResult", "ApplyResult",
-        "WorldTrainResult"]
+        "VerifyResult", "UpdatesResult", "MechanismsResult", "SyntheticResult", "PretrainResult", "MomentumResult",
+        "ApplyResult", "WorldTrainResult"]
 __all__ = [*_API, "Task", "metrics", "hooks", "IclgdError", "__version__"]
 
 # loaded on first use, so that `iclgd --help` and `import iclgd` do not import torch
@@ -46,10 +47,10 @@ _LAZY = {**{name: "iclgd.api" for name in _API}, "IclgdError": "iclgd.core.error
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from iclgd import hooks, metrics
-    from iclgd.api import (ApplyResult, CompareResult, EvalResult, LoadedModel, MomentumResult, PretrainResult,
-                           SyntheticResult, UpdatesResult, VerifyResult, WorldTrainResult, compare, compare_updates,
-                           dual_verify, evaluate, load_model, momentum_apply, momentum_compare, pretrain, reproduce,
-                           synthetic, world_train)
+    from iclgd.api import (ApplyResult, CompareResult, EvalResult, LoadedModel, MechanismsResult, MomentumResult,
+                           PretrainResult, SyntheticResult, UpdatesResult, VerifyResult, WorldTrainResult, compare,
+                           compare_updates, dual_verify, evaluate, load_model, mechanisms, momentum_apply,
+                           momentum_compare, pretrain, reproduce, synthetic, world_train)
     from iclgd.core.errors import IclgdError
     from iclgd.core.tasks import TaskSpec as Task
 

@@ -17,6 +17,7 @@ from iclgd.core.tasks import TaskSpec
 from iclgd.experiments import compare as _compare
 from iclgd.experiments import dual as _dual
 from iclgd.experiments import eval as _eval
+from iclgd.experiments import mechanisms as _mechanisms
 from iclgd.experiments import momentum as _momentum
 from iclgd.experiments import pretrain as _pretrain
 from iclgd.experiments import sweep as _sweep
@@ -25,6 +26,7 @@ from iclgd.experiments import world as _world
 from iclgd.experiments.compare import CompareResult
 from iclgd.experiments.dual import UpdatesResult, VerifyResult
 from iclgd.experiments.eval import EvalResult
+from iclgd.experiments.mechanisms import MechanismsResult
 from iclgd.experiments.momentum import ApplyResult, MomentumResult
 from iclgd.experiments.pretrain import PretrainResult
 from iclgd.experiments.protocol import make
@@ -99,6 +101,18 @@ def compare(model, task: str | TaskSpec = "sst2", *, tokenizer=None, seeds: int 
     job = make(_compare.CompareJob, "compare", model=_loaded(model, tokenizer, True, "compare"), task=task,
                seeds=_seeds(seeds), **options)
     return _compare.run_in(job, progress=progress)
+
+
+def mechanisms(model, task: str | TaskSpec = "sst2", *, tokenizer=None, seeds: int | Sequence[int] = 1,
+               progress: bool = False, **options) -> MechanismsResult:
+    """The rival accounts of ICL beside the implicit-GD metrics (``iclgd mechanisms``): task vector, function
+    vector, induction heads, their link to ΔW_ICL, on compare's demonstrations and test rows, with the shuffled-label
+    and untrained controls. ``options``: the fields of :class:`~iclgd.experiments.mechanisms.MechanismsJob`, its
+    :class:`~iclgd.experiments.compare.CompareConfig` and :class:`~iclgd.experiments.mechanisms.MechanismsConfig`
+    (``n_dev``, ``n_dummy``, ``n_cie``, ``fv_heads``, ``n_link``, ...)."""
+    job = make(_mechanisms.MechanismsJob, "mechanisms", model=_loaded(model, tokenizer, True, "mechanisms"),
+               task=task, seeds=_seeds(seeds), **options)
+    return _mechanisms.run_in(job, progress=progress)
 
 
 def dual_verify(model, task: str | TaskSpec = "sst2", *, tokenizer=None, seed: int = 1,

@@ -367,6 +367,24 @@ def compare_cmd(job, out, overwrite):
         typer.echo(f"wrote results.json, records.jsonl and per-layer plots under {out}")
 
 
+@command(app, "mechanisms", out=out_option(help="write results.json, records.jsonl and the per-layer plot here"),
+         overwrite=overwrite_option())
+def mechanisms_cmd(job, out, overwrite):
+    """Task vectors, function vectors and induction heads beside the implicit-GD metrics, on compare's prompts."""
+    from iclgd.report.plots import plot_layer_curves
+    from iclgd.report.terminal import mechanisms_text
+
+    check.out_dir(out)
+    res = EXP["mechanisms"].run(job, out, overwrite, progress())
+    typer.echo(mechanisms_text(list(res.docs.values())))
+    if out is not None:
+        for name, doc in res.docs.items():
+            control = (doc.get("untrained") or {}).get("seeds")
+            plot_layer_curves(doc["seeds"], control, (out / name).parent / "mechanisms_layers.png",
+                              f"{doc['config']['model']} · {doc['config']['task']['name']}")
+        typer.echo(f"wrote results.json, records.jsonl and mechanisms_layers.png under {out}")
+
+
 @command(app, "pretrain",
          out=out_option(True, "run folder (resumes if it holds a checkpoint of the same configuration)"),
          overwrite=overwrite_option("start over in a folder that holds a run of another configuration"))

@@ -47,7 +47,7 @@ class Experiment:
     units: tuple = ()
 
 
-MODULES = ("eval", "compare", "dual", "synthetic", "momentum", "pretrain", "world")  # one module per experiment family
+MODULES = ("eval", "compare", "mechanisms", "dual", "synthetic", "momentum", "pretrain", "world")  # one module per experiment family
 
 
 def experiments() -> dict[str, Experiment]:

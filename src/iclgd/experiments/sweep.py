@@ -59,6 +59,8 @@ class SweepConfig:
     k: int = O.k_field(32, 1, "demonstrations (>= 1)")
     untrained: bool = O.option(True, "the untrained-model control units")
     dual: bool = O.option(True, "the dual-form check unit")
+    mechanisms: bool = O.option(False, "the rival accounts per task and seed: task vector, function vector, "
+                                       "induction heads (iclgd mechanisms; minutes per unit)")
     synthetic: bool = O.option(True, "the synthetic calibration unit")
     synthetic_steps: int = O.option(2000, "training steps of the synthetic unit", cli=False,
                                     applies=("synthetic", (True,)))
@@ -137,6 +139,10 @@ def plan(cfg: SweepConfig) -> list[Unit]:
             units.append(_unit(f"compare-{task}-s{seed}", "compare", untrained=False, **base))
             if cfg.untrained:
                 units.append(_unit(f"compare-{task}-s{seed}-untrained", "compare", untrained=True, **base))
+            if cfg.mechanisms:
+                units.append(_unit(f"mechanisms-{task}-s{seed}", "mechanisms", untrained=False, **base))
+                if cfg.untrained:
+                    units.append(_unit(f"mechanisms-{task}-s{seed}-untrained", "mechanisms", untrained=True, **base))
     if cfg.synthetic:
         units.append(_unit("synthetic-1L", "synthetic", layers=1, steps=cfg.synthetic_steps, seed=1))
     if cfg.momentum:

@@ -312,7 +312,36 @@ def world_section(sw: Sweep) -> list[str]:
     return world_report_lines(sw.units, sw.plots)
 
 
-SECTIONS = (eval_section, compare_section, synthetic_section, dual_section, momentum_section, world_section)
+def mechanisms_section(sw: Sweep) -> list[str]:
+    """One table per task: every account's figure, with shuffled labels and for the untrained model; the task
+    vector's and function vector's dev curves over the layers."""
+    from iclgd.report.plots import plot_layer_curves
+    from iclgd.report.tables import mechanisms_doc, mechanisms_rows
+
+    units = [u for u in sw.units.values() if u["unit"]["kind"] == "mechanisms"]
+    if not units:
+        return []
+    lines = ["## The rival accounts: task vectors, function vectors, induction heads", "",
+             "Same demonstrations and test rows as compare (docs/mechanisms.md). Mean over seeds (95% bootstrap CI "
+             "from three seeds on).", ""]
+    for task in sw.cfg["tasks"]:
+        tr = [u["result"] for u in units if u["unit"]["params"]["task"] == task and not u["unit"]["params"]["untrained"]]
+        un = [u["result"] for u in units if u["unit"]["params"]["task"] == task and u["unit"]["params"]["untrained"]]
+        if not tr:
+            continue
+        rows = mechanisms_rows(mechanisms_doc(tr, un))
+        lines += [f"### {task}", "", "| figure | model | shuffled labels | untrained |", "|---|---|---|---|"]
+        lines += [f"| {r['figure']} | {r['model']} | {r['shuffled labels']} | {r['untrained']} |" for r in rows]
+        png = plot_layer_curves(tr, un, sw.plots / f"mechanisms_{task}.png", task)
+        lines += ["", f"![per-layer curves, {task}](plots/{png.name})", ""]
+        for r in tr:
+            for name in ("task_vector", "function_vector"):
+                sw.csv(f"mechanisms-{task}-s{r['seed']}", f"acc_{name}", None, r["acc"][name])
+    return lines
+
+
+SECTIONS = (eval_section, compare_section, mechanisms_section, synthetic_section, dual_section, momentum_section,
+            world_section)
 
 
 def deviations(cfg: dict, units: dict) -> list[str]:

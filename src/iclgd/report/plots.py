@@ -92,6 +92,50 @@ def plot_compare(results: list[dict], out_dir: Path, title: str, control: list[d
     return written
 
 
+def plot_layer_curves(results: list[dict], control: list[dict] | None, path, title: str) -> Path:
+    """The task vector's and the function vector's dev accuracy per patched layer (mean over seeds, band: min-max
+    over seeds), beside ZSL's dev accuracy, and the cosine of ICL's effect with ΔW_ICL q per layer (dashed: untrained
+    model). Integer layer ticks, labelled axes, legends below the panels."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _plt()
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (key, label) in enumerate((("task_vector", "task vector (replace)"), ("function_vector",
+                                                                                "function vector (add)"))):
+        for rs, style, suffix in ((results, "-", ""), (control or [], "--", " [untrained]")):
+            if not rs:
+                continue
+            y = np.asarray([r[key]["dev_curve"] for r in rs], dtype=float)
+            x = np.arange(y.shape[1])
+            axes[0].plot(x, y.mean(0), style, marker="o", ms=3, color=f"C{i}", label=label + suffix)
+            if len(rs) > 1:
+                axes[0].fill_between(x, y.min(0), y.max(0), color=f"C{i}", alpha=0.15)
+    zsl = np.mean([r["task_vector"]["dev_zsl"] for r in results])
+    axes[0].axhline(zsl, color="grey", lw=0.8, ls=":", label="ZSL (dev)")
+    axes[0].set_xlabel("patched layer L"), axes[0].set_ylabel("dev accuracy")
+    axes[0].set_title(f"patched zero-shot prompts · {title}", fontsize=9)
+    for rs, style, suffix in ((results, "-", ""), (control or [], "--", " [untrained]")):
+        if not rs:
+            continue
+        y = np.asarray([r["link"]["cos_effect_dw_q"]["per_layer"] for r in rs], dtype=float)
+        yr = np.asarray([r["link"]["cos_random"]["per_layer"] for r in rs], dtype=float)
+        x = np.arange(y.shape[1])
+        axes[1].plot(x, y.mean(0), style, marker="o", ms=3, color="C2", label="cos(ICL effect, W_O ΔW_ICL q)" + suffix)
+        axes[1].plot(x, yr.mean(0), style, color="grey", lw=0.8, label="random direction" + suffix)
+        if len(rs) > 1:
+            axes[1].fill_between(x, y.min(0), y.max(0), color="C2", alpha=0.15)
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].set_xlabel("layer"), axes[1].set_ylabel("cosine")
+    axes[1].set_title(f"dual form vs ICL's effect on the attention output · {title}", fontsize=9)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
 
 def plot_compare_file(results_json) -> list[str]:
     """The per-layer plots of an ``iclgd compare`` results.json, beside it."""

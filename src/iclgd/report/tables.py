@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from iclgd.core.metrics import fmt_aggregate
+from iclgd.core.metrics import fmt_aggregate, fmt_ci
 
 CALIBRATED = ("rec2ftp", "simaou", "simam", "kendall")  # the four metrics the synthetic testbed calibrates
 
@@ -55,6 +55,69 @@ def _compare_row(task: str, agg: dict, results: list[dict]) -> dict:
         "‖ΔW_FT‖/‖ΔW_ICL‖": f("dw_norm_ratio"),
         "k": results[0]["k_true"], "lr": results[0]["lr"],
     }
+
+
+MECHANISM_ROWS = (  # (figure, its key in the aggregate, its shuffled-label control's key or None)
+    ("ZSL acc", "acc.zsl", None), ("ICL acc", "acc.icl", "shuffled_labels.acc_icl"), ("FT acc", "acc.ft", None),
+    ("task vector acc", "acc.task_vector", "shuffled_labels.acc_task_vector"),
+    ("function vector acc", "acc.function_vector", "shuffled_labels.acc_function_vector"),
+    ("SimAOU", "simaou.overall", None), ("cos(ICL effect, ΔW_ICL q)", "link.cos_effect_dw_q", None),
+)
+
+
+def mechanisms_doc(trained: list[dict], untrained: list[dict]) -> dict:
+    """The shape :func:`mechanisms_rows` reads, from reproduce units' results (one per seed)."""
+    from iclgd.core.metrics import bootstrap_ci
+
+    def agg(results):
+        out = {}
+        for a, b in [(k.split(".")[0], k.split(".")[1]) for _, k, _ in MECHANISM_ROWS] + [
+                (k.split(".")[0], k.split(".")[1]) for _, _, k in MECHANISM_ROWS if k]:
+            vals = []
+            for r in results:
+                v = (r.get(a) or {}).get(b)
+                v = v.get("overall") if isinstance(v, dict) else v
+                vals.append(float("nan") if v is None else float(v))
+            m, lo, hi = bootstrap_ci(vals)
+            out[f"{a}.{b}"] = {"mean": m, "ci95": [lo, hi]}
+        return out
+
+    return {"aggregate": agg(trained), "seeds": trained, "induction": trained[0].get("induction"),
+            "untrained": {"aggregate": agg(untrained), "seeds": untrained} if untrained else None}
+
+
+def mechanisms_rows(doc: dict) -> list[dict]:
+    """The one table of an ``iclgd mechanisms`` results.json: each account's figure for the model, with labels
+    shuffled, and for the untrained model (mean [95% CI] over seeds; the CI from three seeds on)."""
+    agg, seeds = doc["aggregate"], doc["seeds"]
+    un = (doc.get("untrained") or {}).get("aggregate")
+    several = len(seeds) >= 3
+
+    def f(a: dict | None, key: str | None) -> str:
+        if a is None or key is None or key not in a:
+            return "-"
+        x = a[key]
+        return fmt_ci(x["mean"], *x["ci95"], several)
+
+    rows = [{"figure": name, "model": f(agg, key), "shuffled labels": f(agg, sh), "untrained": f(un, key)}
+            for name, key, sh in MECHANISM_ROWS]
+    ind = doc.get("induction") or {}
+    top = (ind.get("top_heads") or [[None, None, float("nan")]])[0]
+    un_top = ((doc.get("untrained") or {}).get("seeds") or [{}])[0].get("induction", {}).get("top_heads")
+    rows.append({"figure": f"top induction head (prefix matching, layer.head {top[0]}.{top[1]})",
+                 "model": f"{top[2]:.3f}", "shuffled labels": "-",
+                 "untrained": f"{un_top[0][2]:.3f}" if un_top else "-"})
+    rows.append({"figure": "task vector layer | function vector layer, heads (dev)",
+                 "model": ", ".join(f"{r['task_vector']['layer']} | {r['function_vector']['layer']}, "
+                                    f"{r['function_vector']['n_heads']}" for r in seeds),
+                 "shuffled labels": "-", "untrained": "-"})
+    agree = [r["link"].get("cie_vs_cos_dW") for r in seeds if r["link"].get("cie_vs_cos_dW")]
+    if agree:
+        rows.append({"figure": "heads: Spearman(CIE, cos ΔW) | top-10 overlap (chance)",
+                     "model": "; ".join(f"{a['spearman']:.2f} | {a['top_overlap']} ({a['chance_overlap']:.1f})"
+                                        for a in agree if a["spearman"] is not None),
+                     "shuffled labels": "-", "untrained": "-"})
+    return rows
 
 
 def momentum_rows(doc: dict) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from iclgd.report.tables import calibration_table, compare_rows, momentum_rows, summary_table
+from iclgd.report.tables import calibration_table, compare_rows, mechanisms_rows, momentum_rows, summary_table
 
 
 def _table(rows: list[dict], columns: list[str] | None = None, fmt: str = "{:.4g}") -> str:
@@ -25,6 +25,17 @@ def compare_text(docs: list[dict]) -> str:
     rows = [row for d in docs for row in compare_rows(d)]
     return (f"prediction position: {c['position']}; FT: {c['ft_params']} params, {c['ft_mode']}\n"
             + pd.DataFrame(rows).to_string(index=False))
+
+
+def mechanisms_text(docs: list[dict]) -> str:
+    """One table per task: every account's figure for the model, with shuffled labels, and untrained."""
+    out = []
+    for d in docs:
+        c = d["config"]
+        out.append(f"{c['model']} on {c['task']['name']}, k = {c['k']}, seeds {c['seeds']}, "
+                   f"{d['seeds'][0]['n']} test examples")
+        out.append(pd.DataFrame(mechanisms_rows(d)).to_string(index=False))
+    return "\n".join(out)
 
 
 def verify_text(r: dict, model: str) -> str:
