@@ -160,3 +160,21 @@ def test_mechanisms_command_end_to_end(data_dir, tmp_path):
     assert "task vector acc" in res.output and "untrained" in res.output
     recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
     assert len(recs) == 12 and {"tv_pred", "fv_pred", "icl_pred"} <= set(recs[0])
+
+
+def test_reproduce_runs_mechanisms_units_and_reports_them(data_dir, tmp_path):
+    from iclgd.cli import app
+
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(app, ["reproduce", "--model", "tiny-random-llama", "--tasks", "sst2", "--seeds", "1",
+                                   "--n-test", "4", "--k", "2", "--mechanisms", "--no-dual", "--no-synthetic",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    units = sorted(p.parent.name for p in (out / "units").glob("*/result.json"))
+    assert units == ["compare-sst2-s1", "compare-sst2-s1-untrained", "mechanisms-sst2-s1",
+                     "mechanisms-sst2-s1-untrained"]
+    doc = json.loads((out / "units" / "mechanisms-sst2-s1" / "result.json").read_text())
+    assert len(doc["result"]["induction"]["prefix_matching"]) == 2
+    report = (out / "report.md").read_text()
+    assert "## The rival accounts" in report and "| task vector acc |" in report
+    assert (out / "plots" / "mechanisms_sst2.png").is_file()
