@@ -341,6 +341,24 @@ def aggregate(results: list[dict]) -> dict:
     return out
 
 
+def aggregate_paths(results: list[dict], paths: list[str]) -> dict:
+    """Mean and 95% bootstrap CI over seeds of each dotted path (``acc.icl``; a figure with ``overall`` gives that),
+    as :func:`aggregate` records them; an undefined value counts as NaN."""
+    out = {}
+    for path in paths:
+        vals = []
+        for r in results:
+            v = r
+            for k in path.split("."):
+                v = v.get(k) if isinstance(v, dict) else None
+            v = v.get("overall") if isinstance(v, dict) else v
+            vals.append(float("nan") if v is None else float(v))
+        mean, lo, hi = bootstrap_ci(vals)
+        out[path] = {"mean": mean, "ci95": [lo, hi], "n_seeds": int(sum(v == v for v in vals)),
+                     "n_seeds_run": len(vals)}
+    return out
+
+
 def fmt_ci(mean: float, lo: float, hi: float, several: bool, pct: bool = False, sep: str = ", ") -> str:
     """"m" for one seed, "m [lo, hi]" for several; ``pct``: fractions shown as percentages, one decimal."""
     f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")

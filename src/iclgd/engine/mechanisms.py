@@ -31,15 +31,9 @@ import torch
 from iclgd.core.hooks import Recorder
 from iclgd.core.models import LoadedModel, qkv, repeat_kv
 from iclgd.engine import dual
-from iclgd.engine.scoring import Prompts, _log_probs, _pad_right, encode_prefix, prefix_cache
+from iclgd.engine.scoring import Prompts, _log_probs, _pad_right, encode_prefix, head_weights, prefix_cache
 
 # ----------------------------------------------------------------------------- reading and patching
-
-
-def _head_weights(lm: LoadedModel):
-    head = lm.model.get_output_embeddings()
-    acc = torch.promote_types(head.weight.dtype, torch.float32)
-    return head.weight.to(acc), (head.bias.to(acc) if getattr(head, "bias", None) is not None else None)
 
 
 @torch.no_grad()
@@ -89,7 +83,7 @@ def score_patched(lm: LoadedModel, prompts: Prompts, examples: list[int], layer:
     if mode not in ("replace", "add"):
         raise ValueError(f"mode {mode!r}: expected replace or add")
     base, dev = lm.model.base_model, lm.input_device
-    w, b = _head_weights(lm)
+    w, b = head_weights(lm)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     C, P = len(prompts.option_ids), len(prompts.prefix_ids)
     single = all(len(o) == 1 for o in prompts.option_ids)
@@ -178,7 +172,7 @@ def causal_indirect_effects(lm: LoadedModel, corrupted: list[Prompts], mean_head
     row of a single-token pass over its cached keys and values."""
     L, (H, _, hd) = lm.n_layers, lm.head_counts()
     base, dev = lm.model.base_model, lm.input_device
-    w, b = _head_weights(lm)
+    w, b = head_weights(lm)
     patches = [(l, h) for l in range(L) for h in range(H)]
     total = torch.zeros(L, H, dtype=torch.float64)
     for p in corrupted:

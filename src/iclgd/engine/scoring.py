@@ -269,11 +269,7 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
         cache = prefix_cache(prefix_kv, batch_size * (1 if single else C), t_max)
     else:
         cache = None
-    head = lm.model.get_output_embeddings()
-    # the unembedding and log-softmax in fp32/fp64 whatever the model dtype: in bf16, close options tie or flip
-    acc = torch.promote_types(head.weight.dtype, torch.float32)  # an fp64 model keeps fp64
-    w32 = head.weight.to(acc)
-    b32 = head.bias.to(acc) if getattr(head, "bias", None) is not None else None
+    w32, b32 = head_weights(lm)
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress,
                leave=False)
     with torch.no_grad():
@@ -353,6 +349,14 @@ def _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, 
     means = torch.stack([x.mean() for x in picked.split(lens)])
     for (i, c, _, _), v in zip(where, means.cpu().tolist()):  # one device-to-host copy per batch
         out[i, c] = v
+
+
+def head_weights(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unembedding's weight and bias for :func:`_log_probs`: in fp32 whatever the model dtype (in bf16, close
+    options tie or flip); an fp64 model keeps fp64."""
+    head = lm.model.get_output_embeddings()
+    acc = torch.promote_types(head.weight.dtype, torch.float32)
+    return head.weight.to(acc), (head.bias.to(acc) if getattr(head, "bias", None) is not None else None)
 
 
 HEAD_CHUNK = 64  # positions per unembedding product (Gemma-3's 262k-token vocabulary: 134 MB of float64 log-probs)

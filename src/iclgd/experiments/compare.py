@@ -563,9 +563,12 @@ class CompareResult(Result):
             control = (doc.get("untrained") or {}).get("seeds") or []
             for condition, seeds in (("trained", doc["seeds"]), ("untrained", control)):
                 for r in seeds:
-                    numbers = {k: v for k, v in r.items() if k not in ("seed", "untrained_init_seed")}
-                    out += tidy_rows(numbers, {"task": task, "seed": r["seed"], "condition": condition})
+                    out += tidy_rows(self.numbers(r), {"task": task, "seed": r["seed"], "condition": condition})
         return out
+
+    def numbers(self, r: dict) -> dict:
+        """What of one seed's result becomes tidy rows."""
+        return {k: v for k, v in r.items() if k not in ("seed", "untrained_init_seed")}
 
 
 def run_in(job: CompareJob, out=None, overwrite: bool = False, progress: bool = True,

@@ -26,13 +26,9 @@ from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.models import LoadedModel, as_loaded, model_name, run_versions
 from iclgd.core.tasks import TaskData, load_tasks, sample_demos
-from iclgd.experiments.compare import (CompareConfig, ZslCache, compare_deviations, compare_seed, config_dict,
-                                       no_start_token)
-from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows, writing
-
-
-def _grid(flag: str, value) -> tuple[int, ...]:
-    return O.int_tuple(flag, value)
+from iclgd.experiments.compare import (CompareConfig, CompareResult, ZslCache, compare_deviations, compare_seed,
+                                       config_dict, no_start_token)
+from iclgd.experiments.protocol import Experiment, UnitKind, writing
 
 
 @dataclass
@@ -46,7 +42,7 @@ class MechanismsConfig:
     n_cie: int = O.option(8, "label-shuffled prompts on which each head's causal indirect effect is measured (their "
                              "clean versions give the heads' mean outputs)", check=O.min_int(1))
     fv_heads: tuple[int, ...] = O.option((1, 3, 10), "head counts of the function vector tried on dev (the layer is "
-                                                      "chosen with the largest first)", parse=_grid,
+                                                      "chosen with the largest first)", parse=O.int_tuple,
                                          check=O.each_at_least(1))
     n_link: int = O.option(32, "test examples of the dual-form alignment (cos of ICL's effect with ΔW_ICL q)",
                            check=O.min_int(1))
@@ -121,7 +117,7 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
     import torch
 
     from iclgd.engine import mechanisms as E
-    from iclgd.engine.scoring import build_prompts, score_options
+    from iclgd.engine.scoring import build_prompts, resolve_batch_size, score_options
 
     cfg, mc, spec = job.compare, job.mechanisms, data.spec
     times, t = {}, time.perf_counter()
@@ -132,7 +128,7 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
         times[name] = round(now - t, 2)
         t = now
 
-    bs = cfg.batch_size if isinstance(cfg.batch_size, int) else 8
+    bs = resolve_batch_size(lm, cfg.batch_size)
     comp, comp_records, _ = compare_seed(lm, data, cfg, seed, progress, zsl_cache)
     lap("compare")
     demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
@@ -297,43 +293,21 @@ TABLE = (("acc", "zsl"), ("acc", "icl"), ("acc", "ft"), ("acc", "task_vector"), 
 
 def _aggregate(results: list[dict], M) -> dict:
     """Mean and 95% bootstrap CI over seeds of every figure of the table (iclgd.core.metrics.aggregate's rule)."""
-    out = {}
-    for a, b in TABLE:
-        vals = []
-        for r in results:
-            v = (r.get(a) or {}).get(b)
-            v = v.get("overall") if isinstance(v, dict) else v
-            vals.append(np.nan if v is None else float(v))
-        mean, lo, hi = M.bootstrap_ci(vals)
-        out[f"{a}.{b}"] = {"mean": mean, "ci95": [lo, hi], "n_seeds": int(sum(v == v for v in vals)),
-                           "n_seeds_run": len(vals)}
-    return out
+    return M.aggregate_paths(results, [f"{a}.{b}" for a, b in TABLE])
 
 
 def _induction_doc(ind: dict) -> dict:
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in ind.items()}
 
 
-class MechanismsResult(Result):
-    """``iclgd mechanisms``' files: per task a results.json and its records.jsonl."""
+class MechanismsResult(CompareResult):
+    """``iclgd mechanisms``' files: per task a results.json and its records.jsonl (the layout of compare's, whose
+    tidy rows it shares: trained and untrained seeds, the table's figures)."""
 
     kind = "iclgd.mechanisms"
 
-    @classmethod
-    def of(cls, tasks) -> "MechanismsResult":
-        docs = {str(Path(t.subdir) / "results.json"): t.doc for t in tasks}
-        return cls(docs, {str(Path(t.subdir) / "records.jsonl"): t.records for t in tasks})
-
-    def rows(self) -> list[dict]:
-        out = []
-        for doc in self.docs.values():
-            task = doc["config"]["task"]["name"]
-            control = (doc.get("untrained") or {}).get("seeds") or []
-            for condition, seeds in (("trained", doc["seeds"]), ("untrained", control)):
-                for r in seeds:
-                    keep = {k: r[k] for k in ("acc", "shuffled_labels", "simaou", "link") if k in r}
-                    out += tidy_rows(keep, {"task": task, "seed": r["seed"], "condition": condition})
-        return out
+    def numbers(self, r: dict) -> dict:
+        return {k: r[k] for k in ("acc", "shuffled_labels", "simaou", "link") if k in r}
 
 
 def run_in(job: MechanismsJob, out=None, overwrite: bool = False, progress: bool = True) -> MechanismsResult:

@@ -67,21 +67,10 @@ MECHANISM_ROWS = (  # (figure, its key in the aggregate, its shuffled-label cont
 
 def mechanisms_doc(trained: list[dict], untrained: list[dict]) -> dict:
     """The shape :func:`mechanisms_rows` reads, from reproduce units' results (one per seed)."""
-    from iclgd.core.metrics import bootstrap_ci
+    from iclgd.core.metrics import aggregate_paths
 
-    def agg(results):
-        out = {}
-        for a, b in [(k.split(".")[0], k.split(".")[1]) for _, k, _ in MECHANISM_ROWS] + [
-                (k.split(".")[0], k.split(".")[1]) for _, _, k in MECHANISM_ROWS if k]:
-            vals = []
-            for r in results:
-                v = (r.get(a) or {}).get(b)
-                v = v.get("overall") if isinstance(v, dict) else v
-                vals.append(float("nan") if v is None else float(v))
-            m, lo, hi = bootstrap_ci(vals)
-            out[f"{a}.{b}"] = {"mean": m, "ci95": [lo, hi]}
-        return out
-
+    paths = [k for _, k, _ in MECHANISM_ROWS] + [k for _, _, k in MECHANISM_ROWS if k]
+    agg = lambda results: aggregate_paths(results, paths)  # noqa: E731
     return {"aggregate": agg(trained), "seeds": trained, "induction": trained[0].get("induction"),
             "untrained": {"aggregate": agg(untrained), "seeds": untrained} if untrained else None}
 
