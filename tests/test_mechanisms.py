@@ -49,6 +49,31 @@ def test_writing_back_the_residual_changes_nothing_and_another_vector_does(name)
     assert np.abs(moved - ref).max() > 1e-4
 
 
+MULTI = TaskSpec(name="toy-multi", template="Review: {text}\nSentiment:", label_words=("rather bad", "very good indeed"),
+                 fields={"text": "text"}, demo_file="-", eval_file="-")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("spec", [SPEC, MULTI], ids=["one-token", "multi-token"])
+@pytest.mark.parametrize("n_demos", [0, 3, "no-start-token"])
+def test_several_edits_at_once_equal_one_whole_pass_per_edit(name, spec, n_demos):
+    """patched_scores runs each query's context once and every edit as a row over its cache: the scores of every
+    (layer, vector, mode) equal score_patched's, which runs every row whole. Also with an empty prefix (zero-shot,
+    no start token), where each query's context gets a cache of its own."""
+    lm = build_tiny(name)
+    if n_demos == "no-start-token":
+        lm.use_start, n_demos = False, 0
+    p = build_prompts(lm, spec, ROWS[:n_demos], ROWS[3:7])
+    ex = [0, 2, 3]
+    g = torch.Generator().manual_seed(1)
+    d = lm.model.config.hidden_size
+    edits = [(L, torch.randn(d, generator=g), mode) for L in range(lm.n_layers) for mode in ("replace", "add")]
+    got = E.patched_scores(lm, p, ex, edits, batch_size=3)  # rows in chunks of 12 (single) or 3: several chunks
+    assert got.shape == (len(edits), len(ex), len(spec.label_words))
+    for e, (L, v, mode) in enumerate(edits):
+        np.testing.assert_allclose(got[e], E.score_patched(lm, p, ex, L, v, mode), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_head_outputs_through_w_o_sum_to_the_attention_output(name):
     lm = build_tiny(name)
@@ -64,15 +89,16 @@ def test_head_outputs_through_w_o_sum_to_the_attention_output(name):
 def test_batched_indirect_effects_equal_one_whole_forward_pass_per_patched_head():
     lm = build_tiny("tiny-random-llama")
     shuffled = [{**d, "label": 1 - d["label"]} for d in ROWS[:3]]
-    corrupted = [build_prompts(lm, SPEC, shuffled, [r]) for r in ROWS[5:7]]
+    corrupted = build_prompts(lm, SPEC, shuffled, ROWS[5:7])  # two queries after the same shuffled demonstrations
     H, _, hd = lm.head_counts()
     g = torch.Generator().manual_seed(0)
     means = torch.randn(lm.n_layers, H, hd, generator=g)
     cie = E.causal_indirect_effects(lm, corrupted, means, batch_size=3)  # chunks of 3 rows: several chunks
     assert cie.shape == (lm.n_layers, H)
 
-    def prob(p, patch=None):
-        ids = torch.tensor([p.prefix_ids + p.query_ids[0]])
+    def prob(i, patch=None):
+        p = corrupted
+        ids = torch.tensor([p.prefix_ids + p.query_ids[i]])
         edit = {}
         if patch is not None:
             l, h = patch
@@ -84,10 +110,10 @@ def test_batched_indirect_effects_equal_one_whole_forward_pass_per_patched_head(
             edit = {"attn_heads": edit_fn}
         with torch.no_grad(), Recorder(lm, points=(), edit=edit, layers=[patch[0]] if patch else []):
             logits = lm.model(input_ids=ids).logits[0, -1].double()
-        return torch.softmax(logits, -1)[p.option_ids[p.labels[0]][0]].item()
+        return torch.softmax(logits, -1)[p.option_ids[p.labels[i]][0]].item()
 
     for l, h in [(0, 0), (1, H - 1), (lm.n_layers - 1, 1)]:
-        want = np.mean([prob(p, (l, h)) - prob(p) for p in corrupted])
+        want = np.mean([prob(i, (l, h)) - prob(i) for i in range(2)])
         assert abs(cie[l, h].item() - want) < 1e-6, (l, h)
 
 
@@ -96,7 +122,7 @@ def test_setting_a_head_to_its_own_output_has_no_indirect_effect():
     p = build_prompts(lm, SPEC, ROWS[:3], [ROWS[6]])
     heads = E.last_position_acts(lm, p, [0], ("attn_heads",))["attn_heads"]  # (1, L, H·hd)
     H, _, hd = lm.head_counts()
-    cie = E.causal_indirect_effects(lm, [p], heads[0].view(lm.n_layers, H, hd))
+    cie = E.causal_indirect_effects(lm, p, heads[0].view(lm.n_layers, H, hd))
     assert cie.abs().max() < 1e-6
 
 

@@ -31,7 +31,8 @@ import torch
 from iclgd.core.hooks import Recorder
 from iclgd.core.models import LoadedModel, qkv, repeat_kv
 from iclgd.engine import dual
-from iclgd.engine.scoring import Prompts, _log_probs, _pad_right, encode_prefix, head_weights, prefix_cache
+from iclgd.engine.scoring import (Prompts, _log_probs, _pad_right, encode_prefix, head_weights, option_scores,
+                                  prefix_cache)
 
 # ----------------------------------------------------------------------------- reading and patching
 
@@ -92,13 +93,18 @@ def score_patched(lm: LoadedModel, prompts: Prompts, examples: list[int], layer:
     step = max(1, batch_size // rows_per)
     for s in range(0, len(examples), step):
         batch = examples[s: s + step]
-        rows, meta, last = [], [], []
+        rows, meta, last = [], [], []  # meta per row: (example, [(option, position predicting it, its tokens)])
         for j, i in enumerate(batch):
-            q = prompts.query_ids[i]
-            for c, o in ([(None, [])] if single else enumerate(prompts.option_ids)):
-                rows.append(prompts.prefix_ids + q + o)
-                last.append(P + len(q) - 1)
-                meta.append((s + j, c))
+            q, at = prompts.query_ids[i], P + len(prompts.query_ids[i]) - 1
+            if single:
+                rows.append(prompts.prefix_ids + q)
+                last.append(at)
+                meta.append((s + j, [(c, at, o) for c, o in enumerate(prompts.option_ids)]))
+            else:
+                for c, o in enumerate(prompts.option_ids):
+                    rows.append(prompts.prefix_ids + q + o)
+                    last.append(at)
+                    meta.append((s + j, [(c, at, o)]))
         ids, mask = _pad_right(rows, pad)
         pos = torch.tensor(last)
         with ExitStack() as stack:
@@ -107,19 +113,96 @@ def score_patched(lm: LoadedModel, prompts: Prompts, examples: list[int], layer:
                 fn = (lambda h: v.expand_as(h)) if mode == "replace" else (lambda h: h + v.to(h.dtype))
                 stack.enter_context(Recorder(lm, points=(), edit={"block_in": _edit_last(pos, fn)}, layers=[layer]))
             hidden = base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
-        for r, (j, c) in enumerate(meta):
-            if single:
-                lp = _log_probs(lm, hidden[r, last[r]][None].to(w.device), w, b)[0]
-                out[j] = [float(lp[o[0]]) for o in prompts.option_ids]
-            else:
-                o = prompts.option_ids[c]
-                lp = _log_probs(lm, hidden[r, last[r]: last[r] + len(o)].to(w.device), w, b)
-                out[j, c] = float(lp[torch.arange(len(o)), torch.tensor(o)].mean())
+        option_scores(lm, hidden, meta, w, b, out)
     return out
 
 
 def accuracy(scores: np.ndarray, labels) -> float:
     return float((scores.argmax(1) == np.asarray(labels)).mean())
+
+
+class _QueryContexts:
+    """Per example, a cache holding the prompt's prefix and the query minus its last token, over ``rows`` batch rows
+    with room for ``t_new`` more tokens: the rows that follow differ only from the last query token on (an edit at the
+    last position changes nothing before it), so that context runs once per example instead of once per row."""
+
+    def __init__(self, lm: LoadedModel, prompts: Prompts, rows: int, t_new: int):
+        self.lm, self.prompts, self.rows, self.t_new = lm, prompts, rows, t_new
+        self.shared = None
+        if prompts.prefix_ids:  # encoded once; each query's context is written after it
+            t_max = max(map(len, prompts.query_ids)) - 1 + t_new
+            self.shared = prefix_cache(encode_prefix(lm, prompts.prefix_ids), rows, t_max)
+
+    def __call__(self, i: int):
+        """(cache or None, its length) for example ``i``: a cache to pass with ``cache.start(n)``."""
+        lm, dev = self.lm, self.lm.input_device
+        ctx = self.prompts.query_ids[i][:-1]
+        if self.shared is None:
+            if not ctx:
+                return None, 0
+            return prefix_cache(encode_prefix(lm, ctx), self.rows, self.t_new), len(ctx)
+        cache, P = self.shared.rewind(), len(self.prompts.prefix_ids)
+        if ctx:
+            lm.model.base_model(input_ids=torch.tensor([ctx], device=dev),
+                                attention_mask=torch.ones(1, P + len(ctx), dtype=torch.long, device=dev),
+                                cache=cache.start(1), use_cache=True)
+            cache.extend(len(ctx))
+        return cache, P + len(ctx)
+
+
+def _edit_rows(rows: list[int], fn: Callable[[torch.Tensor], torch.Tensor]):
+    """An edit for a hook point: the given rows' tensors at position 0 (the pass's first token) replaced by ``fn``."""
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[rows, 0] = fn(x[rows, 0]).to(x.dtype)
+        return x
+    return edit
+
+
+@torch.no_grad()
+def patched_scores(lm: LoadedModel, prompts: Prompts, examples: list[int],
+                   edits: list[tuple[int, torch.Tensor, str]], batch_size: int = 8) -> np.ndarray:
+    """:func:`score_patched` for several edits at once: ``edits`` is a list of (layer, vec, mode); returns their option
+    scores (n_edits, n, C), equal to one :func:`score_patched` call per edit (tests/test_mechanisms.py). Per example,
+    the prefix and the query minus its last token run once (:class:`_QueryContexts`); each (edit, option) is then a
+    row of the last query token and the option's tokens, the edit applied at its first position."""
+    for _, _, mode in edits:
+        if mode not in ("replace", "add"):
+            raise ValueError(f"mode {mode!r}: expected replace or add")
+    base, dev = lm.model.base_model, lm.input_device
+    w, b = head_weights(lm)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    C = len(prompts.option_ids)
+    single = all(len(o) == 1 for o in prompts.option_ids)
+    options = [None] if single else list(range(C))
+    todo = [(e, c) for e in range(len(edits)) for c in options]
+    rows = min(len(todo), max(batch_size, 4 * batch_size if single else batch_size))
+    contexts = _QueryContexts(lm, prompts, rows, 1 + (0 if single else max(map(len, prompts.option_ids))))
+    vecs = [v.to(dev) for _, v, _ in edits]
+    out = np.zeros((len(edits) * len(examples), C))  # row e·n + j: edit e, example j
+    for j, i in enumerate(examples):
+        cache, P = contexts(i)
+        last = prompts.query_ids[i][-1]
+        for s in range(0, len(todo), rows):
+            chunk = todo[s: s + rows]
+            ids, mask = _pad_right([[last] + ([] if c is None else prompts.option_ids[c]) for _, c in chunk], pad)
+            mask = torch.cat([torch.ones(len(chunk), P, dtype=torch.long), mask], dim=1)
+            with ExitStack() as stack:
+                for layer in sorted({edits[e][0] for e, _ in chunk}):
+                    for mode in ("replace", "add"):
+                        sel = [r for r, (e, _) in enumerate(chunk) if edits[e][0] == layer and edits[e][2] == mode]
+                        if not sel:
+                            continue
+                        v = torch.stack([vecs[chunk[r][0]] for r in sel])  # (n_sel, d_model)
+                        fn = (lambda h, v=v: v) if mode == "replace" else (lambda h, v=v: h + v.to(h.dtype))
+                        stack.enter_context(Recorder(lm, points=(), edit={"block_in": _edit_rows(sel, fn)},
+                                                     layers=[layer]))
+                hidden = base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=cache is not None,
+                              **({"cache": cache.start(len(chunk))} if cache is not None else {})).last_hidden_state
+            options = [(c, 0, o) for c, o in enumerate(prompts.option_ids)]  # every option predicted from position 0
+            option_scores(lm, hidden, [(e * len(examples) + j, options if c is None else [options[c]])
+                                       for e, c in chunk], w, b, out)
+    return out.reshape(len(edits), len(examples), C)
 
 
 # ----------------------------------------------------------------------------- task vector
@@ -137,8 +220,8 @@ def layer_curve(lm: LoadedModel, zsl: Prompts, examples: list[int], vectors: tor
                 batch_size: int = 8) -> list[float]:
     """Accuracy on ``examples`` of the zero-shot prompts patched at each layer L with ``vectors[L]``."""
     labels = [zsl.labels[i] for i in examples]
-    return [accuracy(score_patched(lm, zsl, examples, L, vectors[L], mode, batch_size), labels)
-            for L in range(lm.n_layers)]
+    scores = patched_scores(lm, zsl, examples, [(L, vectors[L], mode) for L in range(lm.n_layers)], batch_size)
+    return [accuracy(sc, labels) for sc in scores]
 
 
 def best_index(curve: list[float]) -> int:
@@ -162,28 +245,26 @@ def head_outputs(lm: LoadedModel, heads: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def causal_indirect_effects(lm: LoadedModel, corrupted: list[Prompts], mean_heads: torch.Tensor,
+def causal_indirect_effects(lm: LoadedModel, corrupted: Prompts, mean_heads: torch.Tensor,
                             batch_size: int = 8) -> torch.Tensor:
-    """CIE per head, (L, H): on each corrupted (label-shuffled) prompt — a :class:`Prompts` with one query — the
-    probability of the correct label's first token when head (l, h)'s output at the last position is set to its
-    clean mean ``mean_heads`` (L, H, d_head), minus that probability unpatched; the mean over the prompts.
+    """CIE per head, (L, H): on each query of the corrupted (label-shuffled) prompts, the probability of the correct
+    label's first token when head (l, h)'s output at the last position is set to its clean mean ``mean_heads``
+    (L, H, d_head), minus that probability unpatched; the mean over the queries.
 
-    Only the last position changes, so the prompt minus its last token runs once and every head's patch is one
-    row of a single-token pass over its cached keys and values."""
+    Only the last position changes, so the shuffled demonstrations run once, each query minus its last token once
+    (:class:`_QueryContexts`), and every head's patch is one row of a single-token pass over those keys and values."""
     L, (H, _, hd) = lm.n_layers, lm.head_counts()
     base, dev = lm.model.base_model, lm.input_device
     w, b = head_weights(lm)
     patches = [(l, h) for l in range(L) for h in range(H)]
+    todo = [None, *patches]  # row 0: unpatched; then one row per head
+    n_rows = min(4 * batch_size, len(todo))
+    contexts = _QueryContexts(lm, corrupted, n_rows, 1)
     total = torch.zeros(L, H, dtype=torch.float64)
-    for p in corrupted:
-        ids = p.prefix_ids + p.query_ids[0]
-        target = p.option_ids[p.labels[0]][0]
-        prefix_kv = encode_prefix(lm, ids[:-1])
-        n_rows = min(batch_size, len(patches) + 1)
-        cache = prefix_cache(prefix_kv, n_rows, 1)
+    for i, q in enumerate(corrupted.query_ids):
+        target = corrupted.option_ids[corrupted.labels[i]][0]
+        cache, P = contexts(i)
         probs = []
-        # row 0 of the first chunk: unpatched; then one row per head
-        todo = [None, *patches]
         for s in range(0, len(todo), n_rows):
             chunk = todo[s: s + n_rows]
             with ExitStack() as stack:
@@ -194,14 +275,15 @@ def causal_indirect_effects(lm: LoadedModel, corrupted: list[Prompts], mean_head
                     hs = [chunk[r][1] for r in sel]
                     stack.enter_context(Recorder(lm, points=(), edit={"attn_heads": _set_heads(sel, hs, mean_heads[l],
                                                                                               hd)}, layers=[l]))
-                x = torch.tensor([[ids[-1]]] * len(chunk), device=dev)
-                mask = torch.ones(len(chunk), len(ids), dtype=torch.long, device=dev)
-                hid = base(input_ids=x, attention_mask=mask, cache=cache.start(len(chunk)), use_cache=True)
+                x = torch.tensor([[q[-1]]] * len(chunk), device=dev)
+                mask = torch.ones(len(chunk), P + 1, dtype=torch.long, device=dev)
+                hid = base(input_ids=x, attention_mask=mask, use_cache=cache is not None,
+                           **({"cache": cache.start(len(chunk))} if cache is not None else {}))
             lp = _log_probs(lm, hid.last_hidden_state[:, -1].to(w.device), w, b)
             probs.append(lp[:, target].exp().cpu())
         probs = torch.cat(probs)
         total += (probs[1:] - probs[0]).view(L, H)
-    return total / len(corrupted)
+    return total / len(corrupted.query_ids)
 
 
 def _set_heads(rows: list[int], heads: list[int], means: torch.Tensor, hd: int):

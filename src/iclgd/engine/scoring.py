@@ -187,7 +187,15 @@ class _PrefixLayer:
         _, H, P, d = prefix.shape  # (1, H_kv, P, d_head)
         self.buf = prefix.new_empty((rows, H, P + t_max, d))
         self.buf[:, :, :P] = prefix
-        self.P = P
+        self.P = self.P0 = P
+
+    def extend(self, t: int) -> None:
+        """Row 0's last ``t`` written positions become part of every row's prefix (copied to the other rows)."""
+        self.buf[1:, :, self.P: self.P + t] = self.buf[:1, :, self.P: self.P + t]
+        self.P += t
+
+    def rewind(self) -> None:
+        self.P = self.P0
 
     def view(self, n: int, t: int = 0) -> torch.Tensor:
         return self.buf[:n, :, : self.P + t]
@@ -223,6 +231,19 @@ def prefix_cache(prefix_kv, rows: int, t_max: int):
             """Every layer back to the prefix, for a batch of ``n`` rows."""
             for layer in self.layers:
                 layer.keys, layer.values = layer.kb.view(n), layer.vb.view(n)
+            return self
+
+        def extend(self, t: int):
+            """After a one-row pass of ``t`` tokens (``start(1)``): those tokens join the prefix of every row (e.g. a
+            query's context shared by rows that differ only in an edit)."""
+            for layer in self.layers:
+                layer.kb.extend(t), layer.vb.extend(t)
+            return self
+
+        def rewind(self):
+            """Back to the prefix the cache was built with."""
+            for layer in self.layers:
+                layer.kb.rewind(), layer.vb.rewind()
             return self
 
     # (a method, not a closure stored on the cache: a closure would make a reference cycle, and the buffers would
@@ -331,8 +352,17 @@ def _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, 
                 _observe(observer, rec, prompts, meta, P)
     else:
         hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    # the unembedding only where a label token is predicted (hidden at t predicts token t+1): one product for every
-    # such position of the batch (an option's row or an example's shared last position counted once), in chunks
+    option_scores(lm, hidden, meta, w32, b32, out)
+
+
+def option_scores(lm: LoadedModel, hidden: torch.Tensor, meta, w32: torch.Tensor, b32: torch.Tensor | None,
+                  out: np.ndarray) -> None:
+    """``out[i, c]``: the mean log-probability of option c's tokens, from the final hidden states ``hidden``
+    (rows, T, d_model) of a batch; ``meta`` per row: (i, [(c, position predicting the option's first token, its
+    tokens), ...]). The unembedding only where a label token is predicted (hidden at t predicts token t+1): one
+    product for every such position of the batch (an option's row or an example's shared last position counted
+    once), in chunks."""
+    head_dev = w32.device
     where, rows_pos = [], {}
     for r, (i, opts) in enumerate(meta):
         for c, start, o in opts:

@@ -157,13 +157,14 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
         H, _, hd = lm.head_counts()
         mean_heads = heads.mean(0).view(lm.n_layers, H, hd)  # (L, H, d_head)
         a_bar = E.head_outputs(lm, heads).mean(0)  # (L, H, d_model)
-        corrupted = [build_prompts(lm, spec, shuffled, [r], cfg.separator, cfg.max_len) for r in cie_rows]
+        corrupted = build_prompts(lm, spec, shuffled, cie_rows, cfg.separator, cfg.max_len)
         cie = E.causal_indirect_effects(lm, corrupted, mean_heads, bs)  # (L, H)
         grid = sorted({min(h, lm.n_layers * H) for h in mc.fv_heads}, reverse=True)
         vec = lambda h: sum(a_bar[l, j] for l, j in E.top_heads(cie, h))  # noqa: E731
         curve = E.layer_curve(lm, zsl_dev, dev, torch.stack([vec(grid[0])] * lm.n_layers), "add", bs)
         L = E.best_index(curve)
-        by_h = [E.accuracy(E.score_patched(lm, zsl_dev, dev, L, vec(h), "add", bs), zsl_dev.labels) for h in grid]
+        by_h = [E.accuracy(sc, zsl_dev.labels) for sc in E.patched_scores(lm, zsl_dev, dev,
+                                                                          [(L, vec(h), "add") for h in grid], bs)]
         h = grid[E.best_index(by_h)]
         sc = E.score_patched(lm, zsl, test, L, vec(h), "add", bs)
         return {"layer": L, "n_heads": h, "acc": E.accuracy(sc, zsl.labels), "dev_curve": curve,
