@@ -239,3 +239,66 @@ def test_scores_on_every_tiny_family(name):
         mine = torch.einsum("bhqk,hbkd->bqhd", probs, v.float()).reshape(B, T_, -1)  # (B, T, H·hd)
         true = rec.acts[f"attn_heads.{l}"].float()
         assert ((mine - true).norm() / true.norm()).item() < 1e-4, (name, l)
+
+
+def _top1_by_full_logits(lm, layer, z, target, allowed, P_out):
+    """The definition itself: each head's full vocabulary logits W_U P_out W_O^h z_h, then whether the target beats
+    every other allowed token strictly."""
+    p = lm.projections(layer)
+    U = lm.model.get_output_embeddings().weight.double()  # (V, d_e)
+    N, H, hd = z.shape
+    Wo = p.Wo.detach().double().reshape(-1, H, hd)  # (d_model, H, hd)
+    out = torch.zeros(H, N, dtype=torch.bool)
+    for h in range(H):
+        c = z[:, h].double() @ Wo[:, h].T  # (N, d_model)
+        if P_out is not None:
+            c = c @ P_out.double().T
+        logits = c @ U.T  # (N, V)
+        for n in range(N):
+            rivals = allowed.clone()
+            rivals[target[n]] = False
+            out[h, n] = bool((logits[n, rivals] < logits[n, target[n]]).all())
+    return out
+
+
+@pytest.mark.parametrize("screen", [0, 16, 2048])
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-opt-projected"])
+def test_direct_logit_top1_equals_the_full_vocabulary_definition(name, screen):
+    """With and without the screen (16 of 259 tokens; 2048 = none, more than the vocabulary) against full logits
+    per head and query: a head that is the target's own embedding
+    direction mostly wins, a zero head and a tie with a duplicated unembedding row lose, disallowed tokens are ignored."""
+    from iclgd.engine.induction import _embedding_maps, direct_logits_top1
+
+    if name == "tiny-random-opt-projected":  # OPT with project_in/out (embeddings narrower than the stream)
+        cfg = T.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=259,
+                          max_position_embeddings=64, word_embed_proj_dim=16, bos_token_id=256, eos_token_id=257,
+                          pad_token_id=258)
+        torch.manual_seed(0)
+        lm = from_objects(T.OPTForCausalLM(cfg), byte_tokenizer(), name=name)
+    else:
+        lm = build_tiny(name)
+    P_out = _embedding_maps(lm)[2]
+    assert (P_out is not None) == (name == "tiny-random-opt-projected")
+    H, _, hd = lm.head_counts()
+    V = lm.model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(3)
+    N = 40
+    z = torch.randn(N, H, hd, generator=g)
+    z[:, 1] = 0.0  # a silent head ranks nothing first
+    target = torch.randint(0, 256, (N,), generator=g)
+    allowed = torch.ones(V, dtype=torch.bool)
+    allowed[torch.randint(0, V, (30,), generator=g)] = False
+    allowed[target] = True
+    allowed[7] = True  # the tie below needs its rival
+    with torch.no_grad():
+        U = lm.model.get_output_embeddings().weight
+        U[5] = U[7]  # rows 5 and 7 tie whatever the head writes
+    target[:4] = 5
+    Wo = lm.projections(0).Wo.detach().reshape(-1, H, hd)[:, 0]  # (d_model, hd) head 0's block
+    M = (U @ P_out @ Wo) if P_out is not None else U @ Wo  # (V, hd) head 0's map from its output to the logits
+    z[:, 0] = M[target].detach()  # head 0 writes (mostly) its target's direction
+    got = direct_logits_top1(lm, 0, z, target, allowed, P_out, screen=screen)
+    ref = _top1_by_full_logits(lm, 0, z, target, allowed, P_out)
+    assert torch.equal(got, ref)
+    assert not got[1].any() and not got[:, :4].any()
+    assert got[0, 4:].float().mean() > 0.2 and got[2:].float().mean() < 0.1  # the check can tell heads apart

@@ -175,28 +175,59 @@ def copying_scores(lm: LoadedModel) -> np.ndarray:
 
 @torch.no_grad()
 def direct_logits_top1(lm: LoadedModel, layer: int, z: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor,
-                       P_out: torch.Tensor | None = None) -> torch.Tensor:
+                       P_out: torch.Tensor | None = None, screen: int = 2048) -> torch.Tensor:
     """(H, N) bool: whether head h's direct logit contribution W_U W_O^h z_h (norms ignored) from its output
     ``z`` (N, H, d_head) ranks ``target`` (N,) first among the ``allowed`` (V,) bool tokens; a tie counts against
-    the target (an all-zero head ranks nothing first). ``P_out``: OPT's project_out weight (d_e, d_model)."""
+    the target (an all-zero head ranks nothing first). ``P_out``: OPT's project_out weight (d_e, d_model).
+
+    In two stages, both exact: a screen of ``screen`` allowed tokens (every k-th) settles every (head, query) pair
+    in which one of them already reaches the target's logit, cheaply, through each head's rank-d_head map
+    W_U W_O^h; only the pairs the screen leaves open (a random head leaves ~1/screen of its queries, an induction
+    head most of them) get their logits over the whole allowed vocabulary, a chunk at a time. That is what makes
+    the probe cheap for Gemma's 262k tokens: the full logits of every head and query would be H·N·V numbers per
+    layer. ``screen=0`` skips the screen (every pair is checked in full). The open pairs' target logit is read from
+    the same product as its rivals', so an exact tie (two identical unembedding rows) stays a tie."""
     p = lm.projections(layer)
     U = lm.model.get_output_embeddings().weight  # (V, d_e)
     dev = U.device
     acc = torch.promote_types(U.dtype, torch.float32)
     N, H, hd = z.shape
-    Wo = p.Wo.detach().to(dev, acc).reshape(-1, H, hd)  # (d_model, H, hd)
-    c = torch.einsum("nhe,dhe->hnd", z.to(dev, acc), Wo)  # (H, N, d_model) each head's write to the residual
+    Wo = p.Wo.detach().to(dev, acc)  # (d_model, H·hd)
     if P_out is not None:
-        c = c @ P_out.to(dev, acc).T  # (H, N, d_e)
-    mine = torch.einsum("hnd,nd->hn", c, U[target.to(dev)].to(acc))  # (H, N) the target's logit
-    rivals = torch.zeros(H, N, dtype=torch.long, device=dev)  # allowed tokens other than the target at or above it
-    t = target.to(dev)[:, None]  # (N, 1)
-    step = max(1, _CHUNK // (H * N))
-    for a in range(0, len(allowed), step):
-        logit = c @ U[a:a + step].to(acc).T  # (H, N, chunk)
-        other = allowed[a:a + step].to(dev) & (torch.arange(a, a + logit.shape[-1], device=dev) != t)  # (N, chunk)
-        rivals += ((logit >= mine[..., None]) & other).sum(-1)
-    return rivals == 0
+        Wo = P_out.to(dev, acc) @ Wo  # (d_e, H·hd): the heads' writes as W_U reads them
+    d_e = Wo.shape[0]
+    zt = z.to(dev, acc).permute(1, 0, 2).contiguous()  # (H, N, hd)
+    t = target.to(dev)
+    C = torch.einsum("hne,dhe->hnd", zt, Wo.reshape(d_e, H, hd))  # (H, N, d_e) each head's write to the stream
+    ids = torch.nonzero(allowed).flatten().to(dev)  # (V_a,) ascending
+    open_ = torch.ones(H, N, dtype=torch.bool, device=dev)  # pairs no rival has reached yet
+    if screen and len(ids) > screen:
+        mine = torch.einsum("hnd,nd->hn", C, U[t].to(acc))  # (H, N) the target's logit
+        S = ids[:: len(ids) // screen]  # (≥ screen,) every k-th allowed token
+        M = (Wo.T @ U[S].to(acc).T).reshape(H, hd, -1)  # (H, hd, |S|) each head's map to those logits
+        logit = torch.bmm(zt, M)  # (H, N, |S|)
+        logit.masked_fill_((S[None, :] == t[:, None])[None], -torch.inf)  # the target is not its own rival
+        open_ = logit.amax(-1) < mine  # a screened rival at or above the target settles the pair
+    if len(ids) == 0:
+        return open_  # no token to rival the target
+    h_idx, n_idx = torch.nonzero(open_, as_tuple=True)  # (P,) the open pairs
+    out = torch.zeros(H, N, dtype=torch.bool, device=dev)
+    if len(h_idx) == 0:
+        return out
+    Cp, tp = C[h_idx, n_idx], t[n_idx]  # (P, d_e), (P,)
+    col = torch.searchsorted(ids, tp).clamp_max(len(ids) - 1)  # (P,) the target's column, if it is allowed
+    hit = ids[col] == tp
+    mine = torch.einsum("pd,pd->p", Cp, U[tp].to(acc))  # (P,) replaced below where the target is allowed
+    best = torch.full((len(Cp),), -torch.inf, dtype=acc, device=dev)  # the best rival's logit
+    step = max(1, _CHUNK // len(Cp))
+    for a in range(0, len(ids), step):
+        logit = Cp @ U[ids[a:a + step]].to(acc).T  # (P, c)
+        rows = torch.nonzero(hit & (col >= a) & (col < a + logit.shape[1])).flatten()  # targets in this chunk
+        mine[rows] = logit[rows, col[rows] - a]
+        logit[rows, col[rows] - a] = -torch.inf  # the target is not its own rival
+        best = torch.maximum(best, logit.amax(-1))
+    out[h_idx, n_idx] = mine > best
+    return out
 
 
 @torch.no_grad()
@@ -222,6 +253,8 @@ def induction_scores(lm: LoadedModel, n_seq: int = 16, seq_len: int = 32, seed: 
     P_out = _embedding_maps(lm)[2]
     prefix = torch.zeros(L, H, dtype=torch.float64)  # sums over queries of the target's probability
     top1 = torch.zeros(L, H, dtype=torch.float64)  # counts of queries whose target tops the head's direct logits
+    heads: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, each batch's (B·n, H, hd) head outputs
+    targets = []
     dev = lm.input_device
     for b in range(0, n_seq, max(1, batch_size)):
         batch = ids[b:b + max(1, batch_size)]  # (B, T)
@@ -233,8 +266,11 @@ def induction_scores(lm: LoadedModel, n_seq: int = 16, seq_len: int = 32, seed: 
             x = rec.acts[f"attn_in.{l}"]  # (B, T, d_model)
             probs = attention_probs(lm, l, x, torch.arange(T, device=x.device))  # (B, H, T, T)
             prefix[l] += probs[:, :, qpos, kpos].sum((0, 2)).double().cpu()  # (H,)
-            z = rec.acts[f"attn_heads.{l}"][:, qpos]  # (B, n, H·hd)
-            top1[l] += direct_logits_top1(lm, l, z.reshape(B * n, H, -1), target, allowed, P_out).sum(1).cpu()
+            heads[l].append(rec.acts[f"attn_heads.{l}"][:, qpos].reshape(B * n, H, -1))  # (B·n, H, hd)
+        targets.append(target)
+    target = torch.cat(targets)  # (n_seq·n,)
+    for l in range(L):  # every sequence at once: the vocabulary products are the cost, their size the batch
+        top1[l] = direct_logits_top1(lm, l, torch.cat(heads[l]), target, allowed, P_out).sum(1).double().cpu()
     prefix /= n_seq * n
     top1 /= n_seq * n
     copying = copying_scores(lm)

@@ -112,21 +112,32 @@ def shuffled_labels(demos: list[dict], seed: int) -> list[dict]:
 
 
 def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: int, progress: bool = False,
-                    zsl_cache: ZslCache | None = None) -> tuple[dict, list[dict], dict]:
-    """Every figure of one (model, task, seed): (result, per-example records, phase timings)."""
+                    zsl_cache: ZslCache | None = None, label: str = "") -> tuple[dict, list[dict], dict]:
+    """Every figure of one (model, task, seed): (result, per-example records, phase timings). With ``progress``
+    a bar over the five phases names the running one; ``label`` ("untrained") marks a control's bar."""
     import torch
+    from tqdm.auto import tqdm
 
     from iclgd.engine import mechanisms as E
     from iclgd.engine.scoring import build_prompts, resolve_batch_size, score_options
 
     cfg, mc, spec = job.compare, job.mechanisms, data.spec
     times, t = {}, time.perf_counter()
+    phases = ("compare", "task_vector", "function_vector", "links", "shuffled_control")
+    bar = tqdm(total=len(phases), desc=f"mechanisms {spec.name} seed {seed}{' ' + label if label else ''}",
+               disable=not progress, leave=False)
+    bar.set_postfix_str(phases[0])
 
     def lap(name):
         nonlocal t
         now = time.perf_counter()
         times[name] = round(now - t, 2)
         t = now
+        bar.update(1)
+        i = phases.index(name) + 1
+        bar.set_postfix_str(phases[i] if i < len(phases) else "done")
+        if i == len(phases):
+            bar.close()
 
     bs = resolve_batch_size(lm, cfg.batch_size)
     comp, comp_records, _ = compare_seed(lm, data, cfg, seed, progress, zsl_cache)
@@ -262,7 +273,7 @@ def _run(job: MechanismsJob, datas, ddir, progress: bool):
             control = []
             for s in job.seeds:
                 reinit_untrained(control_lm, seed=s, what=job.compare.untrained_reinit)
-                c = mechanisms_seed(control_lm, data, job, s, progress)[0]
+                c = mechanisms_seed(control_lm, data, job, s, progress, label="untrained")[0]
                 c["induction"] = _induction_doc(induction_scores(control_lm, n_seq=mc.induction_seqs,
                                                                  seq_len=mc.induction_len, seed=0))
                 control.append({**c, "untrained_init_seed": s})
@@ -340,7 +351,8 @@ def mechanisms_unit(p: dict, models, data_dir, progress: bool) -> dict:
     mc = job.mechanisms
     t0 = time.time()
     ind = _induction_doc(induction_scores(lm, n_seq=mc.induction_seqs, seq_len=mc.induction_len, seed=0))
-    result, _, phases = mechanisms_seed(lm, data, job, p["seed"], progress, None if p["untrained"] else models.zsl)
+    result, _, phases = mechanisms_seed(lm, data, job, p["seed"], progress, None if p["untrained"] else models.zsl,
+                                        label="untrained" if p["untrained"] else "")
     result["induction"] = ind
     if p["untrained"]:
         result["untrained_init_seed"] = p["seed"]
