@@ -121,6 +121,7 @@ def test_silent_wrong_results_are_refused_label_ties_unknown_words_and_demos_fro
         load_task(load_task_spec(tmp_path / "mine.json"), None, 2)
 
 
+@pytest.mark.real_data  # the real SST-2 rows are what overflow a 256-token byte-level context
 def test_compare_refuses_a_context_that_holds_no_demonstration(data_dir):
     """Found trying the API as a user would: a model object with a 256-token context and a byte-level tokenizer
     fits no SST-2 demonstration beside its longest test prompt; compare ended in a numpy traceback (nothing to

@@ -41,6 +41,7 @@ def _unit_results(d: Path, data_dir: Path) -> dict[str, bytes]:
             for p in sorted((d / "units").glob("*/result.json"))}
 
 
+@pytest.mark.real_data  # the golden copies were computed on the real tasks
 @pytest.mark.parametrize("model", list(SWEEPS))
 def test_unit_results_equal_the_golden_copy_byte_for_byte(model, tmp_path, data_dir):
     cfg = SweepConfig(model=model, seeds=[1], n_test=4, k=2, **SWEEPS[model])

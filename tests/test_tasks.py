@@ -28,6 +28,7 @@ def test_exact_templates(task, row, expected_input, expected_demo):
     assert spec.format_demo(row) == expected_demo
 
 
+@pytest.mark.real_data  # the real splits' sizes
 @pytest.mark.parametrize("task,n_eval,n_labels", [
     ("sst2", 872, 2), ("sst5", 1101, 5), ("mr", 1066, 2), ("subj", 2000, 2), ("agnews", 2000, 4), ("cb", 56, 3),
 ])
