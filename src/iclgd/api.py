@@ -196,20 +196,45 @@ def run_sweep(cfg, out: Path, data_dir=None, shard: str | None = None, overwrite
 
 
 def regenerate(out: Path) -> Path:
-    """``iclgd report DIR``: report.md, results.csv and plots again, from a reproduce folder's result files."""
+    """``iclgd report DIR``: report.md and results.csv (and, for a reproduce folder, its plots) again, from the
+    folder's result files alone. Any run folder: reproduce, or one command's ``--out`` (eval, compare, mechanisms,
+    dual verify, dual compare-updates, synthetic, world train, pretrain, momentum)."""
     from iclgd.core import options
     from iclgd.core.errors import IclgdError
     from iclgd.core.runfolder import lock
-    from iclgd.experiments.sweep import check_units
-    from iclgd.report import write_report
 
     out = Path(out)
-    if not (out / "sweep.json").is_file():
-        raise IclgdError(f"{out}: not a reproduce folder (no sweep.json)")
+    if not out.is_dir():
+        raise IclgdError(f"{out}: not a directory (expected a run folder)")
     options.out_dir(out, "report")
-    check_units(out)
+    if (out / "sweep.json").is_file():
+        from iclgd.experiments.sweep import check_units
+        from iclgd.report import write_report
+
+        check_units(out)
+        with lock(out, "report"):
+            return write_report(out)
+    from iclgd.experiments.protocol import experiments
+    from iclgd.report.folder import write_folder_report
+
+    found, seen = [], set()
+    for e in experiments().values():
+        if e.result in seen:
+            continue
+        seen.add(e.result)
+        try:
+            found.append((e.name, e.result.load(out)))
+        except IclgdError:
+            continue
+    if not found:
+        raise IclgdError(f"{out}: no iclgd results here (expected sweep.json, or the results.json, final.json, "
+                         "dual_verify.json, dual_updates.json or momentum_apply.json a command writes with --out)")
+    if len(found) > 1:
+        raise IclgdError(f"{out}: holds the results of several commands ({', '.join(n for n, _ in found)}); "
+                         "report one folder per run")
+    name, res = found[0]
     with lock(out, "report"):
-        return write_report(out)
+        return write_folder_report(out, name, res.docs, res.to_pandas())
 
 
 __all__ = ["load_model", "evaluate", "compare", "dual_verify", "compare_updates", "synthetic", "pretrain",

@@ -454,8 +454,8 @@ def reproduce_cmd(cfg, shard, data_dir, out, overwrite):
 
 @app.command("report", cls=Command)
 @user_errors
-def report_cmd(out: Path = typer.Argument(..., help="a reproduce folder (holding sweep.json and units/)")):
-    """Regenerate report.md, results.csv and plots from a reproduce folder's results files alone."""
+def report_cmd(out: Path = typer.Argument(..., help="a run folder: reproduce, or any command's --out")):
+    """report.md (tables, plots embedded) and a tidy results.csv from a run folder's result files alone."""
     from iclgd.api import regenerate
 
     typer.echo(f"wrote {regenerate(out)}")
