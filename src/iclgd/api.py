@@ -233,8 +233,14 @@ def regenerate(out: Path) -> Path:
         raise IclgdError(f"{out}: holds the results of several commands ({', '.join(n for n, _ in found)}); "
                          "report one folder per run")
     name, res = found[0]
+    try:
+        table = res.to_pandas()
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        files = ", ".join(str(out / n) for n in res.docs)
+        raise IclgdError(f"{files}: not a complete {name} result ({type(e).__name__}: {e}); "
+                         f"expected the file as `iclgd {name} --out` writes it") from None
     with lock(out, "report"):
-        return write_folder_report(out, name, res.docs, res.to_pandas())
+        return write_folder_report(out, name, res.docs, table)
 
 
 __all__ = ["load_model", "evaluate", "compare", "dual_verify", "compare_updates", "synthetic", "pretrain",

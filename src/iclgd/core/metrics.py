@@ -1,7 +1,7 @@
 """The paper's four metrics and their baselines, as pure functions on arrays (no model in sight).
 
 Sources: Dai et al. (2022) Section 5 and the official code (microsoft/LMOps ``understand_icl``), as
-summarised in ``shared/docs/paper-notes.md``; SimAM_Δ and the layer-causal/untrained controls from Deutch
+summarised in ``docs/paper-map.md``; SimAM_Δ and the layer-causal/untrained controls from Deutch
 et al. (NAACL 2024). The same functions serve the language-model pipeline, the synthetic testbed and
 the tests' hand-built cases.
 """
@@ -80,7 +80,7 @@ def rec2ftp(zsl_correct, ft_correct, icl_correct) -> tuple[float, int]:
 
 
 def simaou_per_example(h_zsl: np.ndarray, h_icl: np.ndarray, h_ft: np.ndarray) -> np.ndarray:
-    """SimAOU (Dai et al. 2022, as the official code defines it; paper-notes.md) per example and layer,
+    """SimAOU (Dai et al. 2022, as the official code defines it; docs/paper-map.md) per example and layer,
     (n_examples, n_layers).
 
     Inputs (n_examples, n_layers, d): attention outputs after the output projection at the prediction

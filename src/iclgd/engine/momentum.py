@@ -12,7 +12,7 @@ gate g_h initialised at 0 (the model starts as vanilla attention). The EMA is co
 (:func:`ema_before`): O(T·C·d) work, no Python loop over positions, and no negative powers of η.
 
 ``kind="ema"`` is the authors' released code variant instead (``rot-momentum`` in their model file; see
-shared/docs/paper-notes.md), not Eq. (9): per value channel c (all H·d channels) an EMA of N = 8 components
+docs/paper-map.md), not Eq. (9): per value channel c (all H·d channels) an EMA of N = 8 components
 with learnable decays and signed coefficients, the current position included,
 
     EMA_c(t) = Σ_{i≤t} k_c(t−i) v_{i,c},     k_c(l) = Σ_n γ_{c,n} N^{-1/2} p_{c,n}^l,   p = sigmoid(δ)

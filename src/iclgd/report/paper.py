@@ -1,4 +1,5 @@
-"""The paper's published averages (Dai et al. 2022, as summarised in shared/docs/paper-notes.md) and how a report
+"""The paper's published averages (Dai et al. 2022, the averages over its six tasks; PAPER below is where they are
+written down, docs/paper-map.md says where each formula lives) and how a report
 writes ours beside them: for the 1.3B and 2.7B models, the row's label, our figure (a str.format over metric
 registry names, each the mean over tasks of the mean over seeds) and why ours can be undefined."""
 
