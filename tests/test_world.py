@@ -118,17 +118,26 @@ def test_training_resumes_to_identical_weights(tmp_path):
 
 def test_compare_and_dual_verify_run_unchanged_on_a_world_model(tiny_world):
     d = tiny_world
+    k = sized("tiny").world.n_pairs - 1  # the longest prompt (k pairs, the query, its label) a training sequence
     r = CliRunner().invoke(app, ["compare", "--model", str(d / "model"), "--task-spec", str(d / "tasks/world-0.json"),
-                                 "--data-dir", str(d / "data"), "--k", "8", "--balanced", "--n-test", "64",
+                                 "--data-dir", str(d / "data"), "--k", str(k), "--balanced", "--n-test", "64",
                                  "--lr", "0.01", "--out", str(d / "cmp")])
     assert r.exit_code == 0, r.output
     doc = json.loads((d / "cmp/results.json").read_text())
     s = doc["seeds"][0]
-    assert s["k_true"] == 8 and s["n"] == 64
-    # chance 0.25 (the eval split is balanced): ICL works through the ordinary pipeline. (ZSL of one task is
-    # decided by the model's arbitrary preference for 4 classes, so it is at chance only on average over tasks.)
-    assert s["acc"]["icl"] >= 0.4
+    assert s["k_true"] == k and s["n"] == 64 and not doc["warnings"]
     assert -1 <= s["simaou"]["overall"] <= 1 and len(s["simam"]["icl_ft"]["per_layer"]) == 2
+    # ICL works through the ordinary pipeline: chance is 0.25 (the eval splits are balanced). One task and seed
+    # of this 600-step model is decided by which model a machine's kernels train (world-0 at seed 1 measured 0.25
+    # on one machine and above 0.4 on another), so the mean over the four tasks and three seeds (0.48 measured)
+    accs = []
+    for t in range(4):
+        r = CliRunner().invoke(app, ["eval", "--model", str(d / "model"), "--task-spec", str(d / f"tasks/world-{t}.json"),
+                                     "--data-dir", str(d / "data"), "--k", str(k), "--balanced", "--n-test", "64",
+                                     "--seeds", "1,2,3", "--out", str(d / f"icl{t}")])
+        assert r.exit_code == 0, r.output
+        accs += [x["acc_icl"] for x in json.loads((d / f"icl{t}/results.json").read_text())["results"]]
+    assert len(accs) == 12 and sum(accs) / 12 >= 0.4, accs
     r = CliRunner().invoke(app, ["dual", "verify", "--model", str(d / "model"), "--task-spec",
                                  str(d / "tasks/world-0.json"), "--data-dir", str(d / "data"), "--k", "4"])
     assert r.exit_code == 0, r.output
@@ -227,3 +236,21 @@ def test_world_compares_on_several_tasks_pair_each_task_with_its_control(tmp_pat
     check_units(tmp_path)
     report = write_report(tmp_path).read_text()
     assert "over 2 compares" in report and "tasks world-0, world-1" in report
+
+
+def test_a_prompt_longer_than_the_training_sequences_is_warned_and_recorded(tiny_world):
+    d, n = tiny_world, sized("tiny").world.seq_len
+    common = ["eval", "--model", str(d / "model"), "--task-spec", str(d / "tasks/world-0.json"), "--data-dir",
+              str(d / "data"), "--n-test", "8"]
+    # BOS, then k demonstrations of item_len + 1 tokens, the query (item_len tokens) and a 1-token option
+    P = sized("tiny").world.item_len + 1
+    short, long_ = (n - 1) // P - 1, (n - 1) // P
+    for k, warned in ((short, False), (long_, True)):
+        r = CliRunner().invoke(app, [*common, "--k", str(k), "--out", str(d / f"ev{k}")])
+        assert r.exit_code == 0, r.output
+        doc = json.loads((d / f"ev{k}/results.json").read_text())
+        hits = [w for w in doc["warnings"] if f"longer than the {n}-token sequences" in w]
+        assert bool(hits) == warned, (k, doc["warnings"])
+        if warned:
+            assert f"prompts of up to {1 + (k + 1) * P} tokens" in hits[0]
+            assert doc["results"][0]["prompt_warnings"] == hits

@@ -61,9 +61,16 @@ class Prompts:
     k_requested: int = 0
     demo_label_lens: list[int] = field(default_factory=list)  # per demonstration: its label tokens, at its end
 
+    warnings: list[str] = field(default_factory=list)  # e.g. prompts longer than the model's training sequences
+
     @property
     def k_true(self) -> int:
         return len(self.demo_spans)
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the longest prompt with its longest option."""
+        return len(self.prefix_ids) + max(map(len, self.query_ids)) + max(map(len, self.option_ids))
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -95,8 +102,21 @@ def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows:
         prefix += ids + sep_ids
         used.append(d)
         label_lens.append(label_tokens(tok, spec, d, ids))
-    return Prompts(prefix, spans, query_ids, option_ids, [r["label"] for r in eval_rows], used, len(demos),
-                   label_lens)
+    p = Prompts(prefix, spans, query_ids, option_ids, [r["label"] for r in eval_rows], used, len(demos), label_lens)
+    p.warnings = long_prompt_warnings(lm, p, spec.name)
+    return p
+
+
+def long_prompt_warnings(lm: LoadedModel, prompts: Prompts, task: str) -> list[str]:
+    """A warning (logged and returned for the results) when a prompt is longer than the sequences the model was
+    trained on (:attr:`LoadedModel.trained_len`): accuracy there measures length generalisation, not ICL."""
+    n = lm.trained_len
+    if n is None or prompts.longest <= n:
+        return []
+    w = (f"task {task}, k={prompts.k_true}: prompts of up to {prompts.longest} tokens, longer than the {n}-token "
+         f"sequences model {lm.name} was trained on (accuracy there measures length generalisation, not ICL)")
+    log.warning(w)
+    return [w]
 
 
 def check_options(tok, spec: TaskSpec, option_ids: list[list[int]]) -> None:
@@ -450,6 +470,8 @@ def score_split(lm: LoadedModel, data: TaskData, cfg: EvalConfig, icl: bool, pro
            "pred_counts": np.bincount(pred, minlength=len(spec.label_words)).tolist(),
            "records": [{"idx": row.get("idx"), "label": int(labels[j]), "pred": int(pred[j]),
                         "logprobs": [round(float(x), 6) for x in lp[j]]} for j, row in enumerate(data.eval_rows)]}
+    if prompts.warnings:
+        out["prompt_warnings"] = prompts.warnings
     if icl:
         out.update({"seed": cfg.seed, "k_requested": cfg.k, "k_true": prompts.k_true,
                     "prefix_tokens": len(prompts.prefix_ids), "demo_idx": [d.get("idx") for d in prompts.demos]})
@@ -468,6 +490,7 @@ def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = 
         for z, i in zip(zsl["records"], icl["records"])
     ]
     return {
+        **({"prompt_warnings": icl["prompt_warnings"]} if icl.get("prompt_warnings") else {}),
         "task": data.spec.name,
         "seed": cfg.seed,
         "n": icl["n"],

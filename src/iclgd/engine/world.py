@@ -319,6 +319,7 @@ def build_model(cfg: WorldTrainConfig):
                        vocab_size=w.vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                        tie_word_embeddings=True, initializer_range=m.init_std, attention_bias=m.attention_bias)
     mc._attn_implementation = "sdpa"
+    mc.iclgd_trained_len = w.seq_len  # saved in config.json: scoring warns on prompts longer than this
     torch.manual_seed(cfg.seed)
     model = T.AutoModelForCausalLM.from_config(mc)
     lm = LoadedModel(f"world-{cfg.attention}", model, World(w).tokenizer(), adapter_for(mc.model_type),

@@ -274,7 +274,7 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
               "position": cfg.position, "lr": lr, "lr_search": search, "ft_losses": [round(x, 6) for x in ft.losses],
               "ft_master_fp32": ft.master_fp32, "ft_changed": ft_changed, **outcomes,
               **similarities, "kendall": kendall,
-              "updates": updates}
+              "updates": updates, **({"prompt_warnings": icl.warnings} if icl.warnings else {})}
     records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "label": int(labels[j]),
                 **{f"{s}_pred": int(lp[j].argmax()) for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
                 **{f"{s}_logprobs": [round(float(x), 6) for x in lp[j]] for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))}}
@@ -523,7 +523,8 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
             "aggregate": M.aggregate(results),
             "untrained": {"seeds": control, "aggregate": M.aggregate(control)} if control else None,
             "warnings": [w for r in results for w in one_class_warnings(
-                r["pred_counts"], f"task {data.spec.name}, seed {r['seed']}", data.spec.label_words)],
+                r["pred_counts"], f"task {data.spec.name}, seed {r['seed']}", data.spec.label_words)]
+            + [w for r in results for w in r.get("prompt_warnings", [])],
             "timing": {"phases_s": phases, "wall_s": round(time.time() - t0, 1)},
         }
         yield TaskResult(doc, records, "" if len(datas) == 1 else data.spec.name)

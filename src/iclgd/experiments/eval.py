@@ -60,7 +60,8 @@ def run(job: EvalJob, progress: bool = True) -> dict:
         "warnings": [w for r in results for w in one_class_warnings(
             {**({"zsl": r["zsl_pred_counts"]} if r.get("seed") == seeds[0] else {}), "icl": r["icl_pred_counts"]},
             f"task {r['task']}, seed {r.get('seed')}",
-            next(d.spec.label_words for d in datas if d.spec.name == r["task"]))],
+            next(d.spec.label_words for d in datas if d.spec.name == r["task"]))]
+            + [w for r in results for w in r.get("prompt_warnings", [])],
         "timing": {"finished_unix": round(time.time()), "wall_s": round(time.time() - t0, 1)},
     }
 
@@ -73,6 +74,10 @@ class EvalResult(Result):
     @property
     def doc(self) -> dict:
         return self.docs["results.json"]
+
+    @staticmethod
+    def baseline_of(metric: str, condition) -> tuple[str, object] | None:
+        return ("acc", "majority") if metric == "acc" and condition != "majority" else None
 
     def rows(self) -> list[dict]:
         out = []

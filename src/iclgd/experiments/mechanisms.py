@@ -208,7 +208,8 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
                                   "acc_function_vector": fv_sh["acc"], "task_vector": tv_sh, "function_vector": fv_sh},
               "side_rows": {"dev_idx": [r.get("idx") for r in dev_rows], "dummy_idx": [r.get("idx") for r in dummy_rows],
                             "cie_idx": [r.get("idx") for r in cie_rows]},
-              "pred_counts": {"task_vector": np.bincount(tv_scores.argmax(1), minlength=len(spec.label_words)).tolist(),
+              **({"prompt_warnings": comp["prompt_warnings"]} if comp.get("prompt_warnings") else {}),
+              "pred_counts": {**comp["pred_counts"], "task_vector": np.bincount(tv_scores.argmax(1), minlength=len(spec.label_words)).tolist(),
                               "function_vector": np.bincount(fv_scores.argmax(1),
                                                              minlength=len(spec.label_words)).tolist()}}
     records = [{**r, "tv_pred": int(tv_scores[j].argmax()), "fv_pred": int(fv_scores[j].argmax()),
@@ -251,7 +252,7 @@ def _run(job: MechanismsJob, datas, ddir, progress: bool):
     from iclgd.core import metrics as M
     from iclgd.engine.finetune import reinit_untrained
     from iclgd.engine.induction import induction_scores
-    from iclgd.engine.scoring import resolve_batch_size
+    from iclgd.engine.scoring import one_class_warnings, resolve_batch_size
     from iclgd.experiments.compare import TaskResult
 
     lm = as_loaded(job.model, dtype=job.dtype, device=job.device, bos=job.bos)
@@ -293,6 +294,9 @@ def _run(job: MechanismsJob, datas, ddir, progress: bool):
             "seeds": results,
             "aggregate": _aggregate(results, M),
             "untrained": {"seeds": control, "aggregate": _aggregate(control, M)} if control else None,
+            "warnings": [w for r in results for w in one_class_warnings(
+                r["pred_counts"], f"task {data.spec.name}, seed {r['seed']}", data.spec.label_words)]
+            + [w for r in results for w in r.get("prompt_warnings", [])],
             "timing": {"phases_s": phases, "wall_s": round(time.time() - t0, 1)},
         }
         yield TaskResult(doc, records, "" if len(datas) == 1 else data.spec.name)

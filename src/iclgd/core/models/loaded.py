@@ -116,6 +116,13 @@ class LoadedModel:
         self.start_token, self.use_start = bos, True
 
     @property
+    def trained_len(self) -> int | None:
+        """The length of the sequences the model was trained on, where its config records it (iclgd's world models
+        write ``iclgd_trained_len``): prompts past it test length generalisation, not ICL. None: not recorded."""
+        n = getattr(self.model.config, "iclgd_trained_len", None)
+        return int(n) if n else None
+
+    @property
     def max_positions(self) -> int:
         c = self.model.config
         for key in ("max_position_embeddings", "n_positions", "n_ctx"):
