@@ -210,6 +210,7 @@ def extra_cases(tmp: Path, data_dir: Path, sweep: list[str], rep: Path) -> list[
         ("unit computed from other data", ["report", str(otherdata)]),
         # run folders
         ("eval --out over an earlier results file", ["eval", *small, "--out", str(earlier)]),
+        ("eval --format xml", ["eval", *small, "--format", "xml"]),
         ("a second writer on the same folder", ["eval", *small, "--out", str(busy)]),
         ("momentum apply --out over an earlier result", ["momentum", "apply", *tiny, "--n-test", "1", "--out",
                                                            str(earlier)]),

@@ -89,10 +89,14 @@ def test_results_are_tidy_tables_and_round_trip_through_save_and_load(hf_model, 
     lm = iclgd.load_model(*hf_model)
     ev = iclgd.evaluate(lm, task="sst2", k=2, seeds=[1, 2, 3], n_test=4, data_dir=data_dir)
     df = ev.to_pandas()
-    assert list(df.columns) == ["task", "seed", "condition", "layer", "metric", "value"]
+    assert list(df.columns) == ["task", "seed", "condition", "layer", "metric", "value", "baseline"]
     assert len(df) == 3 * 3  # seeds x (zsl, icl, majority)
     zsl = df[df.condition == "zsl"].value.to_numpy()
     assert np.all(zsl == zsl[0])  # ZSL does not depend on the demonstration seed
+    # an accuracy's baseline is the majority-class share of the same task and seed; the majority row has none
+    for _, r in df[df.condition != "majority"].iterrows():
+        assert r.baseline == df[(df.condition == "majority") & (df.seed == r.seed)].value.item()
+    assert df[df.condition == "majority"].baseline.isna().all()
     ev.save(tmp_path / "ev")
     assert iclgd.EvalResult.load(tmp_path / "ev").to_dict() == json.loads(json.dumps(ev.to_dict()))
     with pytest.raises(IclgdError, match="results.json"):
@@ -106,6 +110,12 @@ def test_results_are_tidy_tables_and_round_trip_through_save_and_load(hf_model, 
     overall = simaou[simaou.layer.isna()].set_index("seed").value
     for s, r in zip([1, 2], cmp.to_dict()["seeds"]):
         assert overall[s] == pytest.approx(r["simaou"]["overall"], nan_ok=True)
+    # SimAOU's baseline column: the official uniform random baseline of the same seed and layer
+    base = simaou[simaou.layer.isna()].set_index("seed").baseline
+    for s, r in zip([1, 2], cmp.to_dict()["seeds"]):
+        assert base[s] == pytest.approx(r["simaou"]["baseline_uniform"]["overall"], nan_ok=True)
+    per_layer = simaou[simaou.layer == 1].set_index("seed").baseline
+    assert per_layer[1] == pytest.approx(cmp.to_dict()["seeds"][0]["simaou"]["baseline_uniform"]["per_layer"][1])
     cmp.save(tmp_path / "cmp")
     again = iclgd.CompareResult.load(tmp_path / "cmp")
     assert again.to_dict() == json.loads(json.dumps(cmp.to_dict())) and again.records == cmp.records

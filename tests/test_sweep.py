@@ -49,7 +49,19 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted_byte_for_byte(tmp_pa
     assert "0 units run" in again.output  # finished units are never recomputed
     report = (cut / "report.md").read_text()
     assert "## Accuracy" in report and "## Deviations from the paper" in report and "Units finished: 5 of 5" in report
-    assert (cut / "results.csv").read_text().startswith("unit,metric,layer,value")
+    # tidy: a row per task, seed, condition, layer and metric, with the figure's baseline and the unit it came from
+    import json as jsonlib
+
+    import pandas as pd
+
+    csv = pd.read_csv(cut / "results.csv")
+    assert list(csv.columns) == ["task", "seed", "condition", "layer", "metric", "value", "baseline", "unit"]
+    simaou = csv[(csv.metric == "simaou") & csv.layer.isna()]
+    assert set(simaou.condition) <= {"trained", "untrained"} and simaou.baseline.notna().all()
+    for _, row in simaou.iterrows():
+        unit = jsonlib.loads((cut / "units" / row.unit / "result.json").read_text())["result"]
+        assert row.seed == unit["seed"] and row.value == pytest.approx(unit["simaou"]["overall"])
+        assert row.baseline == pytest.approx(unit["simaou"]["baseline_uniform"]["overall"])
     # the paired control column: trained − untrained SimAOU of the same seed, from the unit files
     import json
 

@@ -329,6 +329,32 @@ def overwrite_option(help: str = OVERWRITE_HELP):
     return bool, typer.Option(False, "--overwrite", help=help, metavar="")
 
 
+def format_option():
+    return str, typer.Option("table", "--format", metavar="<str>",
+                             help="what to print: table (narrow, for the terminal), csv (tidy rows with a baseline "
+                                  "column), json (the result, strict JSON), md or latex (report.md's table)")
+
+
+def check_format(fmt: str) -> None:
+    """--format is checked before any model loads."""
+    from iclgd.report.terminal import FORMATS
+
+    if fmt not in FORMATS:
+        raise IclgdError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def show(res, fmt: str, text) -> None:
+    """Print ``text()`` (the terminal table) or the result in ``--format``; with a machine format, what else a
+    command says ("wrote ...") goes to stderr (:func:`say`), so stdout is the table alone."""
+    from iclgd.report.terminal import formatted
+
+    typer.echo(text() if fmt == "table" else formatted(res, fmt))
+
+
+def say(msg: str, fmt: str = "table") -> None:
+    typer.echo(msg, err=fmt != "table")
+
+
 # ----------------------------------------------------------------------------- the commands
 #
 # Each command is an experiment's config (its options, generated above) and the experiment's own run function;
@@ -340,49 +366,50 @@ from iclgd.experiments.protocol import experiments  # noqa: E402
 EXP = experiments()  # every experiment, by command name: config, run, result, unit kinds
 
 
-@command(app, "eval", out=out_option(help="write results.json here"), overwrite=overwrite_option())
-def eval_cmd(job, out, overwrite):
+@command(app, "eval", out=out_option(help="write results.json here"), overwrite=overwrite_option(),
+         fmt=format_option())
+def eval_cmd(job, out, overwrite, fmt):
     """Zero-shot and in-context accuracy of a causal LM on the paper's tasks."""
     from iclgd.report.terminal import eval_text
 
-    check.out_dir(out)
+    check.out_dir(out), check_format(fmt)
     res = EXP["eval"].run(job, out, overwrite, progress())
-    typer.echo(eval_text(res.doc))
+    show(res, fmt, lambda: eval_text(res.doc))
     if out is not None:
-        typer.echo(f"wrote {out / 'results.json'}")
+        say(f"wrote {out / 'results.json'}", fmt)
 
 
 @command(app, "compare",
          out=out_option(help="write results.json, records.jsonl and per-layer plots here"),
-         overwrite=overwrite_option())
-def compare_cmd(job, out, overwrite):
+         overwrite=overwrite_option(), fmt=format_option())
+def compare_cmd(job, out, overwrite, fmt):
     """ZSL vs ICL vs K/V finetuning on the same demonstrations, with Rec2FTP, SimAOU, SimAM and Kendall."""
     from iclgd.report.plots import plot_compare_file
     from iclgd.report.terminal import compare_text
 
-    check.out_dir(out)
+    check.out_dir(out), check_format(fmt)
     res = EXP["compare"].run(job, out, overwrite, progress(), each=plot_compare_file)
-    typer.echo(compare_text(list(res.docs.values())))
+    show(res, fmt, lambda: compare_text(list(res.docs.values())))
     if out is not None:
-        typer.echo(f"wrote results.json, records.jsonl and per-layer plots under {out}")
+        say(f"wrote results.json, records.jsonl and per-layer plots under {out}", fmt)
 
 
 @command(app, "mechanisms", out=out_option(help="write results.json, records.jsonl and the per-layer plot here"),
-         overwrite=overwrite_option())
-def mechanisms_cmd(job, out, overwrite):
+         overwrite=overwrite_option(), fmt=format_option())
+def mechanisms_cmd(job, out, overwrite, fmt):
     """Task vectors, function vectors and induction heads beside the implicit-GD metrics, on compare's prompts."""
     from iclgd.report.plots import plot_layer_curves
     from iclgd.report.terminal import mechanisms_text
 
-    check.out_dir(out)
+    check.out_dir(out), check_format(fmt)
     res = EXP["mechanisms"].run(job, out, overwrite, progress())
-    typer.echo(mechanisms_text(list(res.docs.values())))
+    show(res, fmt, lambda: mechanisms_text(list(res.docs.values())))
     if out is not None:
         for name, doc in res.docs.items():
             control = (doc.get("untrained") or {}).get("seeds")
             plot_layer_curves(doc["seeds"], control, (out / name).parent / "mechanisms_layers.png",
                               f"{doc['config']['model']} · {doc['config']['task']['name']}")
-        typer.echo(f"wrote results.json, records.jsonl and mechanisms_layers.png under {out}")
+        say(f"wrote results.json, records.jsonl and mechanisms_layers.png under {out}", fmt)
 
 
 @command(app, "pretrain",
@@ -414,28 +441,29 @@ def momentum_compare(cfg, out, overwrite):
 
 
 @command(momentum_app, "momentum apply", out=out_option(help="write momentum_apply.json here"),
-         overwrite=overwrite_option())
-def momentum_apply(cfg, out, overwrite):
+         overwrite=overwrite_option(), fmt=format_option())
+def momentum_apply(cfg, out, overwrite, fmt):
     """Add the EMA to a pretrained model without training: perplexity and ICL accuracy vs vanilla."""
     from iclgd.report.terminal import apply_text
 
-    check.out_dir(out)
-    typer.echo(apply_text(EXP["momentum apply"].run(cfg, out, overwrite, progress()).to_dict()))
+    check.out_dir(out), check_format(fmt)
+    res = EXP["momentum apply"].run(cfg, out, overwrite, progress())
+    show(res, fmt, lambda: apply_text(res.to_dict()))
 
 
 @command(app, "synthetic",
          out=out_option(help="write results.json (or seed-*/ and summary.json) and plots here"),
-         overwrite=overwrite_option())
-def synthetic_cmd(job, out, overwrite):
+         overwrite=overwrite_option(), fmt=format_option())
+def synthetic_cmd(job, out, overwrite, fmt):
     """In-context linear regression: a trained attention model vs GD, and the metrics' calibration."""
     from iclgd.report.plots import plot_synthetic_result
     from iclgd.report.terminal import synthetic_text
 
-    check.out_dir(out)
+    check.out_dir(out), check_format(fmt)
     res = EXP["synthetic"].run(job, out, overwrite, progress())
-    typer.echo(synthetic_text(res.runs, res.docs.get("summary.json")))
+    show(res, fmt, lambda: synthetic_text(res.runs, res.docs.get("summary.json")))
     if out is not None:
-        typer.echo("wrote " + plot_synthetic_result(res, out))
+        say("wrote " + plot_synthetic_result(res, out), fmt)
 
 
 @command(app, "reproduce", _sweep.SweepConfig,
@@ -467,37 +495,41 @@ app.add_typer(dual_app, name="dual")
 
 @command(dual_app, "dual verify",
          json_out=(bool, typer.Option(False, "--json", help="print the per-head rows as JSON", metavar="")),
-         out=out_option(help="write dual_verify.json and dual_verify.png here"), overwrite=overwrite_option())
-def dual_verify(cfg, json_out, out, overwrite):
+         out=out_option(help="write dual_verify.json and dual_verify.png here"), overwrite=overwrite_option(),
+         fmt=format_option())
+def dual_verify(cfg, json_out, out, overwrite, fmt):
     """Check ICL = (W_ZSL + ΔW_ICL) q on every layer and head of a real model, and measure the softmax gap."""
     import json
 
     from iclgd.report.plots import plot_verify
     from iclgd.report.terminal import verify_text
 
-    check.out_dir(out)
-    r = EXP["dual verify"].run(cfg, out, overwrite).doc
+    check.out_dir(out), check_format(fmt)
+    res = EXP["dual verify"].run(cfg, out, overwrite)
+    r = res.doc
     if json_out:
         typer.echo(json.dumps({"summary": r["summary"], "rows": r["rows"]}, indent=1))
     else:
-        typer.echo(verify_text(r, cfg.model))
+        show(res, fmt, lambda: verify_text(r, cfg.model))
     if out is not None:
         meta = r["config"]
         plot_verify(r["per_layer"], out / "dual_verify.png", f"{cfg.model} · {meta['task']} · k={meta['k_true']} · "
                                                              f"{cfg.dtype}")
-        typer.echo(f"wrote {out / 'dual_verify.json'} and {out / 'dual_verify.png'}")
+        say(f"wrote {out / 'dual_verify.json'} and {out / 'dual_verify.png'}", fmt)
     if not r["summary"]["within_tolerance"]:
         raise typer.Exit(1)
 
 
 @command(dual_app, "dual compare-updates",
-         out=out_option(help="write the per-layer comparison (dual_updates.json) here"), overwrite=overwrite_option())
-def dual_compare_updates(cfg, out, overwrite):
+         out=out_option(help="write the per-layer comparison (dual_updates.json) here"), overwrite=overwrite_option(),
+         fmt=format_option())
+def dual_compare_updates(cfg, out, overwrite, fmt):
     """Compare ΔW_FT = W_ZSL(after) − W_ZSL(before) with ΔW_ICL, per layer (LMOps issue #22)."""
     from iclgd.report.terminal import updates_text
 
-    check.out_dir(out)
-    typer.echo(updates_text(EXP["dual compare-updates"].run(cfg, out, overwrite).to_dict()))
+    check.out_dir(out), check_format(fmt)
+    res = EXP["dual compare-updates"].run(cfg, out, overwrite)
+    show(res, fmt, lambda: updates_text(res.to_dict()))
 
 
 # ----------------------------------------------------------------------------- the ICL world

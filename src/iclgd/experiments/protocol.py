@@ -57,7 +57,7 @@ def experiments() -> dict[str, Experiment]:
     return {e.name: e for m in MODULES for e in importlib.import_module(f"iclgd.experiments.{m}").EXPERIMENTS}
 
 
-TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value")
+TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value", "baseline")
 COUNTS = ("n_layers", "n_examples_per_layer", "n_examples")  # what a figure rests on: in the documents, not rows
 
 
@@ -77,6 +77,14 @@ def tidy_rows(obj: Any, base: dict, prefix: str = "") -> list[dict]:
     elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and prefix:
         rows.append({**base, "layer": None, "metric": prefix, "value": _num(obj)})
     return rows
+
+
+def _registry_baselines() -> dict[str, str]:
+    """Tidy metric name -> its baseline's, from the metric registry (a path's trailing "overall" is the figure)."""
+    from iclgd.core.metrics import METRICS
+
+    name = lambda m: ".".join(p for p in METRICS[m].path if p != "overall")  # noqa: E731
+    return {name(m): name(METRICS[m].baselines[0]) for m in METRICS if METRICS[m].baselines}
 
 
 def _num(v) -> float:
@@ -110,11 +118,29 @@ class Result:
     def rows(self) -> list[dict]:  # pragma: no cover - each experiment says how its documents flatten
         raise NotImplementedError
 
+    @staticmethod
+    def baseline_of(metric: str, condition) -> tuple[str, object] | None:
+        """The (metric, condition) of the row that is ``metric``'s baseline on the same task, seed and layer: a
+        registry metric's first control (:data:`iclgd.core.metrics.METRICS`), the majority class for an accuracy,
+        the random-update cosine for the task vector's link; None: no baseline."""
+        if metric in _registry_baselines():
+            return _registry_baselines()[metric], condition
+        if metric.startswith("acc.") and metric != "acc.majority":
+            return "acc.majority", condition
+        if metric == "link.cos_effect_dw_q":
+            return "link.cos_random", condition
+        return None
+
     def to_pandas(self):
         """A tidy table: one row per task, seed, condition, layer and metric (columns :data:`TIDY_COLUMNS`)."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows(), columns=list(TIDY_COLUMNS))
+        rows = self.rows()
+        value = {(r["task"], r["seed"], r["condition"], r["layer"], r["metric"]): r["value"] for r in rows}
+        for r in rows:
+            b = self.baseline_of(r["metric"], r["condition"])
+            r["baseline"] = None if b is None else value.get((r["task"], r["seed"], b[1], r["layer"], b[0]))
+        return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
 
     def save(self, out, overwrite: bool = False) -> Path:
         """Write the documents (atomically, under the folder's lock); an earlier run's files are kept unless

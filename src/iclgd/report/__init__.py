@@ -41,8 +41,15 @@ class Sweep:
         return [u["result"] for u in self.units.values() if u["unit"]["kind"] == "compare"
                 and u["unit"]["params"]["task"] == task and u["unit"]["params"]["untrained"] == untrained]
 
-    def csv(self, unit: str, metric: str, layer, value) -> None:
-        self.csv_rows.append({"unit": unit, "metric": metric, "layer": layer, "value": value})
+    def csv(self, unit: str, metric: str, layer, value, *, task=None, seed=None, condition=None,
+            baseline=None) -> None:
+        """One tidy row of results.csv (layer None: the figure over all layers); ``unit`` names the unit it
+        comes from, ``baseline`` is the figure's baseline on the same task, seed and layer."""
+        self.csv_rows.append({"task": task, "seed": seed, "condition": condition, "layer": layer, "metric": metric,
+                              "value": value, "baseline": baseline, "unit": unit})
+
+
+CSV_COLUMNS = ["task", "seed", "condition", "layer", "metric", "value", "baseline", "unit"]
 
 
 def load_units(out: Path) -> dict[str, dict]:
@@ -62,7 +69,7 @@ def write_report(out) -> Path:
     lines += ["All numbers: [results.csv](results.csv). Regenerate this file with `iclgd report "
               f"{out}`; it reads the results files only.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
-    buf = pd.DataFrame(sw.csv_rows, columns=["unit", "metric", "layer", "value"]).to_csv(index=False)
+    buf = pd.DataFrame(sw.csv_rows, columns=CSV_COLUMNS).to_csv(index=False)
     atomic_write_text(out / "results.csv", buf)
     return out / "report.md"
 
@@ -125,7 +132,8 @@ def compare_section(sw: Sweep) -> list[str]:
         met_rows.append(_metrics_row(t, rs, us))
         for untrained, rr in ((False, rs), (True, us)):
             for r in rr:
-                _csv_compare(sw, f"compare-{t}-s{r['seed']}" + ("-untrained" if untrained else ""), r)
+                _csv_compare(sw, f"compare-{t}-s{r['seed']}" + ("-untrained" if untrained else ""), r, t,
+                             "untrained" if untrained else "trained")
         d = sw.plots / t
         d.mkdir(exist_ok=True)
         plot_compare(rs, d, f"{sw.cfg['model']} · {t}", us or None)
@@ -183,13 +191,16 @@ def _metrics_row(t: str, rs: list[dict], us: list[dict]) -> dict:
     }
 
 
-def _csv_compare(sw: Sweep, unit: str, r: dict) -> None:
-    for name in METRICS:
-        sw.csv(unit, name, "all", scalar(r, name))
+def _csv_compare(sw: Sweep, unit: str, r: dict, task: str, condition: str) -> None:
+    where = {"task": task, "seed": r["seed"], "condition": condition}
+    for name, m in METRICS.items():
+        base = scalar(r, m.baselines[0]) if m.baselines else None
+        sw.csv(unit, name, None, scalar(r, name), baseline=base, **where)
     for name, m in METRICS.items():
         if m.csv_layers:
+            bases = per_layer_of(r, m.baselines[0]) if m.baselines else []
             for layer, x in enumerate(per_layer_of(r, name)):
-                sw.csv(unit, m.csv_layers, layer, x)
+                sw.csv(unit, m.csv_layers, layer, x, baseline=bases[layer] if layer < len(bases) else None, **where)
 
 
 def _paper_table(sw: Sweep, tasks: list[str]) -> list[str]:
@@ -223,9 +234,10 @@ def eval_section(sw: Sweep) -> list[str]:
                      "ICL predictions per seed": "; ".join(str(r["pred_counts"]) for r in icl),
                      "k (true)": ", ".join(sorted({str(r["k_true"]) for r in icl}))})
         plot_rows.append({"task": t, "zsl": z["acc"], "icl": accs, "majority": z["majority_baseline"]})
-        sw.csv(f"zsl-{t}", "acc_zsl", "all", z["acc"])
+        sw.csv(f"zsl-{t}", "acc_zsl", None, z["acc"], task=t, condition="zsl", baseline=z["majority_baseline"])
         for r in icl:
-            sw.csv(f"icl-{t}-s{r['seed']}", "acc_icl", "all", r["acc"])
+            sw.csv(f"icl-{t}-s{r['seed']}", "acc_icl", None, r["acc"], task=t, seed=r["seed"], condition="icl",
+                   baseline=r.get("majority_baseline", z["majority_baseline"]))
     if not rows:
         return []
     plot_accuracy(plot_rows, sw.plots / "accuracy.png", f"{sw.cfg['model']}: ZSL vs ICL (k={sw.cfg['k']})")
@@ -261,7 +273,7 @@ def synthetic_section(sw: Sweep) -> list[str]:
                   "token); \"unsigned\" shows them without fixing linear attention's sign symmetry.", ""]
     for k, v in syn["calibration"].items():
         for metric in ("simaou", "rec2ftp", "simam", "kendall"):
-            sw.csv("synthetic-1L", f"{metric}_{k}", "all", v[metric])
+            sw.csv("synthetic-1L", metric, None, v[metric], condition=k)
     return lines
 
 
@@ -282,7 +294,7 @@ def dual_section(sw: Sweep) -> list[str]:
                   f"{s['median_softmax_cos']:.3f}, median relative error {s['median_softmax_relerr']:.3g}; "
                   f"median ‖ΔW_ICL‖/‖W_ZSL‖ {s['median_dW_ratio']:.3g}. [plot](plots/dual_verify.png)", ""]
         for k, v in s.items():
-            sw.csv(uid, k, "all", v)
+            sw.csv(uid, k, None, v)
     return lines
 
 
@@ -336,7 +348,8 @@ def mechanisms_section(sw: Sweep) -> list[str]:
         lines += ["", f"![per-layer curves, {task}](plots/{png.name})", ""]
         for r in tr:
             for name in ("task_vector", "function_vector"):
-                sw.csv(f"mechanisms-{task}-s{r['seed']}", f"acc_{name}", None, r["acc"][name])
+                sw.csv(f"mechanisms-{task}-s{r['seed']}", f"acc_{name}", None, r["acc"][name], task=task,
+                       seed=r["seed"], condition="trained", baseline=r["acc"].get("majority"))
     return lines
 
 

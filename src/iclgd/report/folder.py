@@ -16,7 +16,7 @@ import pandas as pd
 
 from iclgd.core.io import atomic_write_csv, atomic_write_text
 
-TIDY = ["task", "seed", "condition", "layer", "metric", "value"]
+TIDY = ["task", "seed", "condition", "layer", "metric", "value", "baseline"]
 _CONFIG_KEYS = ("model", "task", "tasks", "seeds", "k", "n_test", "dtype", "device", "steps", "attention", "eta")
 
 

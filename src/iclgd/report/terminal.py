@@ -21,10 +21,14 @@ def eval_text(doc: dict) -> str:
 
 
 def compare_text(docs: list[dict]) -> str:
+    """Narrow: a row per figure, a column per task (and its untrained control); a 95% CI only with 3 or more
+    seeds (fewer give no honest spread)."""
     c = docs[0]["config"]
     rows = [row for d in docs for row in compare_rows(d)]
+    table = pd.DataFrame(rows).set_index("task").T
+    table.index.name, table.columns.name = "figure", None
     return (f"prediction position: {c['position']}; FT: {c['ft_params']} params, {c['ft_mode']}\n"
-            + pd.DataFrame(rows).to_string(index=False))
+            + table.to_string())
 
 
 def mechanisms_text(docs: list[dict]) -> str:
@@ -101,3 +105,41 @@ def world_text(summary: dict) -> str:
                  f"assignments {z['null_mean']:.3f} (SD of a mean over as many tasks {z['null_set_mean_sd']:.3f}; "
                  f"P(null >= fixed) {z['p_null_set_mean_at_least_fixed']:.2f})")
     return line
+
+
+FORMATS = ("table", "csv", "json", "md", "latex")  # --format: what a command prints
+
+
+def strict_json(obj):
+    """``obj`` with every NaN or infinity as None, so that ``json.dumps(..., allow_nan=False)`` is strict JSON."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def formatted(res, fmt: str) -> str:
+    """A result as ``--format`` asks: ``csv`` its tidy rows (task, seed, condition, layer, metric, value, baseline),
+    ``json`` its documents (strict: an undefined value is null), ``md`` or ``latex`` the narrow table report.md
+    shows (a row per figure, a column per task and condition, the mean over seeds, ± sd only with 3 or more)."""
+    import json
+
+    from iclgd.report.folder import _markdown, summary_table
+
+    if fmt == "json":
+        return json.dumps(strict_json(res.to_dict()), indent=1, allow_nan=False)
+    tidy = res.to_pandas()
+    if fmt == "csv":
+        return tidy.to_csv(index=False).rstrip("\n")
+    table = summary_table(tidy)
+    if fmt == "md":
+        return _markdown(table)
+    if fmt == "latex":
+        table = table.fillna("—").rename_axis(index=table.index.name or "metric", columns=None).reset_index()
+        return table.to_latex(index=False, escape=True).rstrip("\n")
+    raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
