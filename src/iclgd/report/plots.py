@@ -38,8 +38,8 @@ def _save(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _mean_layers(results: list[dict], *keys) -> np.ndarray | None:
-    """Per-layer values, mean over the seeds where they are defined; None where no seed has them."""
+def _seed_layers(results: list[dict], *keys) -> np.ndarray | None:
+    """Per-layer values of every seed that has them, (n_seeds, n_layers); None where no seed has them."""
     rows = []
     for r in results:
         v = r
@@ -47,44 +47,64 @@ def _mean_layers(results: list[dict], *keys) -> np.ndarray | None:
             v = v.get(k) if isinstance(v, dict) else None
         if v is not None:
             rows.append(v["per_layer"])
-    return mean_defined(np.asarray(rows, dtype=float), axis=0)[0] if rows else None
+    return np.asarray(rows, dtype=float) if rows else None
+
+
+def _mean_layers(results: list[dict], *keys) -> np.ndarray | None:
+    """Per-layer values, mean over the seeds where they are defined; None where no seed has them."""
+    rows = _seed_layers(results, *keys)
+    return None if rows is None else mean_defined(rows, axis=0)[0]
+
+
+def _layer_axis(ax, ylabel: str) -> None:
+    """Integer layer ticks (a 2-layer model has layers 0 and 1, not 0.5), labelled axes, the legend below."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer"), ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
 
 def plot_compare(results: list[dict], out_dir: Path, title: str, control: list[dict] | None = None) -> list[str]:
-    """Per-layer SimAOU, SimAM and Kendall with their baselines (mean over seeds); dashed: untrained model."""
+    """Per-layer SimAOU, SimAM and Kendall with their baselines: the mean over seeds, and with 3 or more seeds a band
+    from the lowest to the highest seed; dashed: untrained model."""
     plt = _plt()
     out_dir = Path(out_dir)
     panels = {
-        "simaou_layers.png": ("SimAOU per layer", [
+        "simaou_layers.png": ("SimAOU per layer", "cosine", [
             (("simaou",), "SimAOU (ICL vs FT)"), (("simaou", "baseline_uniform"), "random: uniform[0,1)"),
             (("simaou", "baseline_gaussian"), "random: Gaussian ΔFT")]),
-        "simam_layers.png": ("SimAM per layer", [
+        "simam_layers.png": ("SimAM per layer", "cosine of attention maps", [
             (("simam", "icl_ft"), "SimAM (ICL, FT)"), (("simam", "icl_zsl"), "ZSL SimAM (ICL, ZSL)"),
             (("simam", "delta"), "SimAM_Δ")]),
-        "kendall_layers.png": ("Kendall τ per layer", [
+        "kendall_layers.png": ("Kendall τ per layer", "Kendall τ", [
             (("kendall", "token_qq"), "token, q·q (official)"), (("kendall", "token_qk"), "token, q·k (dual form)"),
             (("kendall", "example_qq"), "example level, q·q"), (("kendall", "random_token"), "random")]),
-        "updates_layers.png": ("ΔW_ICL vs ΔW_FT per layer", [
+        "updates_layers.png": ("ΔW_ICL vs ΔW_FT per layer", "cosine", [
             (("updates", "cos_dW"), "cos(ΔW_ICL, ΔW_FT)"), (("updates", "cos_dW_random"), "random: cos(ΔW_ICL, R)"),
             (("updates", "cos_effect_on_q"), "cos(ΔW_ICL q, ΔW_FT q)"),
             (("updates", "cos_effect_random"), "random: cos(ΔW_ICL q, R q)")]),
     }
     written = []
-    for fname, (ttl, lines) in panels.items():
+    for fname, (ttl, ylabel, lines) in panels.items():
         if _mean_layers(results, *lines[0][0]) is None:  # e.g. --updates-n 0: nothing to draw
             continue
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
         for i, (keys, label) in enumerate(lines):
             y = _mean_layers(results, *keys)
             if y is None:
                 continue
             ax.plot(range(len(y)), y, "o-", ms=3, color=f"C{i}", label=label)
+            seeds = _seed_layers(results, *keys)
+            if len(seeds) >= 3:  # fewer seeds give no honest spread
+                ax.fill_between(range(len(y)), np.nanmin(seeds, 0), np.nanmax(seeds, 0), color=f"C{i}", alpha=0.15)
             yc = _mean_layers(control, *keys) if control else None
             if yc is not None:
                 ax.plot(range(len(yc)), yc, "--", color=f"C{i}", alpha=0.6, label=f"{label} [untrained]")
         ax.axhline(0, color="grey", lw=0.6)
-        ax.set_xlabel("layer"), ax.set_title(f"{ttl} · {title}", fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"{ttl} · {title}" + (f" · band: range over {len(results)} seeds" if len(results) >= 3 else ""),
+                     fontsize=9)
+        _layer_axis(ax, ylabel)
         fig.tight_layout()
         _save(fig, out_dir / fname)
         plt.close(fig)
@@ -155,10 +175,14 @@ def plot_verify(layer_rows: list[dict], path, title: str) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     a1.plot(layers, [1 - r["softmax_cos"] for r in layer_rows], "o-", label="1 − cos(softmax, relaxed)")
     a1.plot(layers, [r["softmax_relerr"] for r in layer_rows], "s-", label="rel. error (softmax vs relaxed)")
-    a1.set_yscale("log"), a1.set_xlabel("layer"), a1.set_title("gap: softmax attention vs its linear relaxation")
-    a1.legend(fontsize=8)
-    a2.plot(layers, [r["dW/WZSL"] for r in layer_rows], "o-", color="C2")
-    a2.set_yscale("log"), a2.set_xlabel("layer"), a2.set_title("‖ΔW_ICL‖ / ‖W_ZSL‖ (median over heads)")
+    a1.set_title("gap: softmax attention vs its linear relaxation", fontsize=9)
+    ratio = [r["dW/WZSL"] for r in layer_rows]
+    a2.plot(layers, ratio, "o-", color="C2", label="‖ΔW_ICL‖ / ‖W_ZSL‖")
+    a2.set_title("‖ΔW_ICL‖ / ‖W_ZSL‖ (median over heads)", fontsize=9)
+    for ax, ylabel, ys in ((a1, "gap (log scale where it spans decades)", [1 - r["softmax_cos"] for r in layer_rows]
+                            + [r["softmax_relerr"] for r in layer_rows]), (a2, "norm ratio", ratio)):
+        _log_if_wide(ax, ys)
+        _layer_axis(ax, ylabel)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, Path(path))
@@ -206,6 +230,14 @@ def plot_calibration(summary: dict, path, title: str) -> None:
     plt.close(fig)
 
 
+def _log_if_wide(ax, values) -> None:
+    """A log y-axis only where the positive values span more than a factor of 10 (a ratio between 2.9 and 3.7
+    reads better on a linear axis)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0], dtype=float)
+    if len(v) and v.max() / v.min() > 10:
+        ax.set_yscale("log")
+
+
 def plot_synthetic(r: dict, summary: dict, out) -> None:
     """Three PNGs of one synthetic run: training loss vs the GD losses; trained vs GD sensitivities (the
     run's in-memory ``_sens`` arrays); calibration (``summary``: ``summarize_seeds([r])``)."""
@@ -215,10 +247,17 @@ def plot_synthetic(r: dict, summary: dict, out) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     c = np.asarray(r["train_curve"])
     w = max(1, len(c) // 50)
-    ax.plot(np.convolve(c, np.ones(w) / w, mode="valid"), label="trained model (train loss, smoothed)")
-    for key, style in (("gd_1step", "--"), (f"gd_{L}steps", ":"), (f"gdpp_{L}steps", "-.")):
-        ax.axhline(r["loss"][key] / 2, ls=style, color="k", lw=0.8, label=f"{key} (eval)")
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("½ squared error")
+    # the training loss is ½ squared error; drawn as the mean squared error the terminal and results print
+    ax.plot(2 * np.convolve(c, np.ones(w) / w, mode="valid"), label="trained model (train MSE, smoothed)")
+    lines = {"gd_1step": ("GD, 1 step", "--")}
+    if L > 1:  # with one layer these three are the same construction: one line, not three names
+        lines |= {f"gd_{L}steps": (f"GD, {L} steps", ":"), f"gdpp_{L}steps": (f"GD++, {L} steps", "-.")}
+    else:
+        lines["gd_1step"] = ("GD, 1 step (= GD++ with 1 step)", "--")
+    for key, (label, style) in lines.items():
+        ax.axhline(r["loss"][key], ls=style, color="k", lw=0.8, label=f"{label} (eval MSE)")
+    _log_if_wide(ax, [*(2 * c), *(r["loss"][k] for k in lines)])
+    ax.set_xlabel("step"), ax.set_ylabel("mean squared error")
     ax.set_title(f"in-context linear regression: {r['config']['model']}", fontsize=9), ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, out / "loss.png")
