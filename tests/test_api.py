@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import iclgd
 from iclgd.cli import app
 from iclgd.core.errors import IclgdError
+from iclgd.core.io import read_json, restore
 from iclgd.core.models import byte_tokenizer, tiny_configs
 
 
@@ -58,7 +59,7 @@ def test_evaluate_compare_and_dual_verify_on_an_object_equal_the_cli_on_its_fold
     ev = iclgd.evaluate(lm, task="sst2", k=2, seeds=[1, 2], n_test=6, data_dir=data_dir)
     _cli("eval", "--model", folder, "--tasks", "sst2", "--k", 2, "--seeds", "1,2", "--n-test", 6,
          "--data-dir", data_dir, "--out", tmp_path / "eval")
-    cli_ev = json.loads((tmp_path / "eval" / "results.json").read_text())
+    cli_ev = read_json(tmp_path / "eval" / "results.json")  # strict JSON: undefined values restored
     _same_numbers(ev.to_dict(), cli_ev)
     assert [r["seed"] for r in cli_ev["results"]] == [1, 2] and cli_ev["config"]["device"] == "cpu"
 
@@ -66,16 +67,16 @@ def test_evaluate_compare_and_dual_verify_on_an_object_equal_the_cli_on_its_fold
                         updates_n=3)
     _cli("compare", "--model", folder, "--tasks", "sst2", "--k", 2, "--seeds", 1, "--n-test", 5, "--untrained",
          "--kendall-n", 4, "--updates-n", 3, "--data-dir", data_dir, "--out", tmp_path / "cmp")
-    cli_cmp = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    cli_cmp = read_json(tmp_path / "cmp" / "results.json")
     _same_numbers(cmp.to_dict(), cli_cmp)
     assert cmp.to_dict()["untrained"]["seeds"]  # the control ran, on a copy
-    cli_records = [json.loads(l) for l in (tmp_path / "cmp" / "records.jsonl").read_text().splitlines()]
+    cli_records = [restore(json.loads(l)) for l in (tmp_path / "cmp" / "records.jsonl").read_text().splitlines()]
     assert cmp.records["records.jsonl"] == cli_records
 
     dv = iclgd.dual_verify(lm, task="sst2", k=2, data_dir=data_dir)
     _cli("dual", "verify", "--model", folder, "--tasks", "sst2", "--k", 2, "--data-dir", data_dir,
          "--out", tmp_path / "dual")
-    cli_dv = json.loads((tmp_path / "dual" / "dual_verify.json").read_text())
+    cli_dv = read_json(tmp_path / "dual" / "dual_verify.json")
     _same_numbers(dv.to_dict(), cli_dv)
     assert dv.ok and dv.to_dict()["summary"]["identity_max"] < 1e-5
 

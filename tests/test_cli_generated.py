@@ -19,7 +19,7 @@ from iclgd.experiments.protocol import experiments
 
 # every declared experiment is a command whose options are its config's fields (and reproduce, the sweep)
 CONFIGS = {**{name: e.config for name, e in experiments().items()}, "reproduce": sweep.SweepConfig}
-EXTRAS = {"out", "overwrite", "shard", "data_dir", "json_out"}  # run options, not the experiment's configuration
+EXTRAS = {"out", "overwrite", "shard", "data_dir", "json_out", "fmt"}  # run options, not the experiment's configuration
 
 
 def _command(path: str):

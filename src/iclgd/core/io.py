@@ -83,9 +83,55 @@ def atomic_write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> N
     atomic_write_text(path, buf.getvalue())
 
 
+UNDEFINED = "undefined_values"  # where strict JSON holds null for a value that is not a number (NaN, ±inf)
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` as strict JSON can hold it: every NaN or infinity becomes null, and an object gets an
+    ``undefined_values`` entry (their count, each one's path of keys and indices, and what it was) so that
+    :func:`restore` gives the values back. A figure is undefined where, e.g., FT fixed no ZSL error (Rec2FTP)."""
+    import math
+
+    paths, values = [], []
+
+    def walk(v, path):
+        if isinstance(v, float) and not math.isfinite(v):
+            paths.append(path), values.append("NaN" if v != v else ("Infinity" if v > 0 else "-Infinity"))
+            return None
+        if isinstance(v, dict):
+            return {k: walk(x, [*path, k]) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, [*path, i]) for i, x in enumerate(v)]
+        return v
+
+    out = walk(obj, [])
+    if paths and isinstance(out, dict):
+        out[UNDEFINED] = {"count": len(paths), "paths": paths, "values": values}
+    return out
+
+
+def restore(doc: Any) -> Any:
+    """A document :func:`strict` wrote, with its undefined values back in place (and the bookkeeping removed)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get(UNDEFINED), dict):
+        return doc
+    und = doc.pop(UNDEFINED)
+    for path, value in zip(und.get("paths", []), und.get("values", [])):
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = json.loads(value)  # the json module's own NaN and infinities, as a non-strict read gives
+    return doc
+
+
 def to_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, fixed float repr) so equal results give equal bytes."""
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=True) + "\n"
+    """Deterministic strict JSON (sorted keys, fixed float repr; undefined values as null, :func:`strict`) so equal
+    results give equal bytes and any JSON parser reads them."""
+    return json.dumps(strict(obj), indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file iclgd wrote, its undefined values restored (:func:`restore`)."""
+    return restore(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -93,7 +139,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(strict(r), sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+                                    for r in rows))
 
 
 _SHA_CACHE: dict[tuple[str, float, int], str] = {}
@@ -140,4 +187,7 @@ def read_result(path: Path) -> dict | None:
         raise IclgdError(f"{path}: cannot read the file ({e.strerror})") from None
     if not isinstance(doc, dict):
         raise IclgdError(f"{path}: not an iclgd file (a JSON {type(doc).__name__}, expected an object); {fix}")
-    return doc
+    try:
+        return restore(doc)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise IclgdError(f"{path}: its {UNDEFINED} do not match the document; {fix}") from None

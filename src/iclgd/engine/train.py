@@ -21,6 +21,7 @@ import torch
 
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
+from iclgd.core.io import read_json
 
 # ----------------------------------------------------------------------------- corpora
 
@@ -363,7 +364,7 @@ def check_run_folder(cfg: TrainConfig, out: Path, data_dir=None, overwrite: bool
             differ = differing_keys(old, asdict(cfg))
     if not differ and (out / "final.json").is_file():
         try:
-            final = json.loads((out / "final.json").read_text(encoding="utf-8"))
+            final = read_json(out / "final.json")
         except (json.JSONDecodeError, UnicodeDecodeError):
             final = None
         files = final.get("data_sha256") if isinstance(final, dict) else None
@@ -405,7 +406,7 @@ def pretrain(cfg: TrainConfig, out: Path, data_dir=None, progress: bool = True, 
     opt = optimizer(model, cfg)
     start = int((load_checkpoint(out, model, opt) or {"step": 0})["step"])
     if start >= cfg.steps and (out / "final.json").is_file():  # finished: rewriting would record a NaN loss
-        return json.loads((out / "final.json").read_text(encoding="utf-8"))
+        return read_json(out / "final.json")
     log_path = out / "log.csv"
     rows = []
     if start and log_path.is_file():

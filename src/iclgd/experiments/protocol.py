@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, atomic_write_jsonl, read_result
+from iclgd.core.io import atomic_write_json, atomic_write_jsonl, read_result, restore
 from iclgd.core.runfolder import run_folder
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class Result:
         for name in docs:
             rec = out / Path(name).with_name("records.jsonl")
             if rec.is_file():
-                records[str(rec.relative_to(out))] = [json.loads(l) for l in rec.read_text().splitlines() if l]
+                records[str(rec.relative_to(out))] = [restore(json.loads(l)) for l in rec.read_text().splitlines() if l]
         return cls(docs, records)
 
 

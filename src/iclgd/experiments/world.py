@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iclgd.core import options as O
+from iclgd.core.io import read_json
 from iclgd.experiments.protocol import Experiment, Result, UnitKind
 
 VARIANTS = {  # name -> training options
@@ -189,7 +190,7 @@ def run_unit(kind: str, p: dict, out: Path, progress: bool) -> dict:
     if kind == "world-train":
         d = ensure_trained(out, p["size"], p["variant"], p["seed"], progress)
         rows = read_log(d)
-        final = json.loads((d / "final.json").read_text())
+        final = read_json(d / "final.json")
         eta = None
         if VARIANTS[p["variant"]].get("learnable_eta"):
             lm = load_model(str(d / "model"))

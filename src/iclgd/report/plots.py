@@ -159,10 +159,10 @@ def plot_layer_curves(results: list[dict], control: list[dict] | None, path, tit
 
 def plot_compare_file(results_json) -> list[str]:
     """The per-layer plots of an ``iclgd compare`` results.json, beside it."""
-    import json
+    from iclgd.core.io import read_json
 
     path = Path(results_json)
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc = read_json(path)
     c = doc["config"]
     control = doc["untrained"]["seeds"] if doc.get("untrained") else None
     return plot_compare(doc["seeds"], path.parent, f"{c['model']} · {c['task']['name']} · k={c['k']} · {c['position']}",
