@@ -111,8 +111,15 @@ def test_compare_cli_writes_results_deterministically(tmp_path):
     assert da["aggregate"]["acc_icl"]["n_seeds"] == 2 and len(da["seeds"]) == 2 and da["untrained"]["seeds"]
     lo, hi = da["aggregate"]["simaou"]["ci95"]
     assert lo <= da["aggregate"]["simaou"]["mean"] <= hi
-    recs = (tmp_path / "a" / "records.jsonl").read_text().splitlines()
-    assert len(recs) == 12 and {"zsl_pred", "icl_pred", "ft_pred"} <= set(json.loads(recs[0]))
+    recs = [json.loads(l) for l in (tmp_path / "a" / "records.jsonl").read_text().splitlines()]
+    assert {"zsl_pred", "icl_pred", "ft_pred", "input", "demo_idx"} <= set(recs[0])
+    # every test example of each seed, of the model and of its untrained control, each with its input text and
+    # the ids of the demonstrations its prompt held
+    assert [r["condition"] for r in recs] == ["trained"] * 12 + ["untrained"] * 12
+    for r in recs:
+        s = next(x for x in (da["seeds"] if r["condition"] == "trained" else da["untrained"]["seeds"])
+                 if x["seed"] == r["seed"])
+        assert r["demo_idx"] == s["demo_idx"] and r["input"].endswith(" True, False, or Neither? Answer:")
     for png in ("simaou_layers.png", "simam_layers.png", "kendall_layers.png"):
         assert (tmp_path / "a" / png).stat().st_size > 1000
 

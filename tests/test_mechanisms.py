@@ -185,7 +185,8 @@ def test_mechanisms_command_end_to_end(data_dir, tmp_path):
         assert not (dev & dummy or dev & cie or dummy & cie or demos & (dev | dummy | cie))
     assert "task vector acc" in res.output and "untrained" in res.output
     recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
-    assert len(recs) == 12 and {"tv_pred", "fv_pred", "icl_pred"} <= set(recs[0])
+    assert len(recs) == 24 and {"tv_pred", "fv_pred", "icl_pred", "input"} <= set(recs[0])
+    assert [r["condition"] for r in recs] == ["trained"] * 12 + ["untrained"] * 12  # the control's records too
 
 
 def test_reproduce_runs_mechanisms_units_and_reports_them(data_dir, tmp_path):

@@ -485,9 +485,10 @@ def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = 
     zsl = zsl if zsl is not None else score_split(lm, data, cfg, icl=False, progress=progress)
     icl = score_split(lm, data, cfg, icl=True, progress=progress)
     records = [
-        {"idx": z["idx"], "label": z["label"], "zsl_pred": z["pred"], "icl_pred": i["pred"],
+        {"idx": z["idx"], "input": data.spec.format_input(row), "demo_idx": icl["demo_idx"], "label": z["label"],
+         "zsl_pred": z["pred"], "icl_pred": i["pred"],
          "zsl_logprobs": z["logprobs"], "icl_logprobs": i["logprobs"]}
-        for z, i in zip(zsl["records"], icl["records"])
+        for z, i, row in zip(zsl["records"], icl["records"], data.eval_rows)
     ]
     return {
         **({"prompt_warnings": icl["prompt_warnings"]} if icl.get("prompt_warnings") else {}),

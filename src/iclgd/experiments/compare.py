@@ -275,7 +275,9 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
               "ft_master_fp32": ft.master_fp32, "ft_changed": ft_changed, **outcomes,
               **similarities, "kendall": kendall,
               "updates": updates, **({"prompt_warnings": icl.warnings} if icl.warnings else {})}
-    records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "label": int(labels[j]),
+    demo_idx = [d.get("idx") for d in icl.demos]
+    records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "input": spec.format_input(data.eval_rows[j]),
+                "demo_idx": demo_idx, "label": int(labels[j]),
                 **{f"{s}_pred": int(lp[j].argmax()) for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
                 **{f"{s}_logprobs": [round(float(x), 6) for x in lp[j]] for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))}}
                for j in range(len(labels))]
@@ -499,15 +501,16 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
         results, records, phases = [], [], []
         for s in job.seeds:
             r, rec, ph = compare_seed(lm, data, job.compare, s, progress, zsl_cache)
-            results.append(r), records.extend(rec), phases.append(ph)
+            results.append(r), records.extend({"condition": "trained", **x} for x in rec), phases.append(ph)
         control = None
         if control_lm is not None:
             control = []
             for s in job.seeds:  # the init seed follows the run seed, so the control's CI includes init variance
                 init_seed = s if job.compare.untrained_seed is None else job.compare.untrained_seed
                 reinit_untrained(control_lm, seed=init_seed, what=job.compare.untrained_reinit)
-                c = compare_seed(control_lm, data, job.compare, s, progress)[0]
+                c, crec, _ = compare_seed(control_lm, data, job.compare, s, progress)
                 control.append({**c, "untrained_init_seed": init_seed})
+                records.extend({"condition": "untrained", **x} for x in crec)
         doc = {
             "kind": "iclgd.compare",
             "config": {"model": model_name(job.model), "model_source": lm.source, "model_type": lm.model_type,

@@ -47,7 +47,9 @@ class MechanismsConfig:
     n_link: int = O.option(32, "test examples of the dual-form alignment (cos of ICL's effect with ΔW_ICL q)",
                            check=O.min_int(1))
     induction_seqs: int = O.option(16, "repeated random sequences of the induction-head scores", check=O.min_int(1))
-    induction_len: int = O.option(32, "tokens per half of each repeated sequence", check=O.min_int(2))
+    induction_len: int | None = O.option(None, "tokens per half of each repeated sequence (default 32, or half the "
+                                               "length of the model's training sequences where its config records "
+                                               "it, as world models do)", type=int, check=O.min_int(2))
 
     def __post_init__(self):
         O.validate(self)
@@ -268,13 +270,14 @@ def _run(job: MechanismsJob, datas, ddir, progress: bool):
         results, records, phases = [], [], []
         for s in job.seeds:
             r, rec, ph = mechanisms_seed(lm, data, job, s, progress, zsl_cache)
-            results.append(r), records.extend(rec), phases.append(ph)
+            results.append(r), records.extend({"condition": "trained", **x} for x in rec), phases.append(ph)
         control = None
         if control_lm is not None:
             control = []
             for s in job.seeds:
                 reinit_untrained(control_lm, seed=s, what=job.compare.untrained_reinit)
-                c = mechanisms_seed(control_lm, data, job, s, progress, label="untrained")[0]
+                c, crec, _ = mechanisms_seed(control_lm, data, job, s, progress, label="untrained")
+                records.extend({"condition": "untrained", **x} for x in crec)
                 c["induction"] = _induction_doc(induction_scores(control_lm, n_seq=mc.induction_seqs,
                                                                  seq_len=mc.induction_len, seed=0))
                 control.append({**c, "untrained_init_seed": s})
