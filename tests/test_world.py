@@ -102,6 +102,8 @@ def test_tiny_training_beats_chance(tiny_world):
     assert final["icl_acc"] > 0.25 + 0.15  # chance 0.25, on 256 held-out sequences of the evaluation tasks
     assert abs(final["zsl_acc"] - 0.25) < 0.12
     assert sorted(p.name for p in (tiny_world / "checkpoints").iterdir())[-1] == "step-000600"
+    # one layout: HF snapshots and the resume state under checkpoints/, no ckpt/ beside them
+    assert (tiny_world / "checkpoints" / "resume" / "step.json").is_file() and not (tiny_world / "ckpt").exists()
 
 
 def test_training_resumes_to_identical_weights(tmp_path):
@@ -114,6 +116,12 @@ def test_training_resumes_to_identical_weights(tmp_path):
     a, b = load_file(str(tmp_path / "a/model/model.safetensors")), load_file(str(tmp_path / "b/model/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final"]["eval_loss"] == full["final"]["eval_loss"]
+    # a folder written before 0.3 keeps its resume state in DIR/ckpt: it resumes from there, then has one layout
+    assert train(cfg, tmp_path / "c", progress=False, stop_after=15) == {"stopped_at": 15}
+    (tmp_path / "c" / "checkpoints" / "resume").rename(tmp_path / "c" / "ckpt")
+    train(cfg, tmp_path / "c", progress=False)
+    c = load_file(str(tmp_path / "c/model/model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a) and not (tmp_path / "c" / "ckpt").exists()
 
 
 def test_compare_and_dual_verify_run_unchanged_on_a_world_model(tiny_world):

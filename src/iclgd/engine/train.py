@@ -219,19 +219,22 @@ def perplexity(model, data: torch.Tensor, length: int, max_tokens: int | None = 
     return math.exp(total / count)
 
 
-def save_checkpoint(out: Path, model, opt, meta: dict) -> None:
-    """``out/ckpt``: weights, optimizer state and ``meta`` (its step, ...), swapped in whole (a crash at any
-    moment leaves the previous checkpoint or the new one)."""
+def save_checkpoint(out: Path, model, opt, meta: dict, at: str = "ckpt") -> None:
+    """``out/at`` (``ckpt``; a world folder keeps it under ``checkpoints/resume``): weights, optimizer state and
+    ``meta`` (its step, ...), swapped in whole (a crash at any moment leaves the previous checkpoint or the new
+    one)."""
     from safetensors.torch import save_model
 
-    tmp = out / f".ckpt.tmp{os.getpid()}"
+    final = Path(out) / at
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "step.json").write_text(json.dumps(meta))
-    final, old = out / "ckpt", out / ".ckpt.old"
+    old = final.parent / f".{final.name}.old"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -239,11 +242,11 @@ def save_checkpoint(out: Path, model, opt, meta: dict) -> None:
         shutil.rmtree(old)
 
 
-def load_checkpoint(out: Path, model, opt) -> dict | None:
-    """Restore ``out/ckpt`` into ``model`` and ``opt``; its meta, or None when there is no checkpoint."""
+def load_checkpoint(out: Path, model, opt, at: str = "ckpt") -> dict | None:
+    """Restore ``out/at`` into ``model`` and ``opt``; its meta, or None when there is no checkpoint."""
     from safetensors.torch import load_model
 
-    ck = out / "ckpt"
+    ck = Path(out) / at
     if not (ck / "step.json").is_file():
         return None
     try:

@@ -19,7 +19,7 @@ earlier in the sequence (the first occurrence of a class cannot be predicted).
 
 Files: ``iclgd world train --out DIR`` writes DIR/world.json (world config), DIR/model/ (an HF folder:
 Llama config, safetensors, a ``tokenizers`` word-level tokenizer as PreTrainedTokenizerFast),
-DIR/checkpoints/step-N/ (HF folders), DIR/ckpt/ (resume state), DIR/log.csv; ``iclgd world tasks DIR``
+DIR/checkpoints/step-N/ (HF folders), DIR/checkpoints/resume/ (resume state), DIR/log.csv; ``iclgd world tasks DIR``
 writes DIR/tasks/*.json and DIR/data/<task>/{demo,eval}.jsonl.
 """
 
@@ -484,7 +484,8 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     lm = build_model(cfg)
     model = lm.model.to(device).train()
     opt = optimizer(model, cfg)
-    meta = load_checkpoint(out, model, opt) or {"step": 0, "wall_s": 0.0}
+    resume_at = RESUME if not (out / "ckpt").is_dir() or (out / RESUME).is_dir() else "ckpt"  # "ckpt": before 0.3
+    meta = load_checkpoint(out, model, opt, resume_at) or {"step": 0, "wall_s": 0.0}
     start, wall0 = int(meta["step"]), float(meta["wall_s"])
     rows = [r for r in csv.DictReader(open(out / "log.csv"))] if start and (out / "log.csv").is_file() else []
     rows = [r for r in rows if int(r["step"]) <= start]
@@ -512,7 +513,9 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             t_pause = time.perf_counter()
             save_hf(lm, out / "checkpoints" / f"step-{step + 1:06d}")
-            save_checkpoint(out, model, opt, {"step": step + 1, "wall_s": t_pause - t0})
+            save_checkpoint(out, model, opt, {"step": step + 1, "wall_s": t_pause - t0}, RESUME)
+            if (out / "ckpt").is_dir():  # a folder of before 0.3 resumed: one layout from now on
+                shutil.rmtree(out / "ckpt")
             _write_log(out / "log.csv", rows)
             t0 += time.perf_counter() - t_pause
         return post
@@ -531,6 +534,9 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
                "threads": cfg.threads, "device": device, "steps_per_s": round(cfg.steps / max(1e-9, float(last["wall_s"])), 2)}
     atomic_write_json(out / "final.json", summary)
     return summary
+
+
+RESUME = "checkpoints/resume"  # the resume state (weights, optimizer, step) beside the HF snapshots step-N
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
