@@ -225,9 +225,10 @@ class ZslCache:
 
 
 def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int, progress: bool = True,
-                 zsl_cache: ZslCache | None = None) -> tuple[dict, list[dict], dict]:
+                 zsl_cache: ZslCache | None = None, label: str = "") -> tuple[dict, list[dict], dict]:
     """One (model, task, seed): returns (result, per-example records, phase timings in seconds). With a
-    ``zsl_cache`` the ZSL pass of an earlier seed on the same test set is reused (``phases["zsl_reused"]``)."""
+    ``zsl_cache`` the ZSL pass of an earlier seed on the same test set is reused (``phases["zsl_reused"]``);
+    ``label`` ("untrained") marks a control's progress bars."""
     spec = data.spec
     demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
     icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
@@ -238,7 +239,7 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len)
     demo_positions = [i for a, b in icl.demo_spans for i in range(a, b)]
     demo_ids = [icl.prefix_ids[a:b] for a, b in icl.demo_spans]
-    name, lap = f"{spec.name} s{seed}", _Laps()
+    name, lap = f"{spec.name} s{seed}{' ' + label if label else ''}", _Laps()
     n_upd, nk = min(cfg.updates_n, len(data.eval_rows)), min(cfg.kendall_n, len(data.eval_rows))
     zsl_pass = lambda: _observed(lm, zsl, cfg, [], progress and f"{name} ZSL", keep_kv=n_upd)  # noqa: E731
     key = (spec.name, tuple(zsl.prefix_ids), tuple(map(tuple, zsl.query_ids)), cfg.position, cfg.batch_size, n_upd)
@@ -508,7 +509,7 @@ def _run(job: CompareJob, datas: list[TaskData], ddir, progress: bool) -> Iterat
             for s in job.seeds:  # the init seed follows the run seed, so the control's CI includes init variance
                 init_seed = s if job.compare.untrained_seed is None else job.compare.untrained_seed
                 reinit_untrained(control_lm, seed=init_seed, what=job.compare.untrained_reinit)
-                c, crec, _ = compare_seed(control_lm, data, job.compare, s, progress)
+                c, crec, _ = compare_seed(control_lm, data, job.compare, s, progress, label="untrained")
                 control.append({**c, "untrained_init_seed": init_seed})
                 records.extend({"condition": "untrained", **x} for x in crec)
         doc = {
@@ -602,7 +603,8 @@ def compare_unit(p: dict, models, data_dir, progress: bool) -> dict:
     if p["untrained"]:  # the control's init follows the run seed, so its CI includes init variance
         reinit_untrained(lm, seed=p["seed"])
     # the trained model's ZSL pass is shared by the seeds this process runs (the control changes every seed)
-    result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress, None if p["untrained"] else models.zsl)
+    result, _, phases = compare_seed(lm, data, cfg, p["seed"], progress, None if p["untrained"] else models.zsl,
+                                     label="untrained" if p["untrained"] else "")
     if p["untrained"]:
         result["untrained_init_seed"] = p["seed"]
     return {"result": result, "data_sha256": data.files,

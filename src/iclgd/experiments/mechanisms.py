@@ -142,7 +142,7 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
             bar.close()
 
     bs = resolve_batch_size(lm, cfg.batch_size)
-    comp, comp_records, _ = compare_seed(lm, data, cfg, seed, progress, zsl_cache)
+    comp, comp_records, _ = compare_seed(lm, data, cfg, seed, progress, zsl_cache, label=label)
     lap("compare")
     demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
     icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
