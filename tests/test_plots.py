@@ -63,3 +63,20 @@ def test_the_regression_loss_is_drawn_as_the_printed_mse_with_one_line_per_disti
     assert len(gd) == gd_lines
     drawn = {float(l.get_ydata()[0]) for l in gd}
     assert drawn == ({loss["gd_1step"]} if layers == 1 else set(loss.values()))  # eval MSE as printed, not halved
+
+
+@pytest.mark.parametrize("seeds, bars_with_errors", [([1], 0), ([1, 2, 3], 4)])
+def test_calibration_bars_show_a_ci_only_over_three_or_more_seeds(figures, seeds, bars_with_errors):
+    from iclgd.report.plots import CALIBRATED
+
+    fig_vals = {m: (0.5, 0.4, 0.6) for m in CALIBRATED}
+    summary = {"seeds": seeds, "calibration": {"construction": {**fig_vals, **{f"{m}_random": (0.0, -0.1, 0.1)
+                                                                              for m in CALIBRATED}},
+                                               "trained": fig_vals, "untrained": fig_vals}}
+    plots.plot_calibration(summary, Path("calibration.png"), "t")
+    ax = figures["calibration.png"].axes[0]
+    assert ax.get_ylabel()
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    assert sum(isinstance(c, BarContainer) for c in ax.containers) == 4  # construction, trained, untrained, random
+    assert sum(isinstance(c, ErrorbarContainer) for c in ax.containers) == bars_with_errors

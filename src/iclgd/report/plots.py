@@ -208,9 +208,10 @@ def plot_curves(out: Path, seeds: list[int], variants=("vanilla", "momentum")) -
 
 def plot_calibration(summary: dict, path, title: str) -> None:
     """Bars per metric: construction / trained / untrained / random (the construction's random baseline),
-    with 95% CIs over seeds."""
+    with 95% CIs over seeds where there are 3 or more (fewer give no honest spread)."""
     plt = _plt()
     cal = summary["calibration"]
+    several = len(summary["seeds"]) >= 3
     bars = [(name, lambda m, n=name: cal[n][m]) for name in cal]
     bars.append(("random", lambda m: cal["construction"].get(f"{m}_random", (np.nan,) * 3)))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -218,11 +219,12 @@ def plot_calibration(summary: dict, path, title: str) -> None:
     for i, (name, get) in enumerate(bars):
         vals = np.array([get(m) for m in CALIBRATED], dtype=float)  # (metrics, 3): mean, lo, hi
         err = np.abs(vals[:, 1:].T - vals[:, 0])
-        ax.bar(np.arange(len(CALIBRATED)) + (i - (len(bars) - 1) / 2) * w, vals[:, 0], w, yerr=err, capsize=2,
-               label=name)
+        ax.bar(np.arange(len(CALIBRATED)) + (i - (len(bars) - 1) / 2) * w, vals[:, 0], w,
+               yerr=err if several else None, capsize=2, label=name)
     ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylabel("metric (1: ICL is GD exactly)")
     ax.set_xticks(range(len(CALIBRATED)), ["Rec2FTP", "SimAOU", "SimAM", "Kendall"])
-    ax.set_title(f"{title} · seeds {summary['seeds']}", fontsize=9)
+    ax.set_title(f"{title} · seeds {summary['seeds']}" + (" · 95% CI over seeds" if several else ""), fontsize=9)
     ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.1)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
