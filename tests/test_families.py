@@ -26,3 +26,27 @@ def test_compare_runs_on_derived_families(tmp_path):
         s = doc["seeds"][0]
         assert (s["n"], s["k_true"], len(s["ft_losses"])) == (3, 2, 2)  # one K/V SGD step per demonstration
         assert len(s["simam"]["icl_ft"]["per_layer"]) == 2  # captures on both layers
+
+
+def test_a_modeling_function_wrapped_in_a_kernel_module_is_read_through_its_forward(monkeypatch, tmp_path):
+    """transformers 5.25 with `kernels` makes apply_rotary_pos_emb an nn.Module (a hub-kernel slot, signature
+    (*args, **kwargs)) whose forward is the original; the layout reads the convention from that forward, and the
+    dual form still holds to float64 precision through it."""
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.apply_rotary_pos_emb
+    original = getattr(original, "forward", original)
+
+    class Slot(torch.nn.Module):
+        def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+            return original(q, k, cos, sin, unsqueeze_dim)
+
+    slot = Slot()
+    slot.forward = original  # as the kernels package does: the slot's forward is the function itself
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", slot)
+    res = CliRunner().invoke(app, ["dual", "verify", "--model", "tiny-random-llama", "--task", "sst2", "--k", "2",
+                                   "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "d" / "dual_verify.json").read_text())
+    assert doc["summary"]["identity_max"] < 1e-10 and doc["summary"]["recon_max"] < 1e-10

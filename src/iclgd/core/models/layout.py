@@ -106,6 +106,13 @@ def _n_layers(config) -> int | None:
     return None
 
 
+def _plain(fn):
+    """The function itself: from transformers 5.25 (with the ``kernels`` package it requires) a modeling module's
+    functions such as ``apply_rotary_pos_emb`` can be ``nn.Module`` slots for hub kernels, callable alike, whose
+    ``forward`` is the original function (their own signature is ``(*args, **kwargs)``)."""
+    return fn.forward if isinstance(fn, nn.Module) else fn
+
+
 def derive_layout(model: nn.Module) -> AttentionLayout:
     """The attention layout of a causal LM, read from its modules (weights may be on the meta device).
 
@@ -171,7 +178,7 @@ def derive_layout(model: nn.Module) -> AttentionLayout:
         if not hasattr(sys.modules[type(am).__module__], "apply_rotary_pos_emb"):
             raise refuse("its modeling module has no apply_rotary_pos_emb for its rotary embedding")
         by_type = "layer_type" in inspect.signature(get_path(model, rotary).forward).parameters
-        names = list(inspect.signature(sys.modules[type(am).__module__].apply_rotary_pos_emb).parameters)
+        names = list(inspect.signature(_plain(sys.modules[type(am).__module__].apply_rotary_pos_emb)).parameters)
         if names[:3] == ["tensor", "sin", "cos"]:
             style = "pairs"
         elif names[:4] == ["q", "k", "cos", "sin"]:
