@@ -45,7 +45,13 @@ def one_class_warnings(pred_counts: dict, where: str, labels) -> list[str]:
         log.warning(w)
     return out
 
-DEFAULT_SEPARATOR = "\n"  # the paper's fairseq code ends each demonstration with </s>; see README
+DEFAULT_SEPARATOR = "\n"  # the paper's fairseq code ends each demonstration with </s>; see docs/eval.md
+
+
+def separator_deviation(separator: str) -> list[str]:
+    """The separator as a deviation from the paper's code, which ends each demonstration with the '</s>' token."""
+    return [] if separator == "</s>" else [f"separator after each demonstration: {separator!r} (the paper's code: "
+                                           "the '</s>' token)"]
 
 
 @dataclass

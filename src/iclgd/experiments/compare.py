@@ -25,7 +25,8 @@ from iclgd.core.tasks import TaskData, load_tasks, sample_demos
 from iclgd.engine import dual
 from iclgd.engine.capture import Observer
 from iclgd.engine.finetune import REINIT, FTRecord, Snapshot, finetune, reinit_untrained
-from iclgd.engine.scoring import Prompts, build_prompts, one_class_warnings, resolve_batch_size, score_options
+from iclgd.engine.scoring import (Prompts, build_prompts, one_class_warnings, resolve_batch_size, score_options,
+                                  separator_deviation)
 from iclgd.experiments.protocol import Experiment, Result, UnitKind, tidy_rows, writing
 
 # The K/V finetuning rate of a task without one in its spec. The built-in tasks carry the paper's per-task
@@ -122,7 +123,7 @@ def compare_deviations(cfg: CompareConfig) -> list[str]:
     if cfg.ft_loss != "all":
         out.append("FT loss over the demonstrations' label tokens only (--ft-loss label; the paper's: the LM loss "
                    "over every demonstration token)")
-    return out
+    return out + separator_deviation(cfg.separator)
 
 
 def _label_lens(icl: Prompts, cfg: CompareConfig) -> list[int] | None:

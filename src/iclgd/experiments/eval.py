@@ -9,7 +9,8 @@ from pathlib import Path
 from iclgd.core import options as O
 from iclgd.core.models import LoadedModel, as_loaded, model_name, run_versions
 from iclgd.core.tasks import load_tasks
-from iclgd.engine.scoring import EvalConfig, evaluate, one_class_warnings, resolve_batch_size, score_split
+from iclgd.engine.scoring import (EvalConfig, evaluate, one_class_warnings, resolve_batch_size, score_split,
+                                  separator_deviation)
 from iclgd.experiments.protocol import Experiment, Result, UnitKind, writing
 
 
@@ -39,7 +40,7 @@ def run(job: EvalJob, progress: bool = True) -> dict:
     datas, ddir = load_tasks(job.task, job.task_spec, job.data_dir, job.n_test)
     t0 = time.time()
     lm = as_loaded(job.model, dtype=job.dtype, device=job.device, bos=job.bos, need_layout=False)  # no layout needed
-    results, files, deviations = [], {}, lm.start_deviations()
+    results, files, deviations = [], {}, lm.start_deviations() + separator_deviation(job.eval.separator)
     seeds = job.seeds
     for d in datas:
         zsl = score_split(lm, d, job.eval, icl=False, progress=progress)  # the same for every seed
