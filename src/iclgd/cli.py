@@ -414,12 +414,14 @@ def mechanisms_cmd(job, out, overwrite, fmt):
 
 @command(app, "pretrain",
          out=out_option(True, "run folder (resumes if it holds a checkpoint of the same configuration)"),
-         overwrite=overwrite_option("start over in a folder that holds a run of another configuration"))
-def pretrain_cmd(job, out, overwrite):
+         overwrite=overwrite_option("start over in a folder that holds a run of another configuration"),
+         fmt=format_option())
+def pretrain_cmd(job, out, overwrite, fmt):
     """Train a small Llama-style LM from scratch, with vanilla or momentum attention."""
-    check.out_dir(out)
-    r = EXP["pretrain"].run(job, out, overwrite, progress()).to_dict()
-    typer.echo(f"final train loss {r['final_train_loss']:.4f}; log in {out / 'log.csv'}")
+    check.out_dir(out), check_format(fmt)
+    res = EXP["pretrain"].run(job, out, overwrite, progress())
+    r = res.to_dict()
+    show(res, fmt, lambda: f"final train loss {r['final_train_loss']:.4f}; log in {out / 'log.csv'}")
 
 
 momentum_app = typer.Typer(no_args_is_help=True, cls=Group, help="Momentum attention: training study and zero-training probe.")
@@ -427,17 +429,18 @@ app.add_typer(momentum_app, name="momentum")
 
 
 @command(momentum_app, "momentum compare",
-         out=out_option(True, "folder of the runs, results.json and val_curves.png"), overwrite=overwrite_option())
-def momentum_compare(cfg, out, overwrite):
+         out=out_option(True, "folder of the runs, results.json and val_curves.png"), overwrite=overwrite_option(),
+         fmt=format_option())
+def momentum_compare(cfg, out, overwrite, fmt):
     """Train vanilla and momentum per seed (same init and data order); perplexity and ICL side by side."""
     from iclgd.report.plots import plot_curves
     from iclgd.report.terminal import momentum_text
 
-    check.out_dir(out)
+    check.out_dir(out), check_format(fmt)
     res = EXP["momentum compare"].run(cfg, out, overwrite, progress())
     plot_curves(out, cfg.seeds, cfg.variants)
-    typer.echo(momentum_text(res.to_dict()))
-    typer.echo(f"wrote {out / 'results.json'} and {out / 'val_curves.png'}")
+    show(res, fmt, lambda: momentum_text(res.to_dict()))
+    say(f"wrote {out / 'results.json'} and {out / 'val_curves.png'}", fmt)
 
 
 @command(momentum_app, "momentum apply", out=out_option(help="write momentum_apply.json here"),
@@ -539,14 +542,16 @@ app.add_typer(world_app, name="world")
 
 
 @command(world_app, "world train", out=out_option(True, "world folder (resumes if it holds a checkpoint)"),
-         overwrite=overwrite_option("start over in a folder that holds a run of another configuration"))
-def world_train(job, out, overwrite):
+         overwrite=overwrite_option("start over in a folder that holds a run of another configuration"),
+         fmt=format_option())
+def world_train(job, out, overwrite, fmt):
     """Train a world model; writes DIR/model (HF folder), DIR/tasks, DIR/data, DIR/checkpoints, DIR/log.csv."""
     from iclgd.report.terminal import world_text
 
-    check.out_dir(out)
-    typer.echo(world_text(EXP["world train"].run(job, out, overwrite, progress()).to_dict()))
-    typer.echo(f"wrote {out / 'model'}, {out / 'tasks'}, {out / 'data'}, {out / 'log.csv'}")
+    check.out_dir(out), check_format(fmt)
+    res = EXP["world train"].run(job, out, overwrite, progress())
+    show(res, fmt, lambda: world_text(res.to_dict()))
+    say(f"wrote {out / 'model'}, {out / 'tasks'}, {out / 'data'}, {out / 'log.csv'}", fmt)
 
 
 @world_app.command("tasks", cls=Command)
