@@ -484,8 +484,8 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
     lm = build_model(cfg)
     model = lm.model.to(device).train()
     opt = optimizer(model, cfg)
-    resume_at = RESUME if not (out / "ckpt").is_dir() or (out / RESUME).is_dir() else "ckpt"  # "ckpt": before 0.3
-    meta = load_checkpoint(out, model, opt, resume_at) or {"step": 0, "wall_s": 0.0}
+    legacy = (out / "ckpt").is_dir() and not (out / RESUME).is_dir()  # a folder written before 0.3
+    meta = load_checkpoint(out, model, opt, "ckpt" if legacy else RESUME) or {"step": 0, "wall_s": 0.0}
     start, wall0 = int(meta["step"]), float(meta["wall_s"])
     rows = [r for r in csv.DictReader(open(out / "log.csv"))] if start and (out / "log.csv").is_file() else []
     rows = [r for r in rows if int(r["step"]) <= start]
@@ -514,7 +514,7 @@ def train(cfg: WorldTrainConfig, out, progress: bool = True, stop_after: int | N
             t_pause = time.perf_counter()
             save_hf(lm, out / "checkpoints" / f"step-{step + 1:06d}")
             save_checkpoint(out, model, opt, {"step": step + 1, "wall_s": t_pause - t0}, RESUME)
-            if (out / "ckpt").is_dir():  # a folder of before 0.3 resumed: one layout from now on
+            if (out / "ckpt").is_dir():  # a folder of before 0.3: one layout from now on
                 shutil.rmtree(out / "ckpt")
             _write_log(out / "log.csv", rows)
             t0 += time.perf_counter() - t_pause

@@ -9,6 +9,7 @@ layer ``None`` (the mean over layers) and one per layer; any other number gives 
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ def tidy_rows(obj: Any, base: dict, prefix: str = "") -> list[dict]:
     return rows
 
 
+@functools.cache
 def _registry_baselines() -> dict[str, str]:
     """Tidy metric name -> its baseline's, from the metric registry (a path's trailing "overall" is the figure)."""
     from iclgd.core.metrics import METRICS
@@ -123,8 +125,9 @@ class Result:
         """The (metric, condition) of the row that is ``metric``'s baseline on the same task, seed and layer: a
         registry metric's first control (:data:`iclgd.core.metrics.METRICS`), the majority class for an accuracy,
         the random-update cosine for the task vector's link; None: no baseline."""
-        if metric in _registry_baselines():
-            return _registry_baselines()[metric], condition
+        registry = _registry_baselines()
+        if metric in registry:
+            return registry[metric], condition
         if metric.startswith("acc.") and metric != "acc.majority":
             return "acc.majority", condition
         if metric == "link.cos_effect_dw_q":

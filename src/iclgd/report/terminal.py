@@ -110,29 +110,16 @@ def world_text(summary: dict) -> str:
 FORMATS = ("table", "csv", "json", "md", "latex")  # --format: what a command prints
 
 
-def strict_json(obj):
-    """``obj`` with every NaN or infinity as None, so that ``json.dumps(..., allow_nan=False)`` is strict JSON."""
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
 def formatted(res, fmt: str) -> str:
     """A result as ``--format`` asks: ``csv`` its tidy rows (task, seed, condition, layer, metric, value, baseline),
-    ``json`` its documents (strict: an undefined value is null), ``md`` or ``latex`` the narrow table report.md
-    shows (a row per figure, a column per task and condition, the mean over seeds, ± sd only with 3 or more)."""
-    import json
-
+    ``json`` its documents as the files hold them (strict: an undefined value is null, counted under
+    ``undefined_values``), ``md`` or ``latex`` the narrow table report.md shows (a row per figure, a column per task
+    and condition, the mean over seeds, ± sd only with 3 or more)."""
+    from iclgd.core.io import to_json
     from iclgd.report.folder import _markdown, summary_table
 
     if fmt == "json":
-        return json.dumps(strict_json(res.to_dict()), indent=1, allow_nan=False)
+        return to_json(res.to_dict()).rstrip("\n")
     tidy = res.to_pandas()
     if fmt == "csv":
         return tidy.to_csv(index=False).rstrip("\n")
