@@ -38,6 +38,8 @@ def test_report_on_a_single_run_folder(kind, tmp_path, data_dir):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == ["task", "seed", "condition", "layer", "metric", "value", "baseline"]
+    for c in ("seed", "layer"):  # integers as written: 1, not 1.0
+        assert all(r[c] == "" or r[c].isdigit() for r in rows), (c, {r[c] for r in rows})
     if kind == "eval":  # three seeds: the spread is shown
         assert " ± " in md
 

@@ -55,6 +55,8 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted_byte_for_byte(tmp_pa
     import pandas as pd
 
     csv = pd.read_csv(cut / "results.csv")
+    raw = pd.read_csv(cut / "results.csv", dtype=str)
+    assert raw.seed.dropna().str.fullmatch(r"\d+").all() and raw.layer.dropna().str.fullmatch(r"\d+").all()  # 1, not 1.0
     assert list(csv.columns) == ["task", "seed", "condition", "layer", "metric", "value", "baseline", "unit"]
     simaou = csv[(csv.metric == "simaou") & csv.layer.isna()]
     assert set(simaou.condition) <= {"trained", "untrained"} and simaou.baseline.notna().all()

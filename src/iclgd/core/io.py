@@ -83,6 +83,23 @@ def atomic_write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> N
     atomic_write_text(path, buf.getvalue())
 
 
+TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value", "baseline")  # every tidy results table
+
+
+def tidy_frame(rows: list[dict], columns=TIDY_COLUMNS):
+    """A tidy table as a DataFrame: ``seed`` and ``layer`` stay integers (pandas' nullable Int64) where a row has
+    none (a figure over all layers), instead of turning the whole column into floats (seed 1.0)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=list(columns))
+    for c in ("seed", "layer"):
+        if c in df and df[c].notna().any():
+            vals = df[c].dropna()
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in vals):
+                df[c] = df[c].astype("Int64")
+    return df
+
+
 UNDEFINED = "undefined_values"  # where strict JSON holds null for a value that is not a number (NaN, ±inf)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from iclgd.core.errors import IclgdError
-from iclgd.core.io import atomic_write_json, atomic_write_jsonl, read_result, restore
+from iclgd.core.io import TIDY_COLUMNS, atomic_write_json, atomic_write_jsonl, read_result, restore, tidy_frame
 from iclgd.core.runfolder import run_folder
 
 @dataclass(frozen=True)
@@ -58,7 +58,6 @@ def experiments() -> dict[str, Experiment]:
     return {e.name: e for m in MODULES for e in importlib.import_module(f"iclgd.experiments.{m}").EXPERIMENTS}
 
 
-TIDY_COLUMNS = ("task", "seed", "condition", "layer", "metric", "value", "baseline")
 COUNTS = ("n_layers", "n_examples_per_layer", "n_examples")  # what a figure rests on: in the documents, not rows
 
 
@@ -136,14 +135,12 @@ class Result:
 
     def to_pandas(self):
         """A tidy table: one row per task, seed, condition, layer and metric (columns :data:`TIDY_COLUMNS`)."""
-        import pandas as pd
-
         rows = self.rows()
         value = {(r["task"], r["seed"], r["condition"], r["layer"], r["metric"]): r["value"] for r in rows}
         for r in rows:
             b = self.baseline_of(r["metric"], r["condition"])
             r["baseline"] = None if b is None else value.get((r["task"], r["seed"], b[1], r["layer"], b[0]))
-        return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+        return tidy_frame(rows)
 
     def save(self, out, overwrite: bool = False) -> Path:
         """Write the documents (atomically, under the folder's lock); an earlier run's files are kept unless

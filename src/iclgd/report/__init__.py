@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from iclgd.core.io import atomic_write_text, read_result
+from iclgd.core.io import TIDY_COLUMNS, atomic_write_text, read_result, tidy_frame
 from iclgd.core.metrics import METRICS, fmt_mean_ci, per_layer_of, scalar
 from iclgd.core.tasks import TASKS
 from iclgd.report.paper import PAPER
@@ -49,7 +49,7 @@ class Sweep:
                               "value": value, "baseline": baseline, "unit": unit})
 
 
-CSV_COLUMNS = ["task", "seed", "condition", "layer", "metric", "value", "baseline", "unit"]
+CSV_COLUMNS = [*TIDY_COLUMNS, "unit"]
 
 
 def load_units(out: Path) -> dict[str, dict]:
@@ -69,7 +69,7 @@ def write_report(out) -> Path:
     lines += ["All numbers: [results.csv](results.csv). Regenerate this file with `iclgd report "
               f"{out}`; it reads the results files only.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
-    buf = pd.DataFrame(sw.csv_rows, columns=CSV_COLUMNS).to_csv(index=False)
+    buf = tidy_frame(sw.csv_rows, CSV_COLUMNS).to_csv(index=False)
     atomic_write_text(out / "results.csv", buf)
     return out / "report.md"
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from iclgd.core.io import atomic_write_csv, atomic_write_text
+from iclgd.core.io import TIDY_COLUMNS, atomic_write_csv, atomic_write_text
 
-TIDY = ["task", "seed", "condition", "layer", "metric", "value", "baseline"]
 _CONFIG_KEYS = ("model", "task", "tasks", "seeds", "k", "n_test", "dtype", "device", "steps", "attention", "eta")
 
 
@@ -98,8 +97,8 @@ def write_folder_report(out: Path, command: str, docs: dict[str, dict], tidy: pd
             lines += [f"![{p.stem}]({rel})", ""]
     atomic_write_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
     rows = tidy.astype(object).where(pd.notna(tidy), None).to_dict("records")
-    rows = [{k: ("" if r.get(k) is None else r[k]) for k in TIDY} for r in rows]
-    atomic_write_csv(out / "results.csv", rows, TIDY)
+    rows = [{k: ("" if r.get(k) is None else r[k]) for k in TIDY_COLUMNS} for r in rows]
+    atomic_write_csv(out / "results.csv", rows, list(TIDY_COLUMNS))
     return out / "report.md"
 
 
