@@ -262,6 +262,14 @@ def test_a_prompt_longer_than_the_training_sequences_is_warned_and_recorded(tiny
         if warned:
             assert f"prompts of up to {1 + (k + 1) * P} tokens" in hits[0]
             assert doc["results"][0]["prompt_warnings"] == hits
+    # mechanisms rebuilds the same prompts for its task and function vectors: the warning is printed once per seed
+    r = CliRunner().invoke(app, ["mechanisms", *common[1:], "--k", str(long_), "--seeds", "1", "--no-untrained",
+                                 "--n-dev", "4", "--n-dummy", "4", "--n-cie", "4", "--n-link", "4",
+                                 "--induction-seqs", "2", "--out", str(d / "mech")])
+    assert r.exit_code == 0, r.output
+    assert sum(f"longer than the {n}-token sequences" in line for line in r.output.splitlines()) == 1, r.output
+    doc = json.loads((d / "mech/results.json").read_text())
+    assert len([w for w in doc["warnings"] if f"longer than the {n}-token sequences" in w]) == 1
 
 
 def test_an_induction_head_is_found_on_a_trained_world_model_within_its_training_length(tiny_world):

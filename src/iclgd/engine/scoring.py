@@ -84,8 +84,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows: list[dict],
-                  separator: str = DEFAULT_SEPARATOR, max_len: int | None = None) -> Prompts:
-    """Tokenize; drop demonstrations from the end while the longest prompt + option would overflow."""
+                  separator: str = DEFAULT_SEPARATOR, max_len: int | None = None, log_warnings: bool = True) -> Prompts:
+    """Tokenize; drop demonstrations from the end while the longest prompt + option would overflow.
+    ``log_warnings=False``: the prompts' warnings are kept in ``.warnings`` but not logged (an experiment that
+    rebuilds prompts it has already warned about)."""
     tok = lm.tokenizer
     limit = (f"--max-len {max_len}" if max_len and max_len <= lm.max_positions
              else f"the context of model {lm.name} ({lm.max_positions} tokens)")
@@ -109,11 +111,11 @@ def build_prompts(lm: LoadedModel, spec: TaskSpec, demos: list[dict], eval_rows:
         used.append(d)
         label_lens.append(label_tokens(tok, spec, d, ids))
     p = Prompts(prefix, spans, query_ids, option_ids, [r["label"] for r in eval_rows], used, len(demos), label_lens)
-    p.warnings = long_prompt_warnings(lm, p, spec.name)
+    p.warnings = long_prompt_warnings(lm, p, spec.name, log_it=log_warnings)
     return p
 
 
-def long_prompt_warnings(lm: LoadedModel, prompts: Prompts, task: str) -> list[str]:
+def long_prompt_warnings(lm: LoadedModel, prompts: Prompts, task: str, log_it: bool = True) -> list[str]:
     """A warning (logged and returned for the results) when a prompt is longer than the sequences the model was
     trained on (:attr:`LoadedModel.trained_len`): accuracy there measures length generalisation, not ICL."""
     n = lm.trained_len
@@ -121,7 +123,8 @@ def long_prompt_warnings(lm: LoadedModel, prompts: Prompts, task: str) -> list[s
         return []
     w = (f"task {task}, k={prompts.k_true}: prompts of up to {prompts.longest} tokens, longer than the {n}-token "
          f"sequences model {lm.name} was trained on (accuracy there measures length generalisation, not ICL)")
-    log.warning(w)
+    if log_it:
+        log.warning(w)
     return [w]
 
 

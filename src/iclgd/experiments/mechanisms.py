@@ -145,16 +145,16 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
     comp, comp_records, _ = compare_seed(lm, data, cfg, seed, progress, zsl_cache, label=label)
     lap("compare")
     demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
-    icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
+    icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len, log_warnings=False)
     demos = icl.demos  # those that fit, as compare uses them
-    zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len)
+    zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len, log_warnings=False)
     dev_rows, dummy_rows, cie_rows = _side_rows(data, demos, seed, (mc.n_dev, mc.n_dummy, mc.n_cie))
-    zsl_dev = build_prompts(lm, spec, [], dev_rows, cfg.separator, cfg.max_len)
+    zsl_dev = build_prompts(lm, spec, [], dev_rows, cfg.separator, cfg.max_len, log_warnings=False)
     test, dev = list(range(len(zsl.labels))), list(range(len(dev_rows)))
     acc_zsl_dev = E.accuracy(E.score_patched(lm, zsl_dev, dev, batch_size=bs), zsl_dev.labels)
 
     def tv_figures(ds: list[dict]) -> dict:
-        theta = E.task_vectors(lm, build_prompts(lm, spec, ds, dummy_rows, cfg.separator, cfg.max_len), bs)
+        theta = E.task_vectors(lm, build_prompts(lm, spec, ds, dummy_rows, cfg.separator, cfg.max_len, log_warnings=False), bs)
         curve = E.layer_curve(lm, zsl_dev, dev, theta, "replace", bs)
         L = E.best_index(curve)
         sc = E.score_patched(lm, zsl, test, L, theta[L], "replace", bs)
@@ -165,12 +165,12 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
     shuffled = shuffled_labels(demos, seed)
 
     def fv_figures(clean_demos: list[dict]) -> dict:
-        clean = build_prompts(lm, spec, clean_demos, cie_rows, cfg.separator, cfg.max_len)
+        clean = build_prompts(lm, spec, clean_demos, cie_rows, cfg.separator, cfg.max_len, log_warnings=False)
         heads = E.last_position_acts(lm, clean, list(range(len(cie_rows))), ("attn_heads",), bs)["attn_heads"]
         H, _, hd = lm.head_counts()
         mean_heads = heads.mean(0).view(lm.n_layers, H, hd)  # (L, H, d_head)
         a_bar = E.head_outputs(lm, heads).mean(0)  # (L, H, d_model)
-        corrupted = build_prompts(lm, spec, shuffled, cie_rows, cfg.separator, cfg.max_len)
+        corrupted = build_prompts(lm, spec, shuffled, cie_rows, cfg.separator, cfg.max_len, log_warnings=False)
         cie = E.causal_indirect_effects(lm, corrupted, mean_heads, bs)  # (L, H)
         grid = sorted({min(h, lm.n_layers * H) for h in mc.fv_heads}, reverse=True)
         vec = lambda h: sum(a_bar[l, j] for l, j in E.top_heads(cie, h))  # noqa: E731
@@ -196,7 +196,7 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
         link_doc["cie_vs_cos_dW"] = head_agreement(cie.numpy(), np.asarray(upd["per_head"]["cos_dW"], dtype=float))
     lap("links")
     # the shuffled-label control: ICL, the task vector and the function vector built from shuffled demonstrations
-    icl_sh = build_prompts(lm, spec, shuffled, data.eval_rows, cfg.separator, cfg.max_len)
+    icl_sh = build_prompts(lm, spec, shuffled, data.eval_rows, cfg.separator, cfg.max_len, log_warnings=False)
     acc_icl_sh = E.accuracy(score_options(lm, icl_sh, bs), icl_sh.labels)
     tv_sh, _ = tv_figures(shuffled)
     fv_sh = fv_figures(shuffled)[0]
