@@ -112,7 +112,7 @@ def test_compare_cli_writes_results_deterministically(tmp_path):
     lo, hi = da["aggregate"]["simaou"]["ci95"]
     assert lo <= da["aggregate"]["simaou"]["mean"] <= hi
     recs = [json.loads(l) for l in (tmp_path / "a" / "records.jsonl").read_text().splitlines()]
-    assert {"zsl_pred", "icl_pred", "ft_pred", "input", "demo_idx"} <= set(recs[0])
+    assert {"zsl_pred", "icl_pred", "ft_pred", "input", "demo_idx"} <= set(recs[0]) and "icl_prompt" not in recs[0]
     # every test example of each seed, of the model and of its untrained control, each with its input text and
     # the ids of the demonstrations its prompt held
     assert [r["condition"] for r in recs] == ["trained"] * 12 + ["untrained"] * 12
@@ -122,6 +122,29 @@ def test_compare_cli_writes_results_deterministically(tmp_path):
         assert r["demo_idx"] == s["demo_idx"] and r["input"].endswith(" True, False, or Neither? Answer:")
     for png in ("simaou_layers.png", "simam_layers.png", "kendall_layers.png"):
         assert (tmp_path / "a" / png).stat().st_size > 1000
+
+
+def test_records_hold_the_whole_prompt_on_request(tmp_path, sst2):
+    """--record-prompts: each record's ICL prompt is the start token, its demonstrations (in order, each followed by
+    the separator) and its own input, as the model's tokens decode; recorded in the configuration."""
+    for cmd in ("compare", "eval"):
+        out = tmp_path / cmd
+        r = CliRunner().invoke(app, [cmd, "--model", "tiny-random-llama", "--task", "sst2", "--k", "3", "--n-test",
+                                     "4", "--seeds", "5", *(["--no-untrained"] if cmd == "compare" else []),
+                                     "--record-prompts", "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["config"]["record_prompts"] is True
+        recs = ([json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()] if cmd == "compare"
+                else doc["results"][0]["records"])
+        pool = {d["idx"]: d for d in sst2.demo_pool}
+        spec = TASKS["sst2"]
+        lm = load_model("tiny-random-llama")
+        start = "" if lm.bos_id is None else lm.tokenizer.decode([lm.bos_id])
+        for rec in recs:
+            assert len(rec["demo_idx"]) == 3
+            demos = "".join(spec.format_demo(pool[i]) + "\n" for i in rec["demo_idx"])  # the default separator
+            assert rec["icl_prompt"] == start + demos + rec["input"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -376,6 +376,11 @@ def balanced_field():
     return option(False, "class-balanced demonstrations (round robin over labels, then shuffled by the seed)")
 
 
+def record_prompts_field():
+    return option(False, "write each test example's whole ICL prompt (the demonstrations and the input, decoded from "
+                         "the tokens the model was given) in records.jsonl; large: the demonstrations repeat per row")
+
+
 EQ9 = ("attention", ("momentum",))  # options of Eq. (9) only (the EMA variant has parameters of its own)
 
 

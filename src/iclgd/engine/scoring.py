@@ -78,6 +78,11 @@ class Prompts:
         """Tokens of the longest prompt with its longest option."""
         return len(self.prefix_ids) + max(map(len, self.query_ids)) + max(map(len, self.option_ids))
 
+    def text(self, tokenizer, j: int) -> str:
+        """Test example ``j``'s whole prompt as the model read it (before the answer): its tokens decoded, the start
+        token and the demonstrations included."""
+        return tokenizer.decode(self.prefix_ids + self.query_ids[j], skip_special_tokens=False)
+
 
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -458,6 +463,7 @@ class EvalConfig:
     separator: str = O.separator_field()
     max_len: int = O.max_len_field()
     batch_size: int | str = O.batch_size_field()  # or a positive integer (see resolve_batch_size)
+    record_prompts: bool = O.record_prompts_field()
 
     def __post_init__(self):
         O.validate(self)
@@ -478,7 +484,9 @@ def score_split(lm: LoadedModel, data: TaskData, cfg: EvalConfig, icl: bool, pro
            # a model that always answers one label sits at the majority baseline: the counts show it
            "pred_counts": np.bincount(pred, minlength=len(spec.label_words)).tolist(),
            "records": [{"idx": row.get("idx"), "label": int(labels[j]), "pred": int(pred[j]),
-                        "logprobs": [round(float(x), 6) for x in lp[j]]} for j, row in enumerate(data.eval_rows)]}
+                        "logprobs": [round(float(x), 6) for x in lp[j]],
+                        **({"prompt": prompts.text(lm.tokenizer, j)} if icl and cfg.record_prompts else {})}
+                       for j, row in enumerate(data.eval_rows)]}
     if prompts.warnings:
         out["prompt_warnings"] = prompts.warnings
     if icl:
@@ -496,7 +504,8 @@ def evaluate(lm: LoadedModel, data: TaskData, cfg: EvalConfig, progress: bool = 
     records = [
         {"idx": z["idx"], "input": data.spec.format_input(row), "demo_idx": icl["demo_idx"], "label": z["label"],
          "zsl_pred": z["pred"], "icl_pred": i["pred"],
-         "zsl_logprobs": z["logprobs"], "icl_logprobs": i["logprobs"]}
+         "zsl_logprobs": z["logprobs"], "icl_logprobs": i["logprobs"],
+         **({"icl_prompt": i["prompt"]} if "prompt" in i else {})}
         for z, i, row in zip(zsl["records"], icl["records"], data.eval_rows)
     ]
     return {

@@ -71,6 +71,7 @@ class CompareConfig:
     separator: str = O.separator_field()
     max_len: int = O.max_len_field()
     batch_size: int | str = O.batch_size_field()  # prompts per forward pass (engine.scoring.resolve_batch_size)
+    record_prompts: bool = O.record_prompts_field()
 
     def __post_init__(self):
         O.validate(self)
@@ -281,7 +282,8 @@ def compare_seed(lm: LoadedModel, data: TaskData, cfg: CompareConfig, seed: int,
     records = [{"seed": seed, "idx": data.eval_rows[j].get("idx"), "input": spec.format_input(data.eval_rows[j]),
                 "demo_idx": demo_idx, "label": int(labels[j]),
                 **{f"{s}_pred": int(lp[j].argmax()) for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
-                **{f"{s}_logprobs": [round(float(x), 6) for x in lp[j]] for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))}}
+                **{f"{s}_logprobs": [round(float(x), 6) for x in lp[j]] for s, lp in zip(SETTINGS, (lp_z, lp_i, lp_f))},
+                **({"icl_prompt": icl.text(lm.tokenizer, j)} if cfg.record_prompts else {})}
                for j in range(len(labels))]
     return result, records, {**lap.phases, "zsl_reused": reused}
 
