@@ -227,6 +227,22 @@ def test_zsl_null_of_a_model_that_cannot_know_the_assignments_sits_at_chance():
     assert 0 <= z["p_null_set_mean_at_least_fixed"] <= 1 and z["null_set_mean_sd"] < z["null_sd"]
 
 
+@pytest.mark.parametrize("preset", ["demo", "world"])
+def test_the_presets_world_prompts_fit_the_training_sequences(preset):
+    """Every world unit of a preset scores prompts no longer than its model's training sequences (BOS, k pairs, the
+    query and its 1-token answer): past them accuracy measures length generalisation, not ICL."""
+    from iclgd.engine.world import sized
+    from iclgd.experiments.sweep import SweepConfig, world_units
+
+    cfg = SweepConfig()
+    cfg.apply_preset(preset)
+    units = [u for u in world_units(cfg) if "k" in u.p()]
+    assert units
+    for u in units:
+        w = sized(u.p()["size"]).world
+        assert 1 + (u.p()["k"] + 1) * (w.item_len + 1) == w.seq_len, u  # the longest that fits
+
+
 def test_world_compares_on_several_tasks_pair_each_task_with_its_control(tmp_path):
     """world_tasks=N compares each seed's model on world-0 .. world-(N-1), each beside its untrained control (what
     the demo preset does with N = 4 on a 4-layer model)."""

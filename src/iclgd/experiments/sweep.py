@@ -114,7 +114,8 @@ PRESETS = {
                  synthetic_steps=1000, momentum=False, world=True, world_momentum=False, world_along=False,
                  world_size="deep", world_tasks=4),
     # the ICL world's three experiments (<= 45 min on 2 CPU cores): models trained here, no SmolLM2
-    "world": dict(model="world (trained here)", tasks=[], seeds=[1, 2, 3], n_test=200, k=8, untrained=False,
+    # k = 7: a training sequence holds 8 pairs, so 7 demonstrations and the query (experiments.world.longest_k)
+    "world": dict(model="world (trained here)", tasks=[], seeds=[1, 2, 3], n_test=200, k=7, untrained=False,
                   dual=False, synthetic=False, momentum=False, world=True, world_size="demo"),
 }
 
@@ -155,9 +156,10 @@ def world_units(cfg: SweepConfig) -> list[Unit]:
     """The ICL world's units (iclgd.experiments.world); k and test size of their own in the demo preset."""
     if not cfg.world:
         return []
-    from iclgd.experiments.world import plan_units
+    from iclgd.experiments.world import longest_k, plan_units
 
-    k, n_test = (8, 200) if cfg.preset == "demo" else (cfg.k, cfg.n_test or 200)
+    # the demo's k = 32 is for the LMs; its world units take the longest prompt the world's training sequences hold
+    k, n_test = (longest_k(cfg.world_size), 200) if cfg.preset == "demo" else (cfg.k, cfg.n_test or 200)
     return [_unit(uid, kind, **params) for uid, kind, params in
             plan_units(cfg.world_size, cfg.seeds, k, n_test, cfg.world_momentum, cfg.world_along, cfg.world_tasks)]
 

@@ -97,6 +97,14 @@ def train_job(job: WorldJob, out, overwrite: bool = False, progress: bool = True
     return WorldTrainResult({"final.json": summary})
 
 
+def longest_k(size: str) -> int:
+    """The most demonstrations whose prompt (with the query) a world model of ``size`` saw in training: one fewer
+    than the pairs of a training sequence. Past it accuracy measures length generalisation (and iclgd warns)."""
+    from iclgd.engine.world import sized
+
+    return sized(size).world.n_pairs - 1
+
+
 def plan_units(size: str, seeds: list[int], k: int, n_test: int, momentum: bool = True, along: bool = True,
                tasks: int | None = None) -> list[tuple[str, str, dict]]:
     """Training runs first (every later unit reads a run folder; one that is missing is trained first).
