@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ICLGD_PROGRESS", "tty")  # bars on a terminal only: CLI output stays the results (tests/test_progress.py)
 warnings.filterwarnings("ignore")
 
 from transformers.utils import logging as hf_logging  # noqa: E402

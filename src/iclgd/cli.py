@@ -89,8 +89,11 @@ _QUIET = {"on": False}
 
 
 def progress() -> bool:
-    """Progress bars only on a terminal, and never with ``--quiet``."""
-    return not _QUIET["on"] and sys.stderr.isatty()
+    """Progress: a bar on a terminal, a line a minute in a log file (``ICLGD_PROGRESS``, iclgd.core.progress);
+    never with ``--quiet``."""
+    from iclgd.core.progress import shown
+
+    return not _QUIET["on"] and shown()
 
 
 def _print_version(value: bool) -> None:
@@ -105,7 +108,7 @@ def _print_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="print the version and exit", metavar=""),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (they appear only on a terminal)",
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress (a bar on a terminal, a line a minute in a log; ICLGD_PROGRESS)",
                                metavar=""),
     offline: bool = typer.Option(False, "--offline", help="never reach the Hugging Face hub (sets HF_HUB_OFFLINE=1): "
                                                           "models and data sets from local files and the hub cache "

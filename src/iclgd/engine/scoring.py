@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from iclgd.core.progress import bar as progress_bar
 
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
@@ -325,8 +325,8 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     else:
         cache = None
     w32, b32 = head_weights(lm)
-    bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress,
-               leave=False)
+    bar = progress_bar(total=len(order), desc=progress if isinstance(progress, str) else "scoring",
+                       enabled=bool(progress), leave=False)
     with torch.no_grad():
         b = 0
         while b < len(order):

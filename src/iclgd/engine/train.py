@@ -323,12 +323,12 @@ def fit(model, opt, cfg, start: int, loss_at, after_step, desc: str, progress: b
     Returns (the last loss, the step it stopped at when ``stop_after`` steps of this call ended it early, else
     None). Resuming is the caller's checkpoint (:func:`load_checkpoint`) and ``start``: the schedule is a function
     of the step, so a resumed run takes the same rates as an uninterrupted one."""
-    from tqdm.auto import tqdm
+    from iclgd.core.progress import bar as progress_bar
 
     for g in opt.param_groups:  # the schedule's base rate (a restored optimizer carries its last rate)
         g["lr"] = g["initial_lr"] = cfg.lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(cfg, start + i) / cfg.lr)
-    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, initial=start, total=cfg.steps)
+    bar = progress_bar(range(start, cfg.steps), desc=desc, enabled=bool(progress), initial=start, total=cfg.steps)
     loss = float("nan")
     for done, step in enumerate(bar, 1):
         loss = descend(model, opt, loss_at(step), cfg.grad_clip, step, what)

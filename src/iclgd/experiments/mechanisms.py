@@ -118,7 +118,7 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
     """Every figure of one (model, task, seed): (result, per-example records, phase timings). With ``progress``
     a bar over the five phases names the running one; ``label`` ("untrained") marks a control's bar."""
     import torch
-    from tqdm.auto import tqdm
+    from iclgd.core.progress import bar as progress_bar
 
     from iclgd.engine import mechanisms as E
     from iclgd.engine.scoring import build_prompts, resolve_batch_size, score_options
@@ -126,8 +126,8 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
     cfg, mc, spec = job.compare, job.mechanisms, data.spec
     times, t = {}, time.perf_counter()
     phases = ("compare", "task_vector", "function_vector", "links", "shuffled_control")
-    bar = tqdm(total=len(phases), desc=f"mechanisms {spec.name} seed {seed}{' ' + label if label else ''}",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=len(phases), desc=f"mechanisms {spec.name} seed {seed}{' ' + label if label else ''}",
+                       enabled=bool(progress), leave=False)
     bar.set_postfix_str(phases[0])
 
     def lap(name):

@@ -296,7 +296,7 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
 
     ``sweep.json`` records the configuration, the data directory and the data checksums; a folder holding
     finished units of another one is refused, unless ``overwrite`` discards them."""
-    from tqdm.auto import tqdm
+    from iclgd.core.progress import bar as progress_bar
 
     from iclgd.core.runfolder import claim, run_folder
     from iclgd.core.tasks import parse_task_list
@@ -317,7 +317,7 @@ def reproduce(cfg: SweepConfig, out, data_dir=None, shard: str | None = None, pr
         atomic_write_json(sweep_file, sweep_doc)
     models = _Models(cfg, out)
     done = skipped = elsewhere = 0
-    bar = tqdm(queue(units), desc="units", disable=not progress)
+    bar = progress_bar(queue(units), desc="units", enabled=bool(progress))
     for unit in bar:
         bar.set_postfix_str(unit.id, refresh=True)  # the bar names the unit running now
         d = out / "units" / unit.id

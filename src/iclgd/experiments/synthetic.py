@@ -194,13 +194,13 @@ class ModelConfig:
 def train(d: int, n_ctx: int, arch: ModelConfig, steps: int, seed: int, batch: int = 256, lr: float = 1e-3,
           progress: bool = False) -> tuple[RegressionTransformer, list[float]]:
     """Adam on fresh tasks each step (seeded); float32 for speed. Starts from ``arch.build(d, seed)``."""
-    from tqdm.auto import tqdm
+    from iclgd.core.progress import bar as progress_bar
 
     model = arch.build(d, seed, dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 12345)
     losses = []
-    for _ in tqdm(range(steps), desc=f"synthetic {arch.layers}L {arch.attention}", disable=not progress):
+    for _ in progress_bar(range(steps), desc=f"synthetic {arch.layers}L {arch.attention}", enabled=bool(progress)):
         t = sample_tasks(batch, n_ctx, d, g, dtype=torch.float32)
         loss = 0.5 * ((model(tokens(t), n_ctx) - t.yq) ** 2).mean()
         opt.zero_grad()
