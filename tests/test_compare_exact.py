@@ -111,6 +111,25 @@ def test_update_stats_by_hand():
     assert st["cos_dW"].shape == (2,) and torch.isnan(st["cos_dW"]).all()
 
 
+def test_the_random_baseline_is_distributed_as_the_cosine_with_a_gaussian_update():
+    """random_cos draws cos(R, a) from its exact law (no R): against drawing R itself, a two-sample KS test at
+    D = 4, 64 and 4096 (d_head² of a 64-wide head) does not tell them apart, while the law of another dimension is."""
+    from scipy.stats import ks_2samp
+
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    for D in (4, 64, 4096):
+        a = torch.randn(D, generator=g, dtype=torch.float64).expand(n, D)
+        direct = dual._cos_nan(torch.randn(n, D, generator=g, dtype=torch.float64), a).numpy()
+        drawn = dual.random_cos(torch.rand(n, generator=g, dtype=torch.float64), D).numpy()
+        assert ks_2samp(direct, drawn).pvalue > 1e-3, D
+        assert abs(drawn.std() * D ** 0.5 - 1) < 0.1 and abs(drawn.mean()) < 4 / (n * D) ** 0.5
+        wrong = dual.random_cos(torch.rand(n, generator=g, dtype=torch.float64), D // 4).numpy()
+        assert ks_2samp(direct, wrong).pvalue < 1e-6  # the test can tell a wrong dimension
+    z = dual.random_cos(torch.rand(3, generator=g, dtype=torch.float64), 5, torch.tensor([True, False, True]))
+    assert torch.isnan(z[1]) and not torch.isnan(z[[0, 2]]).any()  # no direction to compare with: undefined
+
+
 def test_update_stats_over_all_layers_at_once_equal_one_call_per_layer():
     """compare takes the ΔW statistics of every layer in one call (leading dimensions batched): the same figures as
     one call per layer, and the random baseline drawn in one call equals the per-layer draws in sequence."""

@@ -260,24 +260,46 @@ def update_stats(dW_icl: torch.Tensor, dW_ft: torch.Tensor, q: torch.Tensor,
     - cos_dW: cosine of the flattened matrices; norm_ratio_ft_over_icl: ‖ΔW_FT‖_F / ‖ΔW_ICL‖_F;
     - cos_effect_on_q: cosine of their effects ΔW q on the query;
     - with a ``generator``, the random-update baseline: R with i.i.d. N(0, 1) entries in ΔW_FT's place
-      (cos_dW_random, cos_effect_random; ≈ 0 for any ΔW_ICL), drawn in one call for all leading dimensions.
+      (cos_dW_random, cos_effect_random; ≈ 0 for any ΔW_ICL), each cosine drawn from its exact distribution
+      (:func:`random_cos`) in one call for all leading dimensions, independently of the other.
     Cosines are NaN where ΔW_FT is zero (a finetuning that changed nothing has no direction).
     """
-    H = q.shape[-2]
-    dW_icl = repeat_kv(dW_icl.double(), H // dW_icl.shape[-3], dim=-3)
-    dW_ft = repeat_kv(dW_ft.double(), H // dW_ft.shape[-3], dim=-3)
-    q = q.double()
-    eff_icl = torch.einsum("...hde,...he->...hd", dW_icl, q)
+    H, Hkv = q.shape[-2], max(dW_icl.shape[-3], dW_ft.shape[-3])
+    G = H // Hkv  # query heads per KV matrix (grouped KV): query head h reads KV matrix h // G
+    # (..., H_kv, d, d): each figure is computed once per KV matrix, then given to its query heads
+    dW_icl = repeat_kv(dW_icl.double(), Hkv // dW_icl.shape[-3], dim=-3)
+    dW_ft = repeat_kv(dW_ft.double(), Hkv // dW_ft.shape[-3], dim=-3)
+    q = q.double().unflatten(-2, (Hkv, G))  # (..., H_kv, G, d)
+
+    def per_query_head(x: torch.Tensor) -> torch.Tensor:  # (..., H_kv) -> (..., H)
+        return repeat_kv(x, G, dim=-1)
+
+    eff_icl = torch.einsum("...kde,...kge->...kgd", dW_icl, q).flatten(-3, -2)  # (..., H, d)
     out = {
-        "cos_dW": _cos_nan(dW_ft.flatten(-2), dW_icl.flatten(-2)),
-        "norm_ratio_ft_over_icl": dW_ft.flatten(-2).norm(dim=-1) / dW_icl.flatten(-2).norm(dim=-1),
-        "cos_effect_on_q": _cos_nan(torch.einsum("...hde,...he->...hd", dW_ft, q), eff_icl),
+        "cos_dW": per_query_head(_cos_nan(dW_ft.flatten(-2), dW_icl.flatten(-2))),
+        "norm_ratio_ft_over_icl": per_query_head(dW_ft.flatten(-2).norm(dim=-1) / dW_icl.flatten(-2).norm(dim=-1)),
+        "cos_effect_on_q": _cos_nan(torch.einsum("...kde,...kge->...kgd", dW_ft, q).flatten(-3, -2), eff_icl),
     }
     if generator is not None:
-        R = torch.randn(dW_ft.shape, generator=generator, dtype=torch.float64)
-        out["cos_dW_random"] = _cos_nan(R.flatten(-2), dW_icl.flatten(-2))
-        out["cos_effect_random"] = _cos_nan(torch.einsum("...hde,...he->...hd", R, q), eff_icl)
+        u = torch.rand(eff_icl.shape[:-1] + (2,), generator=generator, dtype=torch.float64)  # (..., H, 2)
+        icl_defined = per_query_head(dW_icl.flatten(-2).norm(dim=-1) > 0)
+        out["cos_dW_random"] = random_cos(u[..., 0], dW_icl.shape[-1] ** 2, icl_defined)
+        # R q ~ N(0, ‖q‖² I_d) is isotropic as well
+        out["cos_effect_random"] = random_cos(u[..., 1], eff_icl.shape[-1], eff_icl.norm(dim=-1) > 0)
     return out
+
+
+def random_cos(u: torch.Tensor, D: int, defined: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(R, a) for R ∈ R^D with i.i.d. N(0, 1) entries and a fixed a ≠ 0, drawn exactly without drawing R: R is
+    isotropic, so the cosine is the first coordinate of a uniform point on the sphere S^(D−1), and (1 + cos)/2 is
+    Beta((D−1)/2, (D−1)/2), taken here by its inverse CDF at the uniforms ``u``. NaN where ``defined`` is False
+    (a = 0: no direction). (Drawing R's H·d² entries per example and layer was most of the ΔW statistics' time.)"""
+    from scipy.special import betaincinv
+
+    uu = u.double().cpu().numpy()
+    c = np.sign(uu - 0.5) if D == 1 else 2 * betaincinv((D - 1) / 2, (D - 1) / 2, uu) - 1
+    c = torch.as_tensor(c, dtype=torch.float64).reshape(u.shape)
+    return c if defined is None else torch.where(defined, c, torch.full_like(c, float("nan")))
 
 
 def kv_outer(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
