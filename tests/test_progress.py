@@ -51,3 +51,19 @@ def test_the_line_writer_drops_redraws_and_blank_clears():
 def test_an_unknown_mode_is_auto(monkeypatch):
     monkeypatch.setenv("ICLGD_PROGRESS", "sometimes")
     assert P.mode() == "auto" and P.shown()
+
+
+def test_a_log_gets_the_first_and_last_state_and_at_most_a_line_a_minute(monkeypatch, capsys):
+    """set_postfix redraws at every call (world training calls it every 100 steps): in a log that is one line a
+    minute, not one per call; nested bars' cursor moves are not written."""
+    monkeypatch.setenv("ICLGD_PROGRESS", "lines")
+    outer = P.bar(range(2), desc="units", position=0)
+    for u in outer:
+        b = P.bar(range(50), desc="steps", position=1)
+        for i in b:
+            b.set_postfix(loss=i)
+        b.close()
+    err = capsys.readouterr().err
+    steps = [x for x in err.splitlines() if x.startswith("steps")]
+    assert len(steps) <= 2 * 3 and steps[-1].startswith("steps: 100%|"), err  # per bar: first, (final) and last
+    assert "\x1b" not in err and "\r" not in err
