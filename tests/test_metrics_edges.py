@@ -118,3 +118,13 @@ def test_tables_show_a_ci_from_three_seeds_on():
 
     assert "[" not in fmt_mean_ci([0.375, 0.375]) and fmt_mean_ci([0.375, 0.375]).startswith("0.375")
     assert "[" in fmt_mean_ci([0.3, 0.4, 0.5])
+
+
+def test_softmax_of_masked_positions_and_of_a_row_with_nothing_visible():
+    """A sliding window masks demonstration tokens with −inf: they get weight 0; a query that sees none of them has
+    no attention over the demonstrations (NaN, left out by the means), without a floating-point warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = M.softmax(np.array([[0.0, -np.inf, np.log(3.0)], [-np.inf, -np.inf, -np.inf]]))
+    np.testing.assert_allclose(p[0], [0.25, 0.0, 0.75])
+    assert np.isnan(p[1]).all()

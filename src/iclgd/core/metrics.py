@@ -154,8 +154,11 @@ def simam_delta_per_layer(scores_zsl, scores_icl, scores_ft) -> np.ndarray:
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    """Softmax along ``axis``; −inf logits (positions a sliding window masks) get 0, and a row that is −inf
+    everywhere (no demonstration token visible to that query) is NaN: undefined, and left out by the means."""
+    with np.errstate(invalid="ignore"):
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
 
 
 def sum_per_span(x: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
