@@ -187,6 +187,16 @@ def test_mechanisms_command_end_to_end(data_dir, tmp_path):
     recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
     assert len(recs) == 24 and {"tv_pred", "fv_pred", "icl_pred", "input"} <= set(recs[0])
     assert [r["condition"] for r in recs] == ["trained"] * 12 + ["untrained"] * 12  # the control's records too
+    # a seed's figures do not depend on the seeds run before it (a long run may be split into one folder per seed)
+    alone = tmp_path / "mech-s2"
+    res2 = CliRunner().invoke(app, ["mechanisms", "--model", "tiny-random-llama", "--n-test", "6", "--k", "2",
+                                    "--seeds", "2", "--n-dev", "4", "--n-dummy", "2", "--n-cie", "2", "--n-link", "3",
+                                    "--updates-n", "3", "--kendall-n", "3", "--induction-seqs", "2",
+                                    "--induction-len", "8", "--out", str(alone)])
+    assert res2.exit_code == 0, res2.output
+    doc2 = json.loads((alone / "results.json").read_text())
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+    assert same(doc["seeds"][1], doc2["seeds"][0]) and same(doc["untrained"]["seeds"][1], doc2["untrained"]["seeds"][0])
 
 
 def test_reproduce_runs_mechanisms_units_and_reports_them(data_dir, tmp_path):
