@@ -168,10 +168,10 @@ def test_mechanisms_command_end_to_end(data_dir, tmp_path):
     from iclgd.cli import app
 
     out = tmp_path / "mech"
-    res = CliRunner().invoke(app, ["mechanisms", "--model", "tiny-random-llama", "--n-test", "6", "--k", "2",
-                                   "--seeds", "1,2", "--n-dev", "4", "--n-dummy", "2", "--n-cie", "2", "--n-link", "3",
-                                   "--updates-n", "3", "--kendall-n", "3", "--induction-seqs", "2",
-                                   "--induction-len", "8", "--out", str(out)])
+    args = ["mechanisms", "--model", "tiny-random-llama", "--n-test", "6", "--k", "2", "--n-dev", "4", "--n-dummy", "2",
+            "--n-cie", "2", "--n-link", "3", "--updates-n", "3", "--kendall-n", "3", "--induction-seqs", "2",
+            "--induction-len", "8"]
+    res = CliRunner().invoke(app, [*args, "--seeds", "1,2", "--out", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "results.json").read_text())
     assert doc["kind"] == "iclgd.mechanisms" and len(doc["seeds"]) == 2 and len(doc["untrained"]["seeds"]) == 2
@@ -189,10 +189,7 @@ def test_mechanisms_command_end_to_end(data_dir, tmp_path):
     assert [r["condition"] for r in recs] == ["trained"] * 12 + ["untrained"] * 12  # the control's records too
     # a seed's figures do not depend on the seeds run before it (a long run may be split into one folder per seed)
     alone = tmp_path / "mech-s2"
-    res2 = CliRunner().invoke(app, ["mechanisms", "--model", "tiny-random-llama", "--n-test", "6", "--k", "2",
-                                    "--seeds", "2", "--n-dev", "4", "--n-dummy", "2", "--n-cie", "2", "--n-link", "3",
-                                    "--updates-n", "3", "--kendall-n", "3", "--induction-seqs", "2",
-                                    "--induction-len", "8", "--out", str(alone)])
+    res2 = CliRunner().invoke(app, [*args, "--seeds", "2", "--out", str(alone)])
     assert res2.exit_code == 0, res2.output
     doc2 = json.loads((alone / "results.json").read_text())
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731

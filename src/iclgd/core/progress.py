@@ -8,6 +8,7 @@ terminal, nothing elsewhere: the behaviour before 0.3, and the test suite's), ``
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -46,6 +47,7 @@ class _Lines:
         self.stream.flush()
 
 
+@functools.cache  # one class, made on first use (tqdm is imported only then)
 def _line_bar():
     from tqdm import tqdm
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from iclgd.core.progress import bar as progress_bar
 
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.hooks import Recorder
 from iclgd.core.models import LoadedModel
+from iclgd.core.progress import bar as progress_bar
 from iclgd.core.tasks import TaskData, TaskSpec, sample_demos
 from iclgd.engine.capture import Observer
 

@@ -144,17 +144,21 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
     bs = resolve_batch_size(lm, cfg.batch_size)
     comp, comp_records, _ = compare_seed(lm, data, cfg, seed, progress, zsl_cache, label=label)
     lap("compare")
+
+    def prompts(ds: list[dict], rows: list[dict]):  # compare already warned about these prompts' length
+        return build_prompts(lm, spec, ds, rows, cfg.separator, cfg.max_len, log_warnings=False)
+
     demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(spec.label_words))
-    icl = build_prompts(lm, spec, demos, data.eval_rows, cfg.separator, cfg.max_len, log_warnings=False)
+    icl = prompts(demos, data.eval_rows)
     demos = icl.demos  # those that fit, as compare uses them
-    zsl = build_prompts(lm, spec, [], data.eval_rows, cfg.separator, cfg.max_len, log_warnings=False)
+    zsl = prompts([], data.eval_rows)
     dev_rows, dummy_rows, cie_rows = _side_rows(data, demos, seed, (mc.n_dev, mc.n_dummy, mc.n_cie))
-    zsl_dev = build_prompts(lm, spec, [], dev_rows, cfg.separator, cfg.max_len, log_warnings=False)
+    zsl_dev = prompts([], dev_rows)
     test, dev = list(range(len(zsl.labels))), list(range(len(dev_rows)))
     acc_zsl_dev = E.accuracy(E.score_patched(lm, zsl_dev, dev, batch_size=bs), zsl_dev.labels)
 
     def tv_figures(ds: list[dict]) -> dict:
-        theta = E.task_vectors(lm, build_prompts(lm, spec, ds, dummy_rows, cfg.separator, cfg.max_len, log_warnings=False), bs)
+        theta = E.task_vectors(lm, prompts(ds, dummy_rows), bs)
         curve = E.layer_curve(lm, zsl_dev, dev, theta, "replace", bs)
         L = E.best_index(curve)
         sc = E.score_patched(lm, zsl, test, L, theta[L], "replace", bs)
@@ -165,12 +169,12 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
     shuffled = shuffled_labels(demos, seed)
 
     def fv_figures(clean_demos: list[dict]) -> dict:
-        clean = build_prompts(lm, spec, clean_demos, cie_rows, cfg.separator, cfg.max_len, log_warnings=False)
+        clean = prompts(clean_demos, cie_rows)
         heads = E.last_position_acts(lm, clean, list(range(len(cie_rows))), ("attn_heads",), bs)["attn_heads"]
         H, _, hd = lm.head_counts()
         mean_heads = heads.mean(0).view(lm.n_layers, H, hd)  # (L, H, d_head)
         a_bar = E.head_outputs(lm, heads).mean(0)  # (L, H, d_model)
-        corrupted = build_prompts(lm, spec, shuffled, cie_rows, cfg.separator, cfg.max_len, log_warnings=False)
+        corrupted = prompts(shuffled, cie_rows)
         cie = E.causal_indirect_effects(lm, corrupted, mean_heads, bs)  # (L, H)
         grid = sorted({min(h, lm.n_layers * H) for h in mc.fv_heads}, reverse=True)
         vec = lambda h: sum(a_bar[l, j] for l, j in E.top_heads(cie, h))  # noqa: E731
@@ -196,7 +200,7 @@ def mechanisms_seed(lm: LoadedModel, data: TaskData, job: MechanismsJob, seed: i
         link_doc["cie_vs_cos_dW"] = head_agreement(cie.numpy(), np.asarray(upd["per_head"]["cos_dW"], dtype=float))
     lap("links")
     # the shuffled-label control: ICL, the task vector and the function vector built from shuffled demonstrations
-    icl_sh = build_prompts(lm, spec, shuffled, data.eval_rows, cfg.separator, cfg.max_len, log_warnings=False)
+    icl_sh = prompts(shuffled, data.eval_rows)
     acc_icl_sh = E.accuracy(score_options(lm, icl_sh, bs), icl_sh.labels)
     tv_sh, _ = tv_figures(shuffled)
     fv_sh = fv_figures(shuffled)[0]
