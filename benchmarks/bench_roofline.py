@@ -4,9 +4,12 @@ machine's fp32 GEMM rate at the model's own matrix shapes, measured in the same 
     python benchmarks/bench_roofline.py [--models smollm2-135m,gemma3-270m] [--task sst2] [--k 32] [--n-test 100]
 
 1. GEMM rate: every weight matrix of the model (each layer's projections and MLP, and the unembedding), x @ Wᵀ in
-   fp32 with x of M rows, M = 32 (a finetuning step's tokens), 256 (a scoring batch: 8 rows of ~30 tokens) and 1024
-   (a prefix); the rate is all the matrices' FLOPs over their summed time (best of 5). The reference rate of the
-   model is the best of the three M.
+   fp32 with x of M rows, M = a finetuning step's tokens (a demonstration and the start token, ~20), 256 (a scoring
+   batch: 8 rows of ~30 tokens) and 1024 (a prefix); the rate is all the matrices' FLOPs over their summed time (best
+   of 5), each product repeated, so its weight stays in the cache. The reference rate of the model is the best of
+   the three M. The same products are then timed over the model's own weight tensors in forward order, one pass
+   reading each once ("streamed"): at ~20 rows a product does ~10 FLOPs per weight byte, so it is bound by how fast
+   the weights come from memory, which the cached rate hides; the GB/s of weights read are printed beside it.
 2. Phases of one compare unit (the unit's own functions, seed 1), each run twice: timed, then counted under
    ``torch.utils.flop_counter.FlopCounterMode`` (every matmul it executes, from the shapes, padding included;
    attention through the CPU's fused SDPA kernel counted with torch's own SDPA formula): prefix encoding; ZSL
@@ -15,8 +18,9 @@ machine's fp32 GEMM rate at the model's own matrix shapes, measured in the same 
    and the metrics run in float64 NumPy/torch on small arrays and are reported as time only.
 3. The unit as a whole: every counted phase's FLOPs over the unit's wall time (compare_seed, which also runs the ΔW
    statistics and the metrics).
-Printed per phase: GFLOP, seconds, GFLOP/s, the fraction of the reference rate, and the fraction of the GEMM rate at
-the phase's own M (what its matrix shapes allow); then what bounds the slow phases.
+Printed per phase: GFLOP, seconds, GFLOP/s, the fraction of the reference rate, of the GEMM rate at the phase's own M
+(what its matrix shapes allow) and of the streamed rate at its own M (what they allow with the weights in memory);
+then the FT steps' floor at that streamed rate.
 """
 
 import argparse
@@ -77,6 +81,36 @@ def gemm_rate(lm, M: int, repeat: int = 5) -> float:
         flops += count * 2 * M * d_in * d_out
         secs += count * best
     return flops / secs / 1e9
+
+
+def streamed_rate(lm, M: int, repeat: int = 5) -> tuple[float, float]:
+    """(GFLOP/s, GB/s of weights read) of x @ Wᵀ (fp32) over the model's own weight tensors in forward order, each
+    once per pass, with x of M rows (best of ``repeat`` passes): what a forward pass's products can do when, as in the
+    model, each matrix comes from memory rather than from the cache a repeated product keeps it in."""
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    Ws = []
+    for block in lm.blocks():
+        for m in block.modules():
+            if isinstance(m, nn.Linear):
+                Ws.append(m.weight)
+            elif isinstance(m, Conv1D):
+                Ws.append(m.weight.T)  # Conv1D stores (d_in, d_out); x @ W computes the same product
+    Ws.append(lm.model.get_output_embeddings().weight)
+    g = torch.Generator().manual_seed(0)
+    xs = {W.shape[1]: torch.randn(M, W.shape[1], generator=g, dtype=W.dtype) for W in Ws}
+    flops = sum(2 * M * W.shape[0] * W.shape[1] for W in Ws)
+    nbytes = sum(W.numel() * W.element_size() for W in Ws)
+
+    def one_pass():
+        for W in Ws:
+            xs[W.shape[1]] @ W.T
+
+    one_pass()  # warm-up
+    best = min(_timed(one_pass) for _ in range(repeat))
+    return flops / best / 1e9, nbytes / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -161,8 +195,18 @@ def phases(lm, data, cfg, seed: int = 1) -> tuple[dict, dict]:
                             "query_mean": sum(map(len, zsl.query_ids)) / len(zsl.query_ids)}}
 
 
-OWN_M = {"prefix encoding": 1024, "ZSL scoring": 256, "ICL suffix scoring": 256, "FT steps": 32,
-         "captures (3 passes)": 256}
+OWN_M = {"prefix encoding": 1024, "ZSL scoring": 256, "ICL suffix scoring": 256, "FT steps": None,
+         "captures (3 passes)": 256}  # FT: one demonstration's tokens (measured per task)
+
+
+def _demo_tokens(lm, data, cfg, seed: int = 1) -> int:
+    """The rows of a finetuning step's matrices: a demonstration's mean token count plus the start token."""
+    from iclgd.core.tasks import sample_demos
+    from iclgd.engine.scoring import build_prompts
+
+    demos = sample_demos(data.demo_pool, cfg.k, seed, cfg.balanced, len(data.spec.label_words))
+    icl = build_prompts(lm, data.spec, demos, data.eval_rows[:1], cfg.separator, cfg.max_len)
+    return round(sum(b - a for a, b in icl.demo_spans) / len(icl.demo_spans)) + (lm.bos_id is not None)
 
 
 def main():
@@ -187,19 +231,30 @@ def main():
           f"n_test {args.n_test}, batch size {cfg.batch_size}", flush=True)
     for name in args.models.split(","):
         lm = load_model(name)
-        rates = {M: gemm_rate(lm, M) for M in (32, 256, 1024)}
+        demo_m = _demo_tokens(lm, data, cfg)
+        own = {p: demo_m if m is None else m for p, m in OWN_M.items()}
+        Ms = sorted(set(own.values()))
+        rates = {M: gemm_rate(lm, M) for M in Ms}
+        streamed = {M: streamed_rate(lm, M) for M in Ms}
         ref = max(rates.values())
-        print(f"\n{name}: fp32 GEMM rate at its matrix shapes: "
+        print(f"\n{name}: fp32 GEMM rate at its matrix shapes, each product repeated (weights in cache): "
               + ", ".join(f"M={M} {r:.0f} GFLOP/s" for M, r in rates.items()) + f" (reference {ref:.0f})", flush=True)
+        print("  the same products over the model's own weights in forward order (weights from memory): "
+              + ", ".join(f"M={M} {r:.0f} GFLOP/s ({bw:.1f} GB/s)" for M, (r, bw) in streamed.items()), flush=True)
         ph, unit = phases(lm, data, cfg)
         t = unit["tokens"]
-        print(f"  tokens: prefix {t['prefix']}, a demonstration {t['demo_mean']:.0f}, a test input "
-              f"{t['query_mean']:.0f}")
-        print(f"  {'phase':22s} {'GFLOP':>8s} {'s':>7s} {'GFLOP/s':>8s} {'of ref':>7s} {'of own-M':>9s}")
+        print(f"  tokens: prefix {t['prefix']}, a demonstration {t['demo_mean']:.0f} (with the start token "
+              f"{demo_m}), a test input {t['query_mean']:.0f}")
+        print(f"  {'phase':22s} {'GFLOP':>8s} {'s':>7s} {'GFLOP/s':>8s} {'of ref':>7s} {'of own-M':>9s} "
+              f"{'of streamed own-M':>18s}")
         for p, (fl, s) in ph.items():
             r = fl / s / 1e9 if s > 0 else float("nan")
-            print(f"  {p:22s} {fl / 1e9:8.1f} {s:7.2f} {r:8.1f} {r / ref:7.0%} {r / rates[OWN_M[p]]:9.0%}  "
-                  f"(own M = {OWN_M[p]})")
+            print(f"  {p:22s} {fl / 1e9:8.1f} {s:7.2f} {r:8.1f} {r / ref:7.0%} {r / rates[own[p]]:9.0%} "
+                  f"{r / streamed[own[p]][0]:18.0%}  (own M = {own[p]})")
+        fl_ft, s_ft = ph["FT steps"]
+        floor = fl_ft / (streamed[demo_m][0] * 1e9)
+        print(f"  FT steps at the streamed rate of their own M would take {floor:.2f} s (each step reads every weight "
+              f"at least twice, forward and backward): {s_ft / floor:.1f}x that now")
         r = unit["unit_flops"] / unit["unit_s"] / 1e9
         laps = unit["laps"]
         rest = sum(laps.get(k, 0) for k in ("updates", "metrics_kendall", "metrics_similarities"))

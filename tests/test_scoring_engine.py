@@ -2,6 +2,7 @@
 batches (PrefixCache) and one unembedding product per batch give what a plain forward of each whole prompt gives."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -99,3 +100,48 @@ def test_the_prefix_buffers_are_freed_when_the_pass_ends_without_the_cyclic_coll
         assert buf() is None
     finally:
         gc.enable()
+
+
+GQA_FAMILIES = sorted(n for n, c in tiny_configs().items()
+                      if 0 < getattr(c, "num_key_value_heads", 0) < getattr(c, "num_attention_heads", 0))
+
+
+@pytest.mark.parametrize("name", GQA_FAMILIES)
+def test_grouped_kv_heads_reach_the_cpu_kernel_as_they_are_and_give_the_same_floats(name, monkeypatch):
+    """A padded batch after a cached prefix carries a mask, under which transformers copies every KV head to each
+    query head it serves before attention (repeat_kv); iclgd's scoring hands torch's CPU kernel the grouped heads
+    instead (core/models/attention.native_gqa). The kernel must see the grouped heads, and the option scores and
+    captures must be the same floats as with the copies."""
+    from iclgd.core.models import attention as A
+
+    lm = build_tiny(name)
+    p = S.build_prompts(lm, SPEC, ROWS[:2], ROWS)
+    demo_pos = [i for a, b in p.demo_spans for i in range(a, b)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(q, k, v, *args, **kwargs):  # query heads, key heads, enable_gqa, masked: of every call under a mask
+        if kwargs.get("attn_mask") is not None:
+            seen.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    runs = {}
+    for force in (None, "0"):  # iclgd's choice; the environment keeping transformers' own (repeat_kv under a mask)
+        if force is None:
+            monkeypatch.delenv(A.FORCE_GQA, raising=False)
+        else:
+            monkeypatch.setenv(A.FORCE_GQA, force)
+        seen.clear()
+        obs = Observer(lm, demo_pos, keep_kv=3, keep_prefix_kv=True)
+        runs[force] = (S.score_options(lm, p, batch_size=4, observer=obs), obs, list(seen))
+        assert os.environ.get(A.FORCE_GQA) == force  # put back as it was after the pass
+    (a, oa, seen_a), (b, ob, seen_b) = runs[None], runs["0"]
+    if not seen_a:
+        pytest.skip(f"{name}: its attention does not go through torch's SDPA under a mask")
+    n_kv = lm.model.config.num_key_value_heads
+    assert all(hk == n_kv and gqa for _, hk, gqa in seen_a), seen_a[:3]  # grouped heads, as they are
+    assert all(hk == hq and not gqa for hq, hk, gqa in seen_b), seen_b[:3]  # the copies, as transformers makes them
+    assert np.array_equal(a, b)
+    for j in range(len(ROWS)):
+        assert np.array_equal(oa.obs[j].h, ob.obs[j].h) and np.array_equal(oa.obs[j].s_after, ob.obs[j].s_after)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from iclgd.core import options as O
 from iclgd.core.errors import IclgdError
 from iclgd.core.hooks import Recorder
-from iclgd.core.models import LoadedModel
+from iclgd.core.models import LoadedModel, native_gqa
 from iclgd.core.progress import bar as progress_bar
 from iclgd.core.tasks import TaskData, TaskSpec, sample_demos
 from iclgd.engine.capture import Observer
@@ -187,7 +187,7 @@ def encode_prefix(lm: LoadedModel, prefix_ids: list[int]) -> list[tuple[torch.Te
 
     model = lm.model
     dev = lm.input_device
-    with torch.no_grad():
+    with torch.no_grad(), native_gqa(lm):  # a sliding window masks the prefix too
         out = model(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True, cache=DynamicCache())
     cache = getattr(out, "cache", None)
     if cache is None or not getattr(cache, "layers", None):
@@ -327,7 +327,7 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     w32, b32 = head_weights(lm)
     bar = progress_bar(total=len(order), desc=progress if isinstance(progress, str) else "scoring",
                        enabled=bool(progress), leave=False)
-    with torch.no_grad():
+    with torch.no_grad(), native_gqa(lm):
         b = 0
         while b < len(order):
             batch = order[b: b + batch_size]

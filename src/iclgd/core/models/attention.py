@@ -1,7 +1,10 @@
-"""The attention maths: queries, keys and values rebuilt from the attention's input, and the check that a derived
-layout reproduces the model's own attention."""
+"""The attention maths: queries, keys and values rebuilt from the attention's input, the check that a derived
+layout reproduces the model's own attention, and how grouped KV heads reach torch's attention kernel on CPU."""
 
 from __future__ import annotations
+
+import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -17,6 +20,36 @@ def repeat_kv(x, n_rep: int, dim: int):
     if isinstance(x, np.ndarray):
         return np.repeat(x, n_rep, axis=dim)
     return x.repeat_interleave(n_rep, dim=dim)
+
+
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' SDPA attention at every call
+
+
+@contextmanager
+def native_gqa(lm: LoadedModel):
+    """Within it, transformers' SDPA attention hands a model on CPU its grouped key/value heads as they are
+    (``enable_gqa``) instead of first copying each KV head to every query head it serves (``repeat_kv``).
+    transformers does so only without an attention mask, because CUDA's fast kernels take no mask with grouped heads;
+    torch's CPU kernel takes both. A padded batch after a cached prefix then no longer copies the whole cache for
+    each head group (SmolLM2, 3 KV heads for 9: the ICL pass 1.5× faster, benchmarks/bench_roofline.py), and the
+    outputs are the same floats (tests/test_scoring_engine.py). A value the environment set is left alone; on a GPU
+    nothing changes. What applies is in :func:`gqa_state` (every results file records it)."""
+    if lm.input_device.type != "cpu" or FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(FORCE_GQA, None)
+
+
+def gqa_state() -> str:
+    """How scoring passes grouped KV heads to the attention kernel, for the results' provenance."""
+    if FORCE_GQA in os.environ:
+        return f"as the environment sets it ({FORCE_GQA}={os.environ[FORCE_GQA]})"
+    return (f"on CPU as they are (enable_gqa; iclgd sets {FORCE_GQA}=1 while it scores); on a GPU transformers' "
+            "choice (repeat_kv under a mask)")
 
 
 def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor, q_rows: torch.Tensor | None = None
@@ -49,8 +82,11 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1)
     if lay.rotary:
         pe = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # two (1, T, rot or rot/2) tensors
-        pe_q = pe if q_rows is None else lm.rotary(xq[None], pos_q[None].to(x.device), layer)
-        q, k = lm.apply_rotary(layer, q, pe_q), lm.apply_rotary(layer, k, pe)
+        if q_rows is None:  # queries and keys at the same positions: one call rotates both
+            q, k = lm.apply_rotary(layer, q, pe, k)
+        else:
+            q = lm.apply_rotary(layer, q, lm.rotary(xq[None], pos_q[None].to(x.device), layer))
+            k = lm.apply_rotary(layer, k, pe)
     return q, k, v, lm.scale(layer)
 
 

@@ -243,20 +243,27 @@ class LoadedModel:
             return module(x, position_ids, self.model.config.layer_types[layer])
         return module(x, position_ids)
 
-    def apply_rotary(self, layer: int, x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def apply_rotary(self, layer: int, x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+                     y: torch.Tensor | None = None):
         """``x`` (H, T, d_head) rotated by the family's own ``apply_rotary_pos_emb`` (from the modeling module of its
         attention class) with ``pe``, the rotary module's output: its first ``rot`` entries per head when the
-        rotation is partial (StableLM, Phi, GPT-J's rotary_dim), the rest passed through, as the family does."""
+        rotation is partial (StableLM, Phi, GPT-J's rotary_dim), the rest passed through, as the family does.
+        ``y`` (H_kv, T, d_head) at the same positions: (x, y) both rotated, by one call of the family's function
+        (which rotates a query and a key at once); without it that call's second slot gets one head of ``x``, not
+        all of them again."""
         apply = getattr(sys.modules[type(self.attention(layer)).__module__], self.layout.rotary_apply)
         if self.layout.rotary_style == "pairs":  # GPT-J: (sin, cos) of rot/2 entries, applied on (B, T, H, rot)
             sin, cos = pe
             rot = 2 * sin.shape[-1]
-            out = apply(x[..., :rot].transpose(0, 1)[None], sin, cos)[0].transpose(0, 1)
+            out = [apply(t[..., :rot].transpose(0, 1)[None], sin, cos)[0].transpose(0, 1)
+                   for t in ([x] if y is None else [x, y])]
         else:  # (cos, sin) of rot entries, applied on (B, H, T, rot) as apply(q, k, cos, sin)
             cos, sin = pe
             rot = cos.shape[-1]
-            out = apply(x[None, ..., :rot], x[None, ..., :rot], cos, sin)[0][0]
-        return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
+            second = x[None, :1, ..., :rot] if y is None else y[None, ..., :rot]
+            out = [t[0] for t in apply(x[None, ..., :rot], second, cos, sin)][: 1 if y is None else 2]
+        out = [o if rot == t.shape[-1] else torch.cat([o, t[..., rot:]], dim=-1) for o, t in zip(out, [x, y])]
+        return out[0] if y is None else tuple(out)
 
 
 def _fused_qkv(kind: str, t: torch.Tensor, H: int, Hkv: int, hd: int

@@ -12,7 +12,7 @@ from torch import nn
 
 from iclgd.core import allocator
 from iclgd.core.errors import IclgdError
-from iclgd.core.models.attention import check_layout
+from iclgd.core.models.attention import check_layout, gqa_state
 from iclgd.core.models.layout import check_dtype, derive_layout, layout_for_config
 from iclgd.core.models.loaded import LoadedModel
 from iclgd.core.models.offline import REGISTRY
@@ -293,7 +293,8 @@ def hardware() -> dict:
     """CPU threads, GPUs with the driver, CUDA and cuDNN versions, and the flags that decide determinism."""
     hw = {"cpu_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
           "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-          "allocator": allocator.state() or {"set_by": "nobody (no model was loaded through iclgd)"}}
+          "allocator": allocator.state() or {"set_by": "nobody (no model was loaded through iclgd)"},
+          "grouped_kv_heads": gqa_state()}
     if torch.cuda.is_available():
         hw.update({"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                    "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
