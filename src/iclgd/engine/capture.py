@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from iclgd.core.hooks import Recorder
-from iclgd.core.models import LoadedModel, qkv, repeat_kv
+from iclgd.core.models import LoadedModel, qkv
 
 ALL = 1 << 62  # keep a capture for every example
 Q_ROWS_MIN = 16  # see Observer.take_batch
@@ -193,7 +193,7 @@ class Observer:
         for l in range(lm.n_layers):
             x = rec.acts[f"attn_in.{l}"][rows, :T]  # (B, T, d_model)
             # the query of each row's prediction position only: (H, B, hd); keys and values (H_kv, B·T, hd)
-            q_pred, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions, q_rows=q_rows)
+            q_pred, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions, q_rows=q_rows, values=bool(keep_kv))
             q_pred = q_pred[:, :B]
             H, Hkv, hd = q_pred.shape[0], k.shape[0], q_pred.shape[-1]
             acc = torch.promote_types(q_pred.dtype, torch.float32)  # fp32 for half precision (fp64 kept for fp64)
@@ -202,20 +202,23 @@ class Observer:
             if keep_kv:
                 ks.append(k[:, keep_kv].transpose(0, 1))  # (B_kv, H_kv, T, hd)
                 vs.append(v.reshape(Hkv, B, T, hd)[:, keep_kv].to(acc).transpose(0, 1))
-            k = repeat_kv(k, H // Hkv, dim=0)  # (H, B, T, hd)
+            # query heads by the KV head that serves them (grouped-query attention: head g·rep + r reads KV head g),
+            # so each KV head's keys are multiplied as they are, not first copied to every head of its group
+            q_grp = q_pred.reshape(Hkv, H // Hkv, B, hd)  # (H_kv, rep, B, hd)
             cap = lm.softcap(l)  # Gemma-2: the scores the softmax sees are cap·tanh(s / cap)
             capped = (lambda s: cap * torch.tanh(s / cap)) if cap else (lambda s: s)
             # (B, H, T): every position after the context; a row's positions past its own pos are cut on the host
             bias = lm.key_bias(l, P + torch.arange(T, device=dev))  # ALiBi (BLOOM): (H, T), else None
             bias = 0 if bias is None else bias.to(acc)
-            ss.append(capped(torch.einsum("hbd,hbtd->bht", q_pred, k) * scale + bias))
+            ss.append(capped(torch.einsum("grbd,gbtd->bgrt", q_grp, k).reshape(B, H, T) * scale + bias))
             hs.append(rec.acts[f"attn_out.{l}"][rows, pos].to(acc))  # (B, d_model)
             qs.append(q_pred[:, keep_q].transpose(0, 1))  # (B_q, H, hd)
             if keep_d:
-                kp = repeat_kv(self._k_prefix[l].to(acc), H // Hkv, dim=0)  # (H, n_demo_tok, hd)
+                kp = self._k_prefix[l].to(acc)  # (H_kv, n_demo_tok, hd)
                 bd = lm.key_bias(l, dpos)
                 bd = 0 if bd is None else bd.to(acc)
-                sd = capped(torch.einsum("hbd,htd->bht", q_pred[:, keep_d], kp) * scale + bd).sum(1)  # (B_d, n_demo)
+                s_d = torch.einsum("grbd,gtd->bgrt", q_grp[:, :, keep_d], kp).reshape(len(keep_d), H, -1)
+                sd = capped(s_d * scale + bd).sum(1)  # (B_d, n_demo)
                 W = lm.window(l)
                 if W is not None:  # the prediction position P + pos sees keys j > P + pos − W only
                     sd = sd.masked_fill(dpos[None] <= (P + pos[keep_d] - W)[:, None], -torch.inf)

@@ -119,7 +119,7 @@ def finetune(lm: LoadedModel, demo_ids: list[list[int]], lr: float, params: str 
                 if record:  # the training tokens' q/k as the model sees them at this step (before its update)
                     pos = torch.arange(len(ids))
                     with torch.no_grad():
-                        qkvs = [qkv(lm, l, r.acts[f"attn_in.{l}"][0], pos) for l in range(lm.n_layers)]
+                        qkvs = [qkv(lm, l, r.acts[f"attn_in.{l}"][0], pos, values=False) for l in range(lm.n_layers)]
                     qk = [x[:2] for x in qkvs]
                     rec.scale = float(qkvs[0][3])
                     rec.q_train.append(np.stack([q[:, 1:].double().cpu().numpy() for q, _ in qk]))

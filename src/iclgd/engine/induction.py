@@ -54,7 +54,7 @@ def attention_probs(lm: LoadedModel, layer: int, x: torch.Tensor, positions: tor
     the layer computes them: q/k from :func:`qkv`, scores q·k · scale + ALiBi bias, soft-capped, causal and
     sliding-window masked, softmax over keys. Computed in fp32 (fp64 for an fp64 model)."""
     B, T, d = x.shape
-    q, k, _, scale = qkv(lm, layer, x.reshape(B * T, d), positions.repeat(B))  # (H, B·T, hd), (H_kv, B·T, hd)
+    q, k, _, scale = qkv(lm, layer, x.reshape(B * T, d), positions.repeat(B), values=False)  # (H, B·T, hd), (H_kv, B·T, hd)
     H, Hkv, hd = q.shape[0], k.shape[0], q.shape[-1]
     acc = torch.promote_types(q.dtype, torch.float32)
     q = q.to(acc).reshape(H, B, T, hd)  # (H, B, T, hd)

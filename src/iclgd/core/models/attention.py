@@ -52,8 +52,8 @@ def gqa_state() -> str:
             "choice (repeat_kv under a mask)")
 
 
-def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor, q_rows: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor, q_rows: torch.Tensor | None = None,
+        values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
     input ``x`` (T, d_model), as the layer computes them: the derived projections with their biases, the
     q/k norms (per head, or over the whole projection for OLMo-2) and, for rotary models, the model's own
@@ -61,6 +61,7 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     (:meth:`LoadedModel.scale`: 1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo).
     ``q_rows``: the queries of these rows of ``x`` only, (H, len(q_rows), d_head) (every step is per token, so
     they equal those rows of all queries), sparing the largest projection where only a few queries are read.
+    ``values=False``: no values (None), where only scores are read.
     """
     p = lm.projections(layer)
     H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
@@ -79,7 +80,7 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     if norms and lay.qk_norm_per_head:  # Gemma-3, Qwen3: over each head's d_head entries
         q, k = norms[0](q), norms[1](k)
     q, k = q.transpose(0, 1), k.transpose(0, 1)
-    v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1)
+    v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1) if values else None
     if lay.rotary:
         pe = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # two (1, T, rot or rot/2) tensors
         if q_rows is None:  # queries and keys at the same positions: one call rotates both
