@@ -244,7 +244,7 @@ class LoadedModel:
         return module(x, position_ids)
 
     def apply_rotary(self, layer: int, x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
-                     y: torch.Tensor | None = None):
+                     y: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``x`` (H, T, d_head) rotated by the family's own ``apply_rotary_pos_emb`` (from the modeling module of its
         attention class) with ``pe``, the rotary module's output: its first ``rot`` entries per head when the
         rotation is partial (StableLM, Phi, GPT-J's rotary_dim), the rest passed through, as the family does.
