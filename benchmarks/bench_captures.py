@@ -4,17 +4,20 @@ pair of runs would show).
 
     python benchmarks/bench_captures.py [--model smollm2-135m] [--task sst2] [--n-test 200] [--k 32] [--repeat 3]
 
-Printed per pass (ZSL: the unit's keys and values of the first 100 examples kept; ICL: queries, demonstration scores
-and the prefix's keys and values kept, as compare_seed keeps them): the best time without and with captures, their
-difference and ratio. To compare two versions, run the same file against each one's sources
-(``PYTHONPATH=<worktree>/src``).
+The passes are those of ``bench_roofline.unit_passes`` (as ``compare_seed`` runs them and keeps their captures): ZSL
+and ICL. Printed per pass: the best time without and with captures, their difference and ratio. To compare two
+versions, run the same file against each one's sources (``PYTHONPATH=<worktree>/src``).
 """
 
 import argparse
 import time
 import warnings
 
+from bench_roofline import unit_passes  # this folder is on the path when a benchmark runs as a script
+
 warnings.filterwarnings("ignore")
+
+PASSES = {"ZSL": ("ZSL scoring", "ZSL captured"), "ICL": ("ICL pass", "ICL captured")}  # plain, captured
 
 
 def main():
@@ -30,37 +33,24 @@ def main():
     logging.set_verbosity_error()
     import iclgd
     from iclgd.core.models import load_model
-    from iclgd.core.tasks import TASKS, load_task, resolve_data_dir, sample_demos
-    from iclgd.engine.scoring import build_prompts, score_options
-    from iclgd.experiments import compare as C
+    from iclgd.core.tasks import TASKS, load_task, resolve_data_dir
+    from iclgd.experiments.compare import CompareConfig
 
     lm = load_model(args.model)
     data = load_task(TASKS[args.task], resolve_data_dir(None), n_test=args.n_test)
-    cfg = C.CompareConfig(k=args.k)
-    demos = sample_demos(data.demo_pool, cfg.k, 1, cfg.balanced, len(data.spec.label_words))
-    icl = build_prompts(lm, data.spec, demos, data.eval_rows, cfg.separator, cfg.max_len)
-    zsl = build_prompts(lm, data.spec, [], data.eval_rows, cfg.separator, cfg.max_len)
-    demo_pos = [i for a, b in icl.demo_spans for i in range(a, b)]
-    n_upd, nk = min(cfg.updates_n, len(data.eval_rows)), min(cfg.kendall_n, len(data.eval_rows))
-    bs = cfg.batch_size
-    runs = {
-        "ZSL": (lambda: score_options(lm, zsl, bs), lambda: C._observed(lm, zsl, cfg, [], False, keep_kv=n_upd)),
-        "ICL": (lambda: score_options(lm, icl, bs),
-                lambda: C._observed(lm, icl, cfg, demo_pos, False, keep_q=n_upd, keep_demo=nk,
-                                    keep_prefix_kv=n_upd > 0)),
-    }
-    score_options(lm, zsl, bs)  # warm-up: the process's first pass faults the weights in
-    best = {(p, w): float("inf") for p in runs for w in (0, 1)}
+    runs, *_ = unit_passes(lm, data, CompareConfig(k=args.k))
+    runs["ZSL scoring"]()  # warm-up: the process's first pass faults the weights in
+    best = {name: float("inf") for pair in PASSES.values() for name in pair}
     for _ in range(args.repeat):
-        for p, fns in runs.items():
-            for w, fn in enumerate(fns):
+        for pair in PASSES.values():
+            for name in pair:
                 t0 = time.perf_counter()
-                fn()
-                best[p, w] = min(best[p, w], time.perf_counter() - t0)
+                runs[name]()
+                best[name] = min(best[name], time.perf_counter() - t0)
     print(f"iclgd from {iclgd.__file__}; {args.model} {args.task} n_test {args.n_test}, best of {args.repeat}")
-    for p in runs:
-        plain, cap = best[p, 0], best[p, 1]
-        print(f"  {p}: plain {plain:.2f} s, with captures {cap:.2f} s: +{cap - plain:.2f} s, {cap / plain:.3f}x")
+    for p, (plain, captured) in PASSES.items():
+        a, b = best[plain], best[captured]
+        print(f"  {p}: plain {a:.2f} s, with captures {b:.2f} s: +{b - a:.2f} s, {b / a:.3f}x")
 
 
 if __name__ == "__main__":

@@ -127,8 +127,10 @@ def _counted(fn) -> float:
     return float(fc.get_total_flops())
 
 
-def phases(lm, data, cfg, seed: int = 1) -> tuple[dict, dict]:
-    """{phase: (FLOPs, seconds)} of one compare unit's compute phases, and the unit's own lap times."""
+def unit_passes(lm, data, cfg, seed: int = 1) -> tuple[dict, object, object, list[list[int]]]:
+    """The passes of one compare unit as ``compare_seed`` runs them, each as a callable by name, with and without the
+    metrics' captures (what the captures keep, as the unit keeps it); and the ICL and ZSL prompts and the
+    demonstrations' tokens."""
     from iclgd.core.tasks import sample_demos
     from iclgd.engine.finetune import Snapshot, finetune
     from iclgd.engine.scoring import build_prompts, encode_prefix, score_options
@@ -173,6 +175,14 @@ def phases(lm, data, cfg, seed: int = 1) -> tuple[dict, dict]:
                                             keep_prefix_kv=n_upd > 0),
         "FT + ZSL captured": lambda: ft_zsl(True),
     }
+    return runs, icl, zsl, demo_ids
+
+
+def phases(lm, data, cfg, seed: int = 1) -> tuple[dict, dict]:
+    """{phase: (FLOPs, seconds)} of one compare unit's compute phases, and the unit's own lap times."""
+    from iclgd.experiments import compare as C
+
+    runs, icl, zsl, demo_ids = unit_passes(lm, data, cfg, seed)
     runs["prefix encoding"]()  # warm-up (thread pools, lazy imports); each phase's counted run warms it too
     measured = {name: (_counted(fn), _timed(fn)) for name, fn in runs.items()}
     t0 = time.perf_counter()

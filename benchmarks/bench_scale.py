@@ -80,7 +80,8 @@ def one(model: str, task: str, n: int, k: int) -> dict:
     if "metrics" not in phases:  # every metric with its baselines (before issue 17 one lap, without SimAOU/SimAM)
         phases["metrics"] = phases["metrics_kendall"] + phases["metrics_similarities"]
     return {"iclgd": getattr(iclgd, "__file__", "?"), "n": result["n"], "unit_s": unit, "phases_s": phases,
-            "forwards_s": t_plain, "captured_passes_s": captured, "warm_up_s": warm_s, "rss_loaded_mb": rss_loaded, "rss_peak_mb": rss_peak}
+            "forwards_s": t_plain, "captured_passes_s": captured, "warm_up_s": warm_s, "rss_loaded_mb": rss_loaded,
+            "rss_peak_mb": rss_peak}
 
 
 def _median(runs: list[dict]) -> dict:

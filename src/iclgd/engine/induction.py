@@ -54,12 +54,15 @@ def attention_probs(lm: LoadedModel, layer: int, x: torch.Tensor, positions: tor
     the layer computes them: q/k from :func:`qkv`, scores q·k · scale + ALiBi bias, soft-capped, causal and
     sliding-window masked, softmax over keys. Computed in fp32 (fp64 for an fp64 model)."""
     B, T, d = x.shape
-    q, k, _, scale = qkv(lm, layer, x.reshape(B * T, d), positions.repeat(B), values=False)  # (H, B·T, hd), (H_kv, B·T, hd)
+    # (H, B·T, hd) queries, (H_kv, B·T, hd) keys
+    q, k, _, scale = qkv(lm, layer, x.reshape(B * T, d), positions.repeat(B), values=False)
     H, Hkv, hd = q.shape[0], k.shape[0], q.shape[-1]
     acc = torch.promote_types(q.dtype, torch.float32)
-    q = q.to(acc).reshape(H, B, T, hd)  # (H, B, T, hd)
-    k = repeat_kv(k.to(acc).reshape(Hkv, B, T, hd), H // Hkv, dim=0)  # (H, B, T, hd)
-    s = torch.einsum("hbqd,hbkd->bhqk", q, k) * scale  # (B, H, T, T)
+    # query heads grouped by the KV head that serves them (head g·rep + r reads KV head g): each KV head's keys as
+    # they are, not copied to every head of its group
+    q = q.to(acc).reshape(Hkv, H // Hkv, B, T, hd)  # (H_kv, rep, B, T, hd)
+    k = k.to(acc).reshape(Hkv, B, T, hd)  # (H_kv, B, T, hd)
+    s = torch.einsum("grbqd,gbkd->bgrqk", q, k).reshape(B, H, T, T) * scale  # (B, H, T, T)
     bias = lm.key_bias(layer, positions)  # (H, T) ALiBi's slope_h · key position, or None
     if bias is not None:
         s = s + bias.to(s)[None, :, None, :]

@@ -252,17 +252,17 @@ class LoadedModel:
         (which rotates a query and a key at once); without it that call's second slot gets one head of ``x``, not
         all of them again."""
         apply = getattr(sys.modules[type(self.attention(layer)).__module__], self.layout.rotary_apply)
+        ts = [x] if y is None else [x, y]
         if self.layout.rotary_style == "pairs":  # GPT-J: (sin, cos) of rot/2 entries, applied on (B, T, H, rot)
             sin, cos = pe
             rot = 2 * sin.shape[-1]
-            out = [apply(t[..., :rot].transpose(0, 1)[None], sin, cos)[0].transpose(0, 1)
-                   for t in ([x] if y is None else [x, y])]
+            out = [apply(t[..., :rot].transpose(0, 1)[None], sin, cos)[0].transpose(0, 1) for t in ts]
         else:  # (cos, sin) of rot entries, applied on (B, H, T, rot) as apply(q, k, cos, sin)
             cos, sin = pe
             rot = cos.shape[-1]
-            second = x[None, :1, ..., :rot] if y is None else y[None, ..., :rot]
-            out = [t[0] for t in apply(x[None, ..., :rot], second, cos, sin)][: 1 if y is None else 2]
-        out = [o if rot == t.shape[-1] else torch.cat([o, t[..., rot:]], dim=-1) for o, t in zip(out, [x, y])]
+            second = (x[:1] if y is None else y)[None, ..., :rot]
+            out = [o[0] for o in apply(x[None, ..., :rot], second, cos, sin)][: len(ts)]
+        out = [o if rot == t.shape[-1] else torch.cat([o, t[..., rot:]], dim=-1) for o, t in zip(out, ts)]
         return out[0] if y is None else tuple(out)
 
 
