@@ -42,7 +42,7 @@ class _PerExampleObserver:
     def __init__(self, lm, demo_positions=(), position="last", keep_q=0, keep_demo=0, keep_kv=0, keep_prefix_kv=False):
         self.lm, self.demo_positions, self.position, self.obs = lm, list(demo_positions), position, {}
 
-    def set_prefix(self, rec, P):
+    def set_prefix(self, rec, P, prefix_kv=None):  # derives every key and value again, whatever the cache holds
         import torch
 
         from iclgd.core.models import qkv
@@ -52,7 +52,7 @@ class _PerExampleObserver:
         self._k_prefix = [k for k, _ in kv]
         self.prefix_kv = [(k.double().numpy(), v.double().numpy()) for k, v in kv]
 
-    def take_batch(self, rec, items, P):
+    def take_batch(self, rec, items, P, cache=None):
         for i, r, pos, nq in items:
             self.take(rec, i, r, pos, nq, P)
 
@@ -323,3 +323,57 @@ def test_keys_and_values_captured_in_the_scoring_passes_give_w_zsl_and_dw_icl(na
     # the same model before and after: ΔW_FT is zero, its cosines undefined, its norm ratio 0
     upd = _updates_from(oz, oi, oz, span, 4, seed=1)
     assert upd["n_examples"] == 4 and math.isnan(upd["cos_dW"]["overall"]) and upd["norm_ratio_ft_over_icl"]["overall"] == 0
+
+
+def _captures(lm, prompts, demo_pos):
+    from iclgd.engine.capture import Observer
+    from iclgd.engine.scoring import score_options
+
+    obs = Observer(lm, demo_pos, keep_q=3, keep_demo=3, keep_kv=3, keep_prefix_kv=True)
+    score_options(lm, prompts, batch_size=2, observer=obs)
+    return obs
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt-neo"])
+def test_keys_and_values_read_from_the_cache_equal_the_derived_ones_and_a_cache_holding_others_is_not_read(
+        name, data_dir, monkeypatch):
+    """Where the model's cache holds, layer by layer, the keys and values qkv derives (``check_layout`` sets
+    ``lm.cache_kv``; every tiny family), the captures read the keys and values from the scoring passes' cache: the
+    same captures as derived from ``attn_in`` again, to 1e-12 in float64. A cache that holds something else (here
+    the keys stored negated after the attention used them) is found out by ``check_layout`` and not read."""
+    from transformers.cache_utils import DynamicLayer
+
+    from iclgd.core.models import check_layout, load_model
+    from iclgd.core.tasks import TASKS, load_task, sample_demos
+    from iclgd.engine.scoring import build_prompts
+
+    lm = load_model(name, dtype="float64")
+    assert lm.cache_kv
+    data = load_task(TASKS["sst2"], data_dir, n_test=5)
+    icl = build_prompts(lm, TASKS["sst2"], sample_demos(data.demo_pool, 3, 1), data.eval_rows)
+    demo_pos = [i for a, b in icl.demo_spans for i in range(a, b)]
+    oc = _captures(lm, icl, demo_pos)
+    lm.cache_kv = False
+    od = _captures(lm, icl, demo_pos)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)  # noqa: E731
+    for (kc, vc), (kd, vd) in zip(oc.prefix_kv, od.prefix_kv):
+        close(kc, kd), close(vc, vd)
+    assert sorted(oc.obs) == sorted(od.obs) == list(range(5))
+    for i in range(5):
+        a, b = oc.obs[i], od.obs[i]
+        close(a.h, b.h), close(a.s_after, b.s_after)
+        for x, y in [(a.q, b.q), (a.s_demo, b.s_demo), *zip(a.kv or (), b.kv or ())]:
+            assert (x is None) == (y is None)
+            if x is not None:
+                close(x, y)
+
+    update = DynamicLayer.update
+
+    def keys_stored_negated(self, key_states, value_states, *args, **kwargs):
+        keys, values = update(self, key_states, value_states, *args, **kwargs)
+        self.keys = -self.keys
+        return keys, values
+
+    monkeypatch.setattr(DynamicLayer, "update", keys_stored_negated)
+    check_layout(lm)  # the attention itself is untouched, so the layout passes; the cache does not
+    assert not lm.cache_kv

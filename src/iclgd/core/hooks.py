@@ -10,7 +10,9 @@ Hook points, per layer ``l`` (what the tensor is, where it is taken, its shape):
   ``block_out.{l}``  the block's output (residual stream)                           (B, T, d_model)
 Captures (:mod:`iclgd.engine.capture`), the dual-form check (:mod:`iclgd.engine.dual`) and layer-causal
 finetuning (:mod:`iclgd.engine.finetune`) all take their tensors here. Queries and keys are rebuilt from
-``attn_in`` with the adapter (:func:`iclgd.core.models.qkv`), so one mechanism serves every architecture.
+``attn_in`` with the adapter (:func:`iclgd.core.models.qkv`), so one mechanism serves every architecture; the
+captures read keys and values from the scoring pass's cache instead where the load-time check found it holds the
+same (``LoadedModel.cache_kv``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Captures taken in the same forward passes as the predictions: what the ICL-vs-FT metrics need.
 
-The tensors come from the hook points of :mod:`iclgd.core.hooks` (``attn_in`` and ``attn_out``); queries
-and keys are rebuilt from ``attn_in`` with the adapter (:func:`iclgd.core.models.qkv`, checked against the
-model's attention output in the dual-form tests).
+The tensors come from the hook points of :mod:`iclgd.core.hooks` (``attn_in`` and ``attn_out``) and from the
+pass's own key/value cache: queries are rebuilt from ``attn_in`` with the adapter (:func:`iclgd.core.models.qkv`,
+checked against the model's attention output in the dual-form tests); keys and values are read from the cache where
+it holds, layer by layer, what :func:`qkv` derives (``lm.cache_kv``, checked at load by
+:func:`iclgd.core.models.check_layout`; every tiny family) and derived from ``attn_in`` too elsewhere.
 
-A batch is captured at once: per layer, one :func:`qkv` over every row of the batch (queries only at the
-prediction positions) and one score product; then every layer's tensors of the batch go to the host in one
-transfer, in fp32 (computed in fp32 whatever the model dtype; an fp64 model keeps fp64). Only what a metric
+A batch is captured at once: per layer, the queries of the prediction positions only and one score product; then
+every layer's tensors of the batch go to the host in one transfer, in fp32 (computed in fp32 whatever the model dtype; an fp64 model keeps fp64). Only what a metric
 reads is kept: the attention output and the scores after the context for every example; the query only for the
 first ``keep_q`` examples (the ΔW comparison and Kendall use no more), the scores over the demonstration tokens
 only for the first ``keep_demo`` (Kendall), the keys and values of the row's tokens only for the first
@@ -150,9 +151,12 @@ class Observer:
     _k_prefix: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def set_prefix(self, rec: Recorder, P: int) -> None:
+    def set_prefix(self, rec: Recorder, P: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> None:
         """From the prefix pass: the keys of the demonstration tokens per layer (H_kv, n_demo_tokens, d_head), and
-        with ``keep_prefix_kv``/``keep_kv`` every prefix token's keys and values on the host."""
+        with ``keep_prefix_kv``/``keep_kv`` every prefix token's keys and values on the host. ``prefix_kv``: the
+        pass's cache, per layer (keys, values) (1, H_kv, P, d_head), read where it holds what :func:`qkv` derives
+        (``lm.cache_kv``); else they are derived from ``attn_in``."""
         keep = self.keep_prefix_kv or self.keep_kv > 0
         self._k_prefix = [] if self.demo_positions else None
         self.prefix_kv = [] if keep else None
@@ -161,18 +165,25 @@ class Observer:
         x0 = rec.acts["attn_in.0"]
         pos = torch.arange(P, device=x0.device)
         dpos = torch.tensor(self.demo_positions, dtype=torch.long, device=x0.device)
+        cached = self.lm.cache_kv and prefix_kv is not None
         for l in range(self.lm.n_layers):
-            _, k, v, _ = qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)  # (H_kv, P, d_head)
+            if cached:
+                k, v = prefix_kv[l][0][0], prefix_kv[l][1][0]  # (H_kv, P, d_head), as the model cached them
+            else:
+                _, k, v, _ = qkv(self.lm, l, rec.acts[f"attn_in.{l}"][0], pos)
             if self.demo_positions:
                 self._k_prefix.append(k[:, dpos])
             if keep:
                 acc = torch.promote_types(k.dtype, torch.float32)
                 self.prefix_kv.append((k.to(acc).cpu().numpy(), v.to(acc).cpu().numpy()))
 
-    def take_batch(self, rec: Recorder, items: list[tuple[int, int, int, int]], P: int) -> None:
+    def take_batch(self, rec: Recorder, items: list[tuple[int, int, int, int]], P: int, cache=None) -> None:
         """Read every item ``(example, row, pos, n_query)`` of one batch: example ``example`` from batch row ``row``
         at in-row index ``pos``; rows start at absolute position P (the prefix length) and their first
-        ``n_query`` tokens are the test input."""
+        ``n_query`` tokens are the test input. ``cache``: the batch's transformers cache after its forward pass
+        (each layer's keys and values (rows, H_kv, P + T, d_head)); where it holds what :func:`qkv` derives
+        (``lm.cache_kv``) the keys and values are read from it and only the prediction positions' queries are
+        computed, else all are derived from ``attn_in``."""
         lm = self.lm
         x0 = rec.acts["attn_in.0"]
         dev = x0.device
@@ -188,20 +199,29 @@ class Observer:
         # at least Q_ROWS_MIN query rows (repeats of the first, dropped after): MKL sums a product of 5 to 11 rows in
         # an order that depends on the thread count (measured, MKL 2024.2), so a sharded run with one thread per
         # process would differ from one process in the last bits
-        q_rows = torch.cat([flat_pred, flat_pred[:1].expand(max(0, Q_ROWS_MIN - B))])
+        pad = max(0, Q_ROWS_MIN - B)
+        q_rows = torch.cat([flat_pred, flat_pred[:1].expand(pad)])
+        q_src = torch.cat([rows, rows[:1].expand(pad)]), torch.cat([pos, pos[:1].expand(pad)])  # the same rows
+        from_cache = lm.cache_kv and cache is not None
         hs, ss, qs, ds, ks, vs = [], [], [], [], [], []
         for l in range(lm.n_layers):
-            x = rec.acts[f"attn_in.{l}"][rows, :T]  # (B, T, d_model)
-            # the query of each row's prediction position only: (H, B, hd); keys and values (H_kv, B·T, hd)
-            q_pred, k, v, scale = qkv(lm, l, x.reshape(B * T, -1), positions, q_rows=q_rows, values=bool(keep_kv))
+            # the query of each row's prediction position only: (H, B, hd); keys and values (H_kv, B, T, hd)
+            if from_cache:
+                q_pred, _, _, scale = qkv(lm, l, rec.acts[f"attn_in.{l}"][q_src], P + q_src[1], keys=False)
+                k, v = (t[rows, :, P: P + T].transpose(0, 1) for t in (cache.layers[l].keys, cache.layers[l].values))
+            else:
+                x = rec.acts[f"attn_in.{l}"][rows, :T].reshape(B * T, -1)  # (B·T, d_model)
+                q_pred, k, v, scale = qkv(lm, l, x, positions, q_rows=q_rows, values=bool(keep_kv))
+                k = k.reshape(k.shape[0], B, T, -1)
+                v = None if v is None else v.reshape(v.shape[0], B, T, -1)
             q_pred = q_pred[:, :B]
             H, Hkv, hd = q_pred.shape[0], k.shape[0], q_pred.shape[-1]
             acc = torch.promote_types(q_pred.dtype, torch.float32)  # fp32 for half precision (fp64 kept for fp64)
             q_pred = q_pred.to(acc)
-            k = k.reshape(Hkv, B, T, hd).to(acc)
+            k = k.to(acc)
             if keep_kv:
                 ks.append(k[:, keep_kv].transpose(0, 1))  # (B_kv, H_kv, T, hd)
-                vs.append(v.reshape(Hkv, B, T, hd)[:, keep_kv].to(acc).transpose(0, 1))
+                vs.append(v[:, keep_kv].to(acc).transpose(0, 1))
             # query heads by the KV head that serves them (grouped-query attention: head g·rep + r reads KV head g),
             # so each KV head's keys are multiplied as they are, not first copied to every head of its group
             q_grp = q_pred.reshape(Hkv, H // Hkv, B, hd)  # (H_kv, rep, B, hd)

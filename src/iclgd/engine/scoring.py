@@ -316,7 +316,7 @@ def score_options(lm: LoadedModel, prompts: Prompts, batch_size: int = 8, reuse_
     if observer is not None:
         with Recorder(lm) as rec:
             prefix_kv = encode_prefix(lm, prompts.prefix_ids)
-            observer.set_prefix(rec, P)
+            observer.set_prefix(rec, P, prefix_kv)
     else:
         prefix_kv = encode_prefix(lm, prompts.prefix_ids) if reuse_prefix else None
     if reuse_prefix and REUSE_BUFFERS:
@@ -383,7 +383,7 @@ def _score_batch(lm, prompts, batch, single, reuse_prefix, prefix_kv, observer, 
             kv = cache.start(len(rows)) if cache is not None else _cache_for(prefix_kv, len(rows))
             hidden = base(input_ids=ids, attention_mask=full_mask, cache=kv, use_cache=True).last_hidden_state
             if observer is not None:
-                _observe(observer, rec, prompts, meta, P)
+                _observe(observer, rec, prompts, meta, P, kv)
     else:
         hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     option_scores(lm, hidden, meta, w32, b32, out)
@@ -437,7 +437,7 @@ def _log_probs(lm: LoadedModel, h: torch.Tensor, w32: torch.Tensor, b32: torch.T
     return torch.log_softmax(z.double(), dim=-1)
 
 
-def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
+def _observe(observer, rec, prompts: Prompts, meta, P: int, cache=None) -> None:
     """Hand each example's first row to the observer, at its prediction position (the whole batch at once)."""
     items, seen = [], set()
     for r, (i, opts) in enumerate(meta):
@@ -447,7 +447,7 @@ def _observe(observer, rec, prompts: Prompts, meta, P: int) -> None:
         nq = len(prompts.query_ids[i])
         pos = nq - 1 if observer.position == "last" else nq  # label-token: option 0's first token
         items.append((i, r, pos, nq))
-    observer.take_batch(rec, items, P)
+    observer.take_batch(rec, items, P, cache)
 
 
 # ----------------------------------------------------------------------------- ZSL / ICL evaluation

@@ -53,7 +53,7 @@ def gqa_state() -> str:
 
 
 def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor, q_rows: torch.Tensor | None = None,
-        values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        values: bool = True, keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
     """Queries (H, T, d_head), keys and values (H_kv, T, d_head) of every position, from the attention's
     input ``x`` (T, d_model), as the layer computes them: the derived projections with their biases, the
     q/k norms (per head, or over the whole projection for OLMo-2) and, for rotary models, the model's own
@@ -61,33 +61,37 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     (:meth:`LoadedModel.scale`: 1/√d_head, Gemma's query_pre_attn_scalar^-½, 1 for GPT-Neo).
     ``q_rows``: the queries of these rows of ``x`` only, (H, len(q_rows), d_head) (every step is per token, so
     they equal those rows of all queries), sparing the largest projection where only a few queries are read.
-    ``values=False``: no values (None), where only scores are read.
+    ``values=False``: no values (None), where only scores are read. ``keys=False``: the queries only (keys and
+    values None), where the keys are read from the model's own cache (``lm.cache_kv``, see :func:`check_layout`).
     """
     p = lm.projections(layer)
     H, Hkv, hd = p.n_heads, p.n_kv_heads, p.head_dim
     x = x.to(p.Wq.dtype)
     xq, pos_q = (x, position_ids) if q_rows is None else (x[q_rows], position_ids[q_rows])
+    lay = lm.layout
+    norm_q, norm_k = [get_path(lm.attention(layer), n) for n in lay.qk_norm] if lay.qk_norm else (None, None)
 
     def lin(x, W, b):
         return x @ W.T + (b if b is not None else 0)
 
-    lay = lm.layout
-    q, k = lin(xq, p.Wq, p.bq), lin(x, p.Wk, p.bk)
-    norms = [get_path(lm.attention(layer), n) for n in lay.qk_norm] if lay.qk_norm else None
-    if norms and not lay.qk_norm_per_head:  # OLMo-2: over the whole projection, before the head split
-        q, k = norms[0](q), norms[1](k)
-    q, k = q.view(len(xq), H, hd), k.view(len(x), Hkv, hd)
-    if norms and lay.qk_norm_per_head:  # Gemma-3, Qwen3: over each head's d_head entries
-        q, k = norms[0](q), norms[1](k)
-    q, k = q.transpose(0, 1), k.transpose(0, 1)
-    v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1) if values else None
+    def heads(t, n, norm):  # (T, n·d_head) -> (n, T, d_head), through the family's q/k norm where it has one
+        if norm is not None and not lay.qk_norm_per_head:  # OLMo-2: over the whole projection, before the head split
+            t = norm(t)
+        t = t.view(len(t), n, hd)
+        if norm is not None and lay.qk_norm_per_head:  # Gemma-3, Qwen3: over each head's d_head entries
+            t = norm(t)
+        return t.transpose(0, 1)
+
+    q = heads(lin(xq, p.Wq, p.bq), H, norm_q)
+    k = heads(lin(x, p.Wk, p.bk), Hkv, norm_k) if keys else None
+    v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1) if values and keys else None
     if lay.rotary:
-        pe = lm.rotary(x[None], position_ids[None].to(x.device), layer)  # two (1, T, rot or rot/2) tensors
-        if q_rows is None:  # queries and keys at the same positions: one call rotates both
-            q, k = lm.apply_rotary(layer, q, pe, k)
+        if keys and q_rows is None:  # queries and keys at the same positions: one call rotates both
+            q, k = lm.apply_rotary(layer, q, lm.rotary(x[None], position_ids[None].to(x.device), layer), k)
         else:
             q = lm.apply_rotary(layer, q, lm.rotary(xq[None], pos_q[None].to(x.device), layer))
-            k = lm.apply_rotary(layer, k, pe)
+            if keys:
+                k = lm.apply_rotary(layer, k, lm.rotary(x[None], position_ids[None].to(x.device), layer))
     return q, k, v, lm.scale(layer)
 
 
@@ -99,19 +103,25 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
     Returns the worst relative error; refuses with one line above the dtype's tolerance, so a family whose
     structure is misread (a rotary function of another signature, rows in another order) never yields
     silent numbers."""
+    from transformers import DynamicCache
+
     from iclgd.core.hooks import Recorder  # hooks imports this package: imported at use
 
     dev = lm.input_device
-    # the attention's input and the heads' outputs (the output projection's input) of every layer
+    # the attention's input and the heads' outputs (the output projection's input) of every layer, and the cache
     with Recorder(lm, points=("attn_in", "attn_heads")) as rec:
         ids = [t % lm.model.config.vocab_size for t in range(3, 3 + n_tokens)]
         try:
-            lm.model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
+            try:
+                out = lm.model(input_ids=torch.tensor([ids], device=dev), use_cache=True, cache=DynamicCache())
+            except Exception:  # noqa: BLE001 - a model that keeps no cache: checked without one (cache_kv False)
+                out = lm.model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
         except Exception as e:  # noqa: BLE001 - any failure of the probe is a layout that cannot be used
             raise IclgdError(f"model type {lm.model_type!r}: a forward pass to check its derived layout failed "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     seen = rec.acts
-    worst = 0.0
+    cache_layers = getattr(getattr(out, "cache", None), "layers", None) or []
+    worst, cache_worst = 0.0, 0.0 if len(cache_layers) == lm.n_layers else float("inf")
     for l in range(lm.n_layers):
         x = seen[f"attn_in.{l}"][0].double()
         try:
@@ -120,6 +130,13 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
             raise IclgdError(f"model type {lm.model_type!r}: its derived attention layout fails on layer {l} "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         H, Hkv = q.shape[0], k.shape[0]
+        if cache_worst < float("inf"):  # what the model cached, against the keys and values derived here
+            cached = cache_layers[l].keys, cache_layers[l].values
+            if all(getattr(c, "shape", None) == (1, *t.shape) for c, t in zip(cached, (k, v))):
+                cache_worst = max(cache_worst, *(((c[0].double() - t.double()).norm() / t.double().norm()
+                                                  .clamp_min(1e-30)).item() for c, t in zip(cached, (k, v))))
+            else:
+                cache_worst = float("inf")
         W = lm.window(l)
         start = max(0, n_tokens - W) if W else 0
         kk, vv = repeat_kv(k[:, start:], H // Hkv, 0).double(), repeat_kv(v[:, start:], H // Hkv, 0).double()
@@ -134,6 +151,9 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
         worst = max(worst, ((mine - true).norm() / true.norm().clamp_min(1e-30)).item())
     dtype = lm.projections(0).Wq.dtype
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    # the captures read the keys and values of the scoring passes from the model's cache where it holds, layer by
+    # layer, what qkv derives (up to the rounding of another product kernel); elsewhere they derive them again
+    lm.cache_kv = cache_worst <= (1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
     if not worst <= tol:
         raise IclgdError(f"model type {lm.model_type!r}: the attention layout derived from its modules does not "
                          f"reproduce its attention (relative error {worst:.2g} > {tol:g}); "

@@ -45,6 +45,9 @@ class LoadedModel:
     start_token: str | None = None  # the token every prompt starts with; None: the tokenizer's BOS, else its EOS
     use_start: bool = True  # False (--bos none): prompts start with the first demonstration or the test input
     batch_limit: int | None = None  # set when a batch ran out of GPU memory and was halved: the size that fitted
+    # the model's key/value cache holds, layer by layer, the keys and values qkv derives (set by check_layout); the
+    # captures then read them from the scoring passes' cache instead of deriving them again
+    cache_kv: bool = False
 
     @property
     def config(self):
