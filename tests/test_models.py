@@ -110,6 +110,14 @@ def _built(cfg):
     return LoadedModel(cfg.model_type, m, byte_tokenizer(), derive_layout(m), "built in the test")
 
 
+def test_every_tiny_familys_cache_holds_the_keys_and_values_its_layout_derives():
+    """The load-time check finds, for every tiny family, that the model's key/value cache holds layer by layer what
+    ``qkv`` derives, so the captures read them from it (tests/test_scale.py checks what they read); a model loaded
+    in bfloat16 too."""
+    assert all(load_model(name).cache_kv for name in TINY)
+    assert load_model("tiny-random-llama", dtype="bfloat16").cache_kv
+
+
 def test_check_layout_accepts_more_derived_families_and_refuses_misread_ones():
     """Starcoder2, Gemma and OLMo are derived with no entry and reproduce their own attention, and so do GPT-J, Phi
     and StableLM, which rotate a slice of each head (GPT-J in interleaved pairs); a misread rotary convention or
