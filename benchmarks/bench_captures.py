@@ -36,9 +36,8 @@ def main():
     import iclgd
     from iclgd.core.models import load_model
     from iclgd.core.tasks import TASKS, load_task, resolve_data_dir
-    from iclgd.experiments.compare import CompareConfig
-
     from iclgd.engine.capture import Observer
+    from iclgd.experiments.compare import CompareConfig
 
     inside = {"s": 0.0}  # seconds spent in the observer's calls during the current pass
 

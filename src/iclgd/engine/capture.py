@@ -7,11 +7,12 @@ it holds, layer by layer, what :func:`qkv` derives (``lm.cache_kv``, checked at 
 :func:`iclgd.core.models.check_layout`; every tiny family) and derived from ``attn_in`` too elsewhere.
 
 A batch is captured at once: per layer, the queries of the prediction positions only and one score product; then
-every layer's tensors of the batch go to the host in one transfer, in fp32 (computed in fp32 whatever the model dtype; an fp64 model keeps fp64). Only what a metric
-reads is kept: the attention output and the scores after the context for every example; the query only for the
-first ``keep_q`` examples (the ΔW comparison and Kendall use no more), the scores over the demonstration tokens
-only for the first ``keep_demo`` (Kendall), the keys and values of the row's tokens only for the first
-``keep_kv`` and of the prefix with ``keep_prefix_kv`` (W_ZSL and ΔW_ICL for the ΔW comparison).
+every layer's tensors of the batch go to the host in one transfer, in fp32 (computed in fp32 whatever the model
+dtype; an fp64 model keeps fp64). Only what a metric reads is kept: the attention output and the scores after the
+context for every example; the query only for the first ``keep_q`` examples (the ΔW comparison and Kendall use no
+more), the scores over the demonstration tokens only for the first ``keep_demo`` (Kendall), the keys and values of
+the row's tokens only for the first ``keep_kv`` and of the prefix with ``keep_prefix_kv`` (W_ZSL and ΔW_ICL for the
+ΔW comparison).
 
 The attention outputs and scores, which every example has, go to a :class:`CaptureStore`: an anonymous temporary
 file (in ``$TMPDIR``), so host memory does not grow with the test set; the metrics read them back in chunks.

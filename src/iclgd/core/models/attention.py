@@ -86,12 +86,12 @@ def qkv(lm: LoadedModel, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     k = heads(lin(x, p.Wk, p.bk), Hkv, norm_k) if keys else None
     v = lin(x, p.Wv, p.bv).view(len(x), Hkv, hd).transpose(0, 1) if values and keys else None
     if lay.rotary:
+        pe = lm.rotary(x[None], position_ids[None].to(x.device), layer) if keys else None  # at the keys' positions
         if keys and q_rows is None:  # queries and keys at the same positions: one call rotates both
-            q, k = lm.apply_rotary(layer, q, lm.rotary(x[None], position_ids[None].to(x.device), layer), k)
+            q, k = lm.apply_rotary(layer, q, pe, k)
         else:
             q = lm.apply_rotary(layer, q, lm.rotary(xq[None], pos_q[None].to(x.device), layer))
-            if keys:
-                k = lm.apply_rotary(layer, k, lm.rotary(x[None], position_ids[None].to(x.device), layer))
+            k = lm.apply_rotary(layer, k, pe) if keys else None
     return q, k, v, lm.scale(layer)
 
 
@@ -120,6 +120,11 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
             raise IclgdError(f"model type {lm.model_type!r}: a forward pass to check its derived layout failed "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     seen = rec.acts
+
+    def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+        got, want = got.double(), want.double()
+        return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
     cache_layers = getattr(getattr(out, "cache", None), "layers", None) or []
     worst, cache_worst = 0.0, 0.0 if len(cache_layers) == lm.n_layers else float("inf")
     for l in range(lm.n_layers):
@@ -131,12 +136,9 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         H, Hkv = q.shape[0], k.shape[0]
         if cache_worst < float("inf"):  # what the model cached, against the keys and values derived here
-            cached = cache_layers[l].keys, cache_layers[l].values
-            if all(getattr(c, "shape", None) == (1, *t.shape) for c, t in zip(cached, (k, v))):
-                cache_worst = max(cache_worst, *(((c[0].double() - t.double()).norm() / t.double().norm()
-                                                  .clamp_min(1e-30)).item() for c, t in zip(cached, (k, v))))
-            else:
-                cache_worst = float("inf")
+            pairs = list(zip((cache_layers[l].keys, cache_layers[l].values), (k, v)))
+            shaped = all(getattr(c, "shape", None) == (1, *t.shape) for c, t in pairs)
+            cache_worst = max(cache_worst, *(rel_err(c[0], t) for c, t in pairs)) if shaped else float("inf")
         W = lm.window(l)
         start = max(0, n_tokens - W) if W else 0
         kk, vv = repeat_kv(k[:, start:], H // Hkv, 0).double(), repeat_kv(v[:, start:], H // Hkv, 0).double()
@@ -148,7 +150,7 @@ def check_layout(lm: LoadedModel, n_tokens: int = 6) -> float:
             s = cap * torch.tanh(s / cap)
         mine = torch.einsum("ht,htd->hd", torch.softmax(s, -1), vv).reshape(-1)
         true = seen[f"attn_heads.{l}"][0, -1].double().reshape(-1)
-        worst = max(worst, ((mine - true).norm() / true.norm().clamp_min(1e-30)).item())
+        worst = max(worst, rel_err(mine, true))
     dtype = lm.projections(0).Wq.dtype
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     # the captures read the keys and values of the scoring passes from the model's cache where it holds, layer by
